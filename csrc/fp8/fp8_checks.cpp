@@ -1,0 +1,97 @@
+// Argument validation and tiling for the FP8 quantization ops (shared by the CPU and CUDA kernels).
+#include "deepseek_ext/checks.h"
+#include "deepseek_ext/fp8_quant.h"
+
+namespace deepseek_ext {
+namespace fp8 {
+namespace {
+
+Granularity parse_granularity(const char* op, c10::string_view g) {
+  if (g == "tensor") return Granularity::kTensor;
+  if (g == "row") return Granularity::kRow;
+  if (g == "block") return Granularity::kBlock;
+  TORCH_CHECK_VALUE(false, op, ": expected granularity to be 'tensor', 'row' or 'block', but got '",
+                    std::string(g), "'");
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+QuantLayout make_layout(const char* op, const char* arg, const at::Tensor& x, Granularity g, int64_t block_size) {
+  QuantLayout l{};
+  l.granularity = g;
+  if (g == Granularity::kTensor) {
+    l.rows = 1;
+    l.cols = x.numel();
+    l.tile_rows = 1;
+    l.tile_cols = std::max<int64_t>(l.cols, 1);
+    l.tiles_r = 1;
+    l.tiles_c = 1;
+    return l;
+  }
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": granularity='", g == Granularity::kRow ? "row" : "block",
+                    "' expects ", arg, " to be a 2-D tensor, but got a ", x.dim(), "-D tensor of shape ",
+                    x.sizes(), " (use granularity='tensor', or reshape to 2-D first)");
+  l.rows = x.size(0);
+  l.cols = x.size(1);
+  if (g == Granularity::kRow) {
+    l.tile_rows = 1;
+    l.tile_cols = std::max<int64_t>(l.cols, 1);
+    l.tiles_r = l.rows;
+    l.tiles_c = 1;
+  } else {
+    TORCH_CHECK_VALUE(block_size > 0, op, ": expected block_size to be a positive integer, but got ", block_size);
+    l.tile_rows = block_size;
+    l.tile_cols = block_size;
+    l.tiles_r = ceil_div(l.rows, block_size);
+    l.tiles_c = ceil_div(l.cols, block_size);
+  }
+  l.scale_shape = {l.tiles_r, l.tiles_c};
+  return l;
+}
+
+}  // namespace
+
+Format fp8_format(const char* op, const char* arg, at::ScalarType dtype) {
+  if (dtype == at::kFloat8_e4m3fn) return Format::kE4M3FN;
+  if (dtype == at::kFloat8_e5m2) return Format::kE5M2;
+  TORCH_CHECK_TYPE(false, op, ": expected ", arg, " to be torch.float8_e4m3fn or torch.float8_e5m2, but got ",
+                   dtype);
+}
+
+at::ScalarType quantize_dtype_or_default(std::optional<at::ScalarType> dtype) {
+  return dtype.value_or(at::kFloat8_e4m3fn);
+}
+
+at::ScalarType dequantize_dtype_or_default(std::optional<at::ScalarType> out_dtype) {
+  return out_dtype.value_or(at::kFloat);
+}
+
+QuantLayout check_quantize_fp8(const at::Tensor& x, at::ScalarType dtype, c10::string_view granularity,
+                               int64_t block_size) {
+  constexpr const char* op = "quantize_fp8";
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  fp8_format(op, "dtype", dtype);
+  return make_layout(op, "x", x, parse_granularity(op, granularity), block_size);
+}
+
+QuantLayout check_dequantize_fp8(const at::Tensor& x, const at::Tensor& scale, c10::string_view granularity,
+                                 int64_t block_size, at::ScalarType out_dtype) {
+  constexpr const char* op = "dequantize_fp8";
+  check_dtype(op, "x", x, {at::kFloat8_e4m3fn, at::kFloat8_e5m2});
+  check_dtype(op, "scale", scale, {at::kFloat});
+  check_same_device(op, "x", x, "scale", scale);
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
+                   ": expected out_dtype to be ", dtype_list({at::kFloat, at::kHalf, at::kBFloat16}), ", but got ",
+                   out_dtype);
+  QuantLayout l = make_layout(op, "x", x, parse_granularity(op, granularity), block_size);
+  TORCH_CHECK_VALUE(scale.sizes() == at::IntArrayRef(l.scale_shape), op, ": expected scale of shape ",
+                    at::IntArrayRef(l.scale_shape), " for x of shape ", x.sizes(), " with granularity='",
+                    std::string(granularity), "'",
+                    l.granularity == Granularity::kBlock ? " and block_size=" + std::to_string(block_size)
+                                                         : std::string(),
+                    ", but got ", scale.sizes());
+  return l;
+}
+
+}  // namespace fp8
+}  // namespace deepseek_ext

@@ -1,0 +1,21 @@
+// Argument checks shared by every op. Messages always name the op and the argument, say what was expected
+// and what was given, so a user can fix the call from the message alone.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <string>
+
+namespace deepseek_ext {
+
+// "float32, float16 or bfloat16"
+std::string dtype_list(std::initializer_list<at::ScalarType> dtypes);
+
+void check_dtype(const char* op, const char* arg, const at::Tensor& t, std::initializer_list<at::ScalarType> allowed);
+
+void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim);
+
+void check_same_device(const char* op, const char* arg_a, const at::Tensor& a, const char* arg_b, const at::Tensor& b);
+
+}  // namespace deepseek_ext

@@ -1,0 +1,11 @@
+"""Python entry points for the ``torch.ops.deepseek_ext`` operators.
+
+Each submodule wraps one family of operators: a typed, documented function per op, the op's fake (meta)
+kernel for ``torch.compile`` and, where gradients make sense, its autograd formula.
+"""
+
+from __future__ import annotations
+
+from .fp8 import dequantize_fp8, quantize_fp8
+
+__all__ = ["quantize_fp8", "dequantize_fp8"]

@@ -1,0 +1,131 @@
+"""FP8 quantisation: ``quantize_fp8`` and ``dequantize_fp8``.
+
+Scaling follows the usual recipes for FP8 training and inference:
+
+* ``'tensor'``: one scale for the whole tensor (any shape); the scale has shape ``()``.
+* ``'row'``: one scale per row of a 2-D ``(M, N)`` tensor; the scale has shape ``(M, 1)``, the layout
+  ``torch._scaled_mm`` takes for row-wise scales.
+* ``'block'``: one scale per ``block_size x block_size`` tile of a 2-D tensor (the fine-grained weight scaling of
+  DeepSeek-V3); the scale has shape ``(ceil(M / block_size), ceil(N / block_size))`` and edge tiles may be partial.
+
+Each scale is ``max(amax, 1e-12) / fp8_max`` in float32, where ``amax`` is the largest *finite* ``|x|`` of its
+tile and ``fp8_max`` is 448 for ``float8_e4m3fn`` and 57344 for ``float8_e5m2``. Values are then
+``clamp(x / scale, -fp8_max, fp8_max).to(dtype)``, bit for bit what PyTorch computes for the same scaled values
+(round to nearest even, true float32 division). :mod:`deepseek_ext.reference.fp8` is the executable specification.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from .._native import NATIVE_AVAILABLE, require_native
+
+Granularity = Literal["tensor", "row", "block"]
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def quantize_fp8(
+    x: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    granularity: Granularity = "tensor",
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantises ``x`` to FP8 with float32 scales computed from its absolute maximum ("current scaling").
+
+    Args:
+        x: float32, float16 or bfloat16 tensor; any shape for ``'tensor'``, 2-D ``(M, N)`` for ``'row'`` and
+            ``'block'``. Non-contiguous inputs are accepted (read through a contiguous copy).
+        dtype: ``torch.float8_e4m3fn`` (forward activations and weights) or ``torch.float8_e5m2`` (gradients).
+        granularity: ``'tensor'``, ``'row'`` or ``'block'`` (see the module docstring for the scale shapes).
+        block_size: tile edge for ``'block'``; any positive integer, sizes that do not divide M or N included.
+
+    Returns:
+        ``(x_fp8, scale)``: ``x_fp8`` has ``x``'s shape and ``dtype`` (contiguous); ``scale`` is float32 with
+        shape ``()``, ``(M, 1)`` or ``(ceil(M/b), ceil(N/b))``, such that ``x ~= x_fp8.float() * scale``
+        (broadcast per tile).
+
+    Special values: NaN stays NaN (e4m3fn's only NaN code ``0x7f``/``0xff``, sign kept; e5m2's NaN); ``+-inf``
+    saturate to ``+-fp8_max``. Neither enters the amax, so one bad value does not wipe out its tile's scale.
+    An all-zero (or empty) tile gets scale ``1e-12 / fp8_max`` and quantises to zeros.
+
+    Example:
+        >>> x = torch.randn(256, 512, dtype=torch.bfloat16)
+        >>> q, s = quantize_fp8(x, granularity="block", block_size=128)
+        >>> q.dtype, s.shape
+        (torch.float8_e4m3fn, torch.Size([2, 4]))
+    """
+    require_native("ops.quantize_fp8")
+    return torch.ops.deepseek_ext.quantize_fp8.default(x, dtype, granularity, block_size)
+
+
+def dequantize_fp8(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    granularity: Granularity = "tensor",
+    block_size: int = 128,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_fp8`: ``(x.float() * scale).to(out_dtype)``, each scale applied to its tile.
+
+    Args:
+        x: ``float8_e4m3fn`` or ``float8_e5m2`` tensor, shaped as for :func:`quantize_fp8`.
+        scale: float32 scales in exactly the shape :func:`quantize_fp8` returns for ``x``'s shape,
+            ``granularity`` and ``block_size``, on ``x``'s device.
+        granularity: ``'tensor'``, ``'row'`` or ``'block'``.
+        block_size: tile edge for ``'block'``.
+        out_dtype: float32, float16 or bfloat16 (rounded to nearest even from the float32 product).
+
+    Returns:
+        A contiguous tensor of ``x``'s shape and ``out_dtype``.
+    """
+    require_native("ops.dequantize_fp8")
+    return torch.ops.deepseek_ext.dequantize_fp8.default(x, scale, granularity, block_size, out_dtype)
+
+
+def scale_shape(shape: tuple[int, ...], granularity: Granularity, block_size: int = 128) -> tuple[int, ...]:
+    """Shape of the scales :func:`quantize_fp8` returns for an input of ``shape`` (validates the arguments)."""
+    if granularity == "tensor":
+        return ()
+    torch._check_value(
+        granularity in ("row", "block"),
+        lambda: f"quantize_fp8: expected granularity to be 'tensor', 'row' or 'block', but got '{granularity}'",
+    )
+    torch._check_value(
+        len(shape) == 2,
+        lambda: f"quantize_fp8: granularity='{granularity}' expects x to be a 2-D tensor, but got a "
+        f"{len(shape)}-D tensor of shape {list(shape)}",
+    )
+    rows, cols = shape
+    if granularity == "row":
+        return (rows, 1)
+    torch._check_value(
+        block_size > 0, lambda: f"quantize_fp8: expected block_size to be a positive integer, but got {block_size}"
+    )
+    return ((rows + block_size - 1) // block_size, (cols + block_size - 1) // block_size)
+
+
+if NATIVE_AVAILABLE:
+
+    @torch.library.register_fake("deepseek_ext::quantize_fp8")
+    def _quantize_fp8_fake(x, dtype=None, granularity="tensor", block_size=128):
+        dtype = torch.float8_e4m3fn if dtype is None else dtype
+        torch._check_type(x.dtype in _IN_DTYPES, lambda: f"quantize_fp8: unsupported input dtype {x.dtype}")
+        torch._check_type(dtype in _FP8_DTYPES, lambda: f"quantize_fp8: unsupported output dtype {dtype}")
+        shape = scale_shape(tuple(x.shape), granularity, block_size)
+        return x.new_empty(x.shape, dtype=dtype), x.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.register_fake("deepseek_ext::dequantize_fp8")
+    def _dequantize_fp8_fake(x, scale, granularity="tensor", block_size=128, out_dtype=None):
+        out_dtype = torch.float32 if out_dtype is None else out_dtype
+        torch._check_type(x.dtype in _FP8_DTYPES, lambda: f"dequantize_fp8: unsupported input dtype {x.dtype}")
+        torch._check_type(out_dtype in _IN_DTYPES, lambda: f"dequantize_fp8: unsupported out_dtype {out_dtype}")
+        expected = scale_shape(tuple(x.shape), granularity, block_size)
+        torch._check_value(
+            tuple(scale.shape) == expected,
+            lambda: f"dequantize_fp8: expected scale of shape {list(expected)}, but got {list(scale.shape)}",
+        )
+        return x.new_empty(x.shape, dtype=out_dtype)
