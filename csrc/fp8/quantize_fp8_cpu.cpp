@@ -85,6 +85,27 @@ DSX_CPU_CLONES void dequantize_span(const uint8_t* q, O* out, int64_t n, float s
   }
 }
 
+// Row and block scaling: the work is cut into strips of one tile-row by up to kMaxStripTiles tiles, walked
+// row-major so memory is read as long contiguous runs. Strips are narrowed when there are too few of them to
+// keep every thread busy. fn(r0, r1, tc0, tc1) handles rows [r0, r1) of tile columns [tc0, tc1).
+constexpr int64_t kMaxStripTiles = 64;
+
+template <typename Fn>
+void for_each_tile_strip(const QuantLayout& l, const Fn& fn) {
+  int64_t width = std::min<int64_t>(l.tiles_c, kMaxStripTiles);
+  const int64_t min_tasks = 4 * at::get_num_threads();
+  while (width > 1 && l.tiles_r * ((l.tiles_c + width - 1) / width) < min_tasks) width = (width + 1) / 2;
+  const int64_t per_row = (l.tiles_c + width - 1) / width;
+  const int64_t strip_elems = std::max<int64_t>(l.tile_rows * width * std::min(l.tile_cols, l.cols), 1);
+  at::parallel_for(0, l.tiles_r * per_row, std::max<int64_t>(1, kGrain / strip_elems), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t r0 = (t / per_row) * l.tile_rows;
+      const int64_t tc0 = (t % per_row) * width;
+      fn(r0, std::min(r0 + l.tile_rows, l.rows), tc0, std::min(tc0 + width, l.tiles_c));
+    }
+  });
+}
+
 template <typename T, Format F>
 void quantize_impl(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, const QuantLayout& l) {
   using B = InputBits<T>;
@@ -105,23 +126,27 @@ void quantize_impl(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, const 
     return;
   }
 
-  const int64_t tiles = l.tiles_r * l.tiles_c;
-  const int64_t tile_elems = std::max<int64_t>(l.tile_rows * std::min(l.tile_cols, l.cols), 1);
-  const int64_t grain = std::max<int64_t>(1, kGrain / tile_elems);
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = (t / l.tiles_c) * l.tile_rows;
-      const int64_t c0 = (t % l.tiles_c) * l.tile_cols;
-      const int64_t r1 = std::min(r0 + l.tile_rows, l.rows);
-      const int64_t width = std::min(c0 + l.tile_cols, l.cols) - c0;
-      U bits = 0;
-      for (int64_t r = r0; r < r1; ++r) {
-        bits = std::max(bits, amax_finite_bits<T>(xp + r * l.cols + c0, width));
+  for_each_tile_strip(l, [&](int64_t r0, int64_t r1, int64_t tc0, int64_t tc1) {
+    // Pass 1 streams the strip row by row, keeping one running amax per tile; pass 2 re-reads it from cache.
+    U amax[kMaxStripTiles] = {};
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t tc = tc0; tc < tc1; ++tc) {
+        const int64_t c0 = tc * l.tile_cols;
+        const int64_t w = std::min(c0 + l.tile_cols, l.cols) - c0;
+        amax[tc - tc0] = std::max(amax[tc - tc0], amax_finite_bits<T>(xp + r * l.cols + c0, w));
       }
-      const float s = scale_from_amax<F>(B::to_float(bits));
-      sp[t] = s;
-      for (int64_t r = r0; r < r1; ++r) {
-        quantize_span<T, F>(xp + r * l.cols + c0, qp + r * l.cols + c0, width, s);
+    }
+    float scales[kMaxStripTiles];
+    const int64_t tr = r0 / l.tile_rows;
+    for (int64_t tc = tc0; tc < tc1; ++tc) {
+      scales[tc - tc0] = scale_from_amax<F>(B::to_float(amax[tc - tc0]));
+      sp[tr * l.tiles_c + tc] = scales[tc - tc0];
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t tc = tc0; tc < tc1; ++tc) {
+        const int64_t c0 = tc * l.tile_cols;
+        const int64_t w = std::min(c0 + l.tile_cols, l.cols) - c0;
+        quantize_span<T, F>(xp + r * l.cols + c0, qp + r * l.cols + c0, w, scales[tc - tc0]);
       }
     }
   });
@@ -150,16 +175,13 @@ void dequantize_impl(const at::Tensor& q, const at::Tensor& scale, at::Tensor& o
                      [&](int64_t b, int64_t e) { dequantize_span<O>(qp + b, op + b, e - b, s, lut); });
     return;
   }
-  const int64_t tiles = l.tiles_r * l.tiles_c;
-  const int64_t tile_elems = std::max<int64_t>(l.tile_rows * std::min(l.tile_cols, l.cols), 1);
-  at::parallel_for(0, tiles, std::max<int64_t>(1, kGrain / tile_elems), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = (t / l.tiles_c) * l.tile_rows;
-      const int64_t c0 = (t % l.tiles_c) * l.tile_cols;
-      const int64_t r1 = std::min(r0 + l.tile_rows, l.rows);
-      const int64_t width = std::min(c0 + l.tile_cols, l.cols) - c0;
-      for (int64_t r = r0; r < r1; ++r) {
-        dequantize_span<O>(qp + r * l.cols + c0, op + r * l.cols + c0, width, sp[t], lut);
+  for_each_tile_strip(l, [&](int64_t r0, int64_t r1, int64_t tc0, int64_t tc1) {
+    const float* strip_scales = sp + (r0 / l.tile_rows) * l.tiles_c;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t tc = tc0; tc < tc1; ++tc) {
+        const int64_t c0 = tc * l.tile_cols;
+        const int64_t w = std::min(c0 + l.tile_cols, l.cols) - c0;
+        dequantize_span<O>(qp + r * l.cols + c0, op + r * l.cols + c0, w, strip_scales[tc], lut);
       }
     }
   });

@@ -75,9 +75,9 @@ DSX_HOST_DEVICE float add_rn(float a, float b) {
 #endif
 }
 
-// float32 -> FP8 bit pattern, round to nearest even.
+// Encodes |f| (given as its float32 bits, sign cleared) and ORs in the sign byte; round to nearest even.
 template <Format F>
-DSX_HOST_DEVICE uint8_t float_to_fp8_bits(float f) {
+DSX_HOST_DEVICE uint8_t encode_fp8(uint32_t mag, uint32_t sign) {
   using T = FormatTraits<F>;
   constexpr int kShift = 23 - T::kMantBits;
   // Smallest normal 2^(1-bias); below it the value is encoded as a subnormal.
@@ -88,22 +88,32 @@ DSX_HOST_DEVICE uint8_t float_to_fp8_bits(float f) {
   constexpr uint32_t kRebias =
       (static_cast<uint32_t>(T::kBias - 127) << 23) + ((UINT32_C(1) << (kShift - 1)) - 1);
 
-  const uint32_t bits = float_bits(f);
-  const uint32_t sign = (bits >> 24) & 0x80u;
-  const uint32_t mag = bits & 0x7FFFFFFFu;
-
   const uint32_t sub = float_bits(add_rn(bits_float(mag), bits_float(kDenormMagicBits))) - kDenormMagicBits;
   const uint32_t nrm = (mag + kRebias + ((mag >> kShift) & 1u)) >> kShift;
   uint32_t out = mag < kMinNormalBits ? sub : nrm;
-
-  uint32_t overflow;
-  if (F == Format::kE4M3FN) {
-    overflow = 0x7Fu;                                // NaN
-  } else {
-    overflow = mag > 0x7F800000u ? 0x7Fu : 0x7Cu;  // NaN : inf
-  }
+  // e4m3fn has no infinity: overflow and NaN both give NaN. e5m2 gives inf, or NaN for NaN.
+  const uint32_t overflow = (F == Format::kE4M3FN || mag > 0x7F800000u) ? 0x7Fu : 0x7Cu;
   out = mag >= T::kOverflowBits ? overflow : out;
   return static_cast<uint8_t>(out | sign);
+}
+
+// float32 -> FP8 bit pattern, exactly as PyTorch's `.to(float8)` (no saturation).
+template <Format F>
+DSX_HOST_DEVICE uint8_t float_to_fp8_bits(float f) {
+  const uint32_t bits = float_bits(f);
+  return encode_fp8<F>(bits & 0x7FFFFFFFu, (bits >> 24) & 0x80u);
+}
+
+// Saturating cast used by the quantize kernels: clamp to [-max, max] (NaN passes through), then convert.
+// Equal to `x.clamp(-max, max).to(float8)` in PyTorch. The clamp works on the bits, so the CPU loops
+// vectorise without floating-point selects.
+template <Format F>
+DSX_HOST_DEVICE uint8_t float_to_fp8_bits_sat(float f) {
+  const uint32_t kMaxBits = float_bits(FormatTraits<F>::kMax);
+  const uint32_t bits = float_bits(f);
+  uint32_t mag = bits & 0x7FFFFFFFu;
+  mag = (mag > kMaxBits) & (mag <= 0x7F800000u) ? kMaxBits : mag;  // finite overflow and inf; not NaN
+  return encode_fp8<F>(mag, (bits >> 24) & 0x80u);
 }
 
 // FP8 bit pattern -> float32 (exact: every FP8 value is representable).
@@ -133,16 +143,6 @@ DSX_HOST_DEVICE float fp8_bits_to_float(uint8_t v) {
     mag = mant == 0 ? 0x7F800000u : 0x7FC00000u;  // inf : NaN
   }
   return bits_float(sign | mag);
-}
-
-// Saturating cast used by the quantize kernels: clamp to [-max, max] (NaN passes through), then convert.
-// Equivalent to `x.clamp(-max, max).to(float8)` in PyTorch.
-template <Format F>
-DSX_HOST_DEVICE uint8_t float_to_fp8_bits_sat(float f) {
-  constexpr float kMax = FormatTraits<F>::kMax;
-  f = f < -kMax ? -kMax : f;
-  f = f > kMax ? kMax : f;
-  return float_to_fp8_bits<F>(f);
 }
 
 // Quantization scales are amax / max with amax floored at this value so an all-zero input does not divide by zero.
