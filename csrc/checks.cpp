@@ -2,12 +2,16 @@
 
 namespace deepseek_ext {
 
+std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 std::string dtype_list(std::initializer_list<at::ScalarType> dtypes) {
   std::string out;
   size_t i = 0;
   for (auto d : dtypes) {
     if (i > 0) out += (i + 1 == dtypes.size()) ? " or " : ", ";
-    out += c10::toString(d);
+    out += dtype_name(d);
     ++i;
   }
   return out;
@@ -18,12 +22,7 @@ void check_dtype(const char* op, const char* arg, const at::Tensor& t, std::init
     if (t.scalar_type() == d) return;
   }
   TORCH_CHECK_TYPE(false, op, ": expected ", arg, " to have dtype ", dtype_list(allowed), ", but got ",
-                   t.scalar_type());
-}
-
-void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK_VALUE(t.dim() == dim, op, ": expected ", arg, " to be a ", dim, "-D tensor, but got a ", t.dim(),
-                    "-D tensor of shape ", t.sizes());
+                   dtype_name(t.scalar_type()));
 }
 
 void check_same_device(const char* op, const char* arg_a, const at::Tensor& a, const char* arg_b, const at::Tensor& b) {

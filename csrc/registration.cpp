@@ -4,9 +4,6 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(deepseek_ext, m) {
-  // Fake kernels live in Python; importing this module registers them when an op is first used without it.
-  m.set_python_module("deepseek_ext.ops");
-
   // FP8 quantisation (deepseek_ext/ops/fp8.py documents the semantics).
   m.def("quantize_fp8(Tensor x, ScalarType? dtype=None, str granularity=\"tensor\", int block_size=128)"
         " -> (Tensor, Tensor)");

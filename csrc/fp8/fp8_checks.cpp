@@ -55,7 +55,7 @@ Format fp8_format(const char* op, const char* arg, at::ScalarType dtype) {
   if (dtype == at::kFloat8_e4m3fn) return Format::kE4M3FN;
   if (dtype == at::kFloat8_e5m2) return Format::kE5M2;
   TORCH_CHECK_TYPE(false, op, ": expected ", arg, " to be torch.float8_e4m3fn or torch.float8_e5m2, but got ",
-                   dtype);
+                   dtype_name(dtype));
 }
 
 at::ScalarType quantize_dtype_or_default(std::optional<at::ScalarType> dtype) {
@@ -82,7 +82,7 @@ QuantLayout check_dequantize_fp8(const at::Tensor& x, const at::Tensor& scale, c
   check_same_device(op, "x", x, "scale", scale);
   TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
                    ": expected out_dtype to be ", dtype_list({at::kFloat, at::kHalf, at::kBFloat16}), ", but got ",
-                   out_dtype);
+                   dtype_name(out_dtype));
   QuantLayout l = make_layout(op, "x", x, parse_granularity(op, granularity), block_size);
   TORCH_CHECK_VALUE(scale.sizes() == at::IntArrayRef(l.scale_shape), op, ": expected scale of shape ",
                     at::IntArrayRef(l.scale_shape), " for x of shape ", x.sizes(), " with granularity='",

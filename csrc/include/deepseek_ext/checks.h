@@ -9,12 +9,13 @@
 
 namespace deepseek_ext {
 
-// "float32, float16 or bfloat16"
+// "torch.float32", as a PyTorch user writes it.
+std::string dtype_name(at::ScalarType t);
+
+// "torch.float32, torch.float16 or torch.bfloat16"
 std::string dtype_list(std::initializer_list<at::ScalarType> dtypes);
 
 void check_dtype(const char* op, const char* arg, const at::Tensor& t, std::initializer_list<at::ScalarType> allowed);
-
-void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim);
 
 void check_same_device(const char* op, const char* arg_a, const at::Tensor& a, const char* arg_b, const at::Tensor& b);
 

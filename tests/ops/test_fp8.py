@@ -1,0 +1,204 @@
+"""quantize_fp8 / dequantize_fp8 against the plain-PyTorch reference (deepseek_ext.reference.fp8).
+
+FP8 results are compared bit for bit: both sides compute the same float32 scale and the same scaled value,
+and the cast must round exactly as PyTorch's own `.to(float8)` does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepseek_ext.ops import dequantize_fp8, quantize_fp8
+from deepseek_ext.reference import fp8 as ref
+from tests.helpers import DEVICES, FLOAT_DTYPES, FP8_DTYPES, all_bit_patterns, dtype_id, spread_randn
+
+# (granularity, shape, block_size): odd sizes, partial edge blocks, empty tensors, 0-d and N-d inputs.
+CASES = [
+    ("tensor", (), 128),
+    ("tensor", (0,), 128),
+    ("tensor", (1,), 128),
+    ("tensor", (17,), 128),
+    ("tensor", (3, 97), 128),
+    ("tensor", (2, 3, 1025), 128),
+    ("tensor", (4, 0, 5), 128),
+    ("row", (1, 1), 128),
+    ("row", (0, 5), 128),
+    ("row", (5, 0), 128),
+    ("row", (17, 97), 128),
+    ("row", (129, 1025), 128),
+    ("block", (1, 1), 128),
+    ("block", (17, 97), 128),
+    ("block", (128, 256), 128),
+    ("block", (129, 257), 128),
+    ("block", (300, 130), 32),
+    ("block", (7, 11), 3),
+    ("block", (3, 5000), 1),
+    ("block", (0, 5), 4),
+    ("block", (5, 0), 4),
+]
+CASE_IDS = [f"{g}-{'x'.join(map(str, s)) or 'scalar'}-b{b}" for g, s, b in CASES]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    a, e = bits(actual.cpu()), bits(expected.cpu())
+    mismatch = (a != e) & ~(actual.cpu().float().isnan() & expected.cpu().float().isnan())
+    assert not mismatch.any(), (
+        f"{int(mismatch.sum())} of {a.numel()} values differ; first at {mismatch.nonzero()[0].tolist()}: "
+        f"got {actual.cpu()[mismatch][:4].float().tolist()}, expected {expected.cpu()[mismatch][:4].float().tolist()}"
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("fp8_dtype", FP8_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("granularity,shape,block_size", CASES, ids=CASE_IDS)
+def test_quantize_matches_reference(device, in_dtype, fp8_dtype, granularity, shape, block_size):
+    x = spread_randn(shape, in_dtype)
+    q_ref, s_ref = ref.quantize_fp8(x, fp8_dtype, granularity, block_size)
+    q, s = quantize_fp8(x.to(device), fp8_dtype, granularity, block_size)
+    assert s.dtype == torch.float32 and s.shape == s_ref.shape and q.is_contiguous()
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=0, atol=0)
+    assert_bits_equal(q, q_ref)
+    # NaN-aware bit equality is strict, but the NaN positions must agree as well.
+    assert torch.equal(q.cpu().float().isnan(), q_ref.float().isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("fp8_dtype", FP8_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("granularity,shape,block_size", CASES, ids=CASE_IDS)
+def test_dequantize_matches_reference(device, out_dtype, fp8_dtype, granularity, shape, block_size):
+    q, s = ref.quantize_fp8(spread_randn(shape), fp8_dtype, granularity, block_size)
+    out = dequantize_fp8(q.to(device), s.to(device), granularity, block_size, out_dtype)
+    assert_bits_equal(out, ref.dequantize_fp8(q, s, granularity, block_size, out_dtype))
+
+
+@pytest.mark.parametrize("fp8_dtype", FP8_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+def test_round_trip_error_is_within_half_an_fp8_step(fp8_dtype, granularity):
+    x = spread_randn((257, 300))
+    q, s = quantize_fp8(x, fp8_dtype, granularity, 64)
+    y = dequantize_fp8(q, s, granularity, 64)
+    mant = 3 if fp8_dtype == torch.float8_e4m3fn else 2
+    min_normal = 2.0 ** (-6 if fp8_dtype == torch.float8_e4m3fn else -14)
+    scale = ref.expand_scale(s, x.shape, granularity, 64)
+    # Half a step of the format at |x| (relative 2^-(mant+1)), or half the subnormal step below min_normal.
+    bound = scale * torch.maximum(x.abs() / scale, torch.full_like(x, min_normal)) * 2.0 ** -(mant + 1)
+    err = (y - x).abs()
+    print(f"max rel err {(err / x.abs().clamp_min(1e-30)).max():.3e}, max err/bound {(err / bound).max():.3f}")
+    assert (err <= bound * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("fp8_dtype", FP8_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+def test_every_16_bit_pattern_rounds_like_pytorch(device, in_dtype, fp8_dtype, granularity):
+    """All 65536 fp16 / bf16 values, inf and NaN included: the cast of each scaled value equals PyTorch's."""
+    x = all_bit_patterns(in_dtype)
+    q, s = quantize_fp8(x.to(device), fp8_dtype, granularity, 16)
+    q, s = q.cpu(), s.cpu()
+    fmax = ref.FP8_MAX[fp8_dtype]
+    expected = (x.float() / ref.expand_scale(s, x.shape, granularity, 16)).clamp(-fmax, fmax).to(fp8_dtype)
+    assert_bits_equal(q, expected)
+    # Documented special values: NaN stays NaN with its sign, +-inf saturates to +-max.
+    xf = x.float()
+    assert torch.equal(q.float().isnan(), xf.isnan())
+    assert torch.equal(q.view(torch.uint8)[xf.isnan()] & 0x80, (x.view(torch.int16)[xf.isnan()] < 0).to(torch.uint8) * 0x80)
+    assert (q.float()[xf == float("inf")] == fmax).all() and (q.float()[xf == float("-inf")] == -fmax).all()
+    torch.testing.assert_close(s, ref.quantize_fp8(x, fp8_dtype, granularity, 16)[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_values_do_not_enter_the_scale(device):
+    x = spread_randn((4, 64))
+    clean_q, clean_s = quantize_fp8(x.to(device), granularity="row")
+    x[0, 3], x[1, 5], x[2, 7] = float("inf"), float("-inf"), float("nan")
+    q, s = quantize_fp8(x.to(device), granularity="row")
+    torch.testing.assert_close(s, clean_s, rtol=0, atol=0)
+    assert q[0, 3].float() == 448 and q[1, 5].float() == -448 and q[2, 7].float().isnan()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+def test_all_zero_input_gives_floor_scale_and_zeros(device, granularity):
+    q, s = quantize_fp8(torch.zeros(3, 200, device=device), granularity=granularity)
+    assert (q.float() == 0).all()
+    assert torch.allclose(s.cpu(), torch.full(s.shape, ref.AMAX_FLOOR / 448.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+def test_non_contiguous_input(device, granularity):
+    x = spread_randn((96, 200), device=device).t()[:, ::2]
+    assert not x.is_contiguous()
+    q, s = quantize_fp8(x, granularity=granularity, block_size=32)
+    q2, s2 = quantize_fp8(x.contiguous(), granularity=granularity, block_size=32)
+    assert torch.equal(s, s2) and torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: quantize_fp8(torch.ones(3), granularity="row"), ValueError, r"quantize_fp8: .*'row' expects x to be a 2-D tensor, but got a 1-D"),
+        (lambda: quantize_fp8(torch.ones(2, 3, 4), granularity="block"), ValueError, r"quantize_fp8: .*2-D tensor, but got a 3-D"),
+        (lambda: quantize_fp8(torch.ones(3, dtype=torch.int32)), TypeError, r"quantize_fp8: expected x to have dtype torch.float32, torch.float16 or torch.bfloat16, but got torch.int32"),
+        (lambda: quantize_fp8(torch.ones(3, dtype=torch.float64)), TypeError, r"but got torch.float64"),
+        (lambda: quantize_fp8(torch.ones(3), dtype=torch.float16), TypeError, r"quantize_fp8: expected dtype to be torch.float8_e4m3fn or torch.float8_e5m2, but got torch.float16"),
+        (lambda: quantize_fp8(torch.ones(2, 2), granularity="block", block_size=0), ValueError, r"quantize_fp8: expected block_size to be a positive integer, but got 0"),
+        (lambda: quantize_fp8(torch.ones(2, 2), granularity="column"), ValueError, r"quantize_fp8: expected granularity to be 'tensor', 'row' or 'block', but got 'column'"),
+        (lambda: dequantize_fp8(torch.ones(2, 2), torch.ones(())), TypeError, r"dequantize_fp8: expected x to have dtype torch.float8_e4m3fn or torch.float8_e5m2, but got torch.float32"),
+        (lambda: dequantize_fp8(torch.zeros(4, 4).to(torch.float8_e4m3fn), torch.ones(4)), ValueError, r"dequantize_fp8: expected scale of shape \[\] .* but got \[4\]"),
+        (lambda: dequantize_fp8(torch.zeros(4, 4).to(torch.float8_e4m3fn), torch.ones(4), "row"), ValueError, r"expected scale of shape \[4, 1\]"),
+        (lambda: dequantize_fp8(torch.zeros(4, 300).to(torch.float8_e4m3fn), torch.ones(1, 2), "block"), ValueError, r"expected scale of shape \[1, 3\] .*block_size=128, but got \[1, 2\]"),
+        (lambda: dequantize_fp8(torch.zeros(4).to(torch.float8_e4m3fn), torch.ones((), dtype=torch.float16)), TypeError, r"dequantize_fp8: expected scale to have dtype torch.float32"),
+        (lambda: dequantize_fp8(torch.zeros(4).to(torch.float8_e4m3fn), torch.ones(()), out_dtype=torch.int8), TypeError, r"dequantize_fp8: expected out_dtype to be torch.float32, torch.float16 or torch.bfloat16, but got torch.int8"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.cuda
+def test_dequantize_rejects_scale_on_another_device():
+    q, s = quantize_fp8(torch.ones(4, 4, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"dequantize_fp8: expected x and scale to be on the same device"):
+        dequantize_fp8(q, s.cpu())
+
+
+def opcheck_samples(device):
+    for granularity, shape, block in [("tensor", (5, 7), 128), ("row", (9, 33), 128), ("block", (70, 33), 32)]:
+        for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            yield torch.ops.deepseek_ext.quantize_fp8.default, (spread_randn(shape, torch.bfloat16, device), dtype, granularity, block)
+            q, s = ref.quantize_fp8(spread_randn(shape), dtype, granularity, block)
+            yield torch.ops.deepseek_ext.dequantize_fp8.default, (q.to(device), s.to(device), granularity, block, torch.float16)
+
+
+# opcheck's test_schema compares inputs before and after the call with torch.allclose, which PyTorch does not
+# implement for float8 tensors; ops that take FP8 inputs get every other check.
+ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in opcheck_samples(device):
+        fp8_input = any(isinstance(a, torch.Tensor) and a.dtype in FP8_DTYPES for a in args)
+        checks = ALL_CHECKS[1:] if fp8_input else ALL_CHECKS
+        torch.library.opcheck(op, args, test_utils=checks)
+
+
+def test_torch_compile_fullgraph():
+    def fake_quant(x):
+        q, s = quantize_fp8(x, torch.float8_e4m3fn, "block", 32)
+        return dequantize_fp8(q, s, "block", 32, torch.bfloat16) * 2
+
+    x = spread_randn((70, 45), torch.bfloat16)
+    compiled = torch.compile(fake_quant, fullgraph=True)
+    assert torch.equal(compiled(x), fake_quant(x))
