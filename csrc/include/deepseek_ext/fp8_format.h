@@ -3,9 +3,9 @@
 // Encoding follows the OCP FP8 formats as PyTorch implements them:
 //   e4m3fn: bias 7, 3 mantissa bits, no infinities, NaN = S.1111.111, max 448.
 //   e5m2:   bias 15, 2 mantissa bits, IEEE-like infinities and NaNs, max 57344.
-// Rounding is round-to-nearest-even. Out-of-range values behave as PyTorch's own `.to(float8)` does:
-// e4m3fn turns |x| >= 480 (and NaN) into NaN, e5m2 turns |x| >= 65536 into inf (NaN stays NaN). The quantize
-// kernels clamp to +-max before converting, so they saturate instead.
+// Rounding is round-to-nearest-even, as PyTorch's own `.to(float8)`. The encoder saturates: finite overflow and
+// +-inf become +-max, NaN stays NaN; that is `x.clamp(-max, max).to(float8)` in PyTorch, whatever a given PyTorch
+// release does with out-of-range values in a bare `.to()` (e4m3fn overflow gave NaN before 2.13, 448 since).
 //
 // Every function here is branch-free on the value so that the CPU loops vectorise; the GoogleTest suite
 // (tests/cpp/test_fp8_format.cpp) pins them against c10::Float8_e4m3fn / c10::Float8_e5m2.
@@ -33,8 +33,6 @@ struct FormatTraits<Format::kE4M3FN> {
   static constexpr int kMantBits = 3;
   static constexpr int kBias = 7;
   static constexpr float kMax = 448.0f;
-  // float32 bit pattern from which the encoding overflows (480.0f): everything at or above becomes NaN.
-  static constexpr uint32_t kOverflowBits = UINT32_C(1087) << 20;
 };
 
 template <>
@@ -42,8 +40,6 @@ struct FormatTraits<Format::kE5M2> {
   static constexpr int kMantBits = 2;
   static constexpr int kBias = 15;
   static constexpr float kMax = 57344.0f;
-  // 65536.0f: at or above becomes inf (or NaN for NaN inputs).
-  static constexpr uint32_t kOverflowBits = UINT32_C(143) << 23;
 };
 
 DSX_HOST_DEVICE uint32_t float_bits(float f) {
@@ -75,9 +71,11 @@ DSX_HOST_DEVICE float add_rn(float a, float b) {
 #endif
 }
 
-// Encodes |f| (given as its float32 bits, sign cleared) and ORs in the sign byte; round to nearest even.
+// float32 -> FP8 bit pattern: clamp to [-max, max] (NaN passes through), then round to nearest even.
+// Equal to `x.clamp(-max, max).to(float8)` in PyTorch. Branch-free integer work on the bits, so the CPU loops
+// vectorise without floating-point selects.
 template <Format F>
-DSX_HOST_DEVICE uint8_t encode_fp8(uint32_t mag, uint32_t sign) {
+DSX_HOST_DEVICE uint8_t float_to_fp8_bits_sat(float f) {
   using T = FormatTraits<F>;
   constexpr int kShift = 23 - T::kMantBits;
   // Smallest normal 2^(1-bias); below it the value is encoded as a subnormal.
@@ -87,33 +85,20 @@ DSX_HOST_DEVICE uint8_t encode_fp8(uint32_t mag, uint32_t sign) {
   // Re-bias the exponent and add the rounding increment (half an fp8 ulp minus one float ulp).
   constexpr uint32_t kRebias =
       (static_cast<uint32_t>(T::kBias - 127) << 23) + ((UINT32_C(1) << (kShift - 1)) - 1);
+  constexpr uint32_t kInfBits = 0x7F800000u;
+  const uint32_t max_bits = float_bits(T::kMax);
+
+  const uint32_t bits = float_bits(f);
+  const uint32_t sign = (bits >> 24) & 0x80u;
+  uint32_t mag = bits & 0x7FFFFFFFu;
+  const bool nan = mag > kInfBits;
+  mag = (mag > max_bits) & !nan ? max_bits : mag;  // saturate finite overflow and inf
 
   const uint32_t sub = float_bits(add_rn(bits_float(mag), bits_float(kDenormMagicBits))) - kDenormMagicBits;
   const uint32_t nrm = (mag + kRebias + ((mag >> kShift) & 1u)) >> kShift;
   uint32_t out = mag < kMinNormalBits ? sub : nrm;
-  // e4m3fn has no infinity: overflow and NaN both give NaN. e5m2 gives inf, or NaN for NaN.
-  const uint32_t overflow = (F == Format::kE4M3FN || mag > 0x7F800000u) ? 0x7Fu : 0x7Cu;
-  out = mag >= T::kOverflowBits ? overflow : out;
+  out = nan ? 0x7Fu : out;  // the NaN code of both formats (e4m3fn's only one)
   return static_cast<uint8_t>(out | sign);
-}
-
-// float32 -> FP8 bit pattern, exactly as PyTorch's `.to(float8)` (no saturation).
-template <Format F>
-DSX_HOST_DEVICE uint8_t float_to_fp8_bits(float f) {
-  const uint32_t bits = float_bits(f);
-  return encode_fp8<F>(bits & 0x7FFFFFFFu, (bits >> 24) & 0x80u);
-}
-
-// Saturating cast used by the quantize kernels: clamp to [-max, max] (NaN passes through), then convert.
-// Equal to `x.clamp(-max, max).to(float8)` in PyTorch. The clamp works on the bits, so the CPU loops
-// vectorise without floating-point selects.
-template <Format F>
-DSX_HOST_DEVICE uint8_t float_to_fp8_bits_sat(float f) {
-  const uint32_t kMaxBits = float_bits(FormatTraits<F>::kMax);
-  const uint32_t bits = float_bits(f);
-  uint32_t mag = bits & 0x7FFFFFFFu;
-  mag = (mag > kMaxBits) & (mag <= 0x7F800000u) ? kMaxBits : mag;  // finite overflow and inf; not NaN
-  return encode_fp8<F>(mag, (bits >> 24) & 0x80u);
 }
 
 // FP8 bit pattern -> float32 (exact: every FP8 value is representable).
