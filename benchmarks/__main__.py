@@ -1,0 +1,28 @@
+"""python -m benchmarks [--family fp8] [--device cpu|cuda] [--quick] [--json PATH]"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from benchmarks import fp8, runner
+
+FAMILIES = {"fp8": fp8.cases}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--family", action="append", choices=sorted(FAMILIES), help="op family (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    p.add_argument("--json", type=Path, default=Path("build/benchmarks.json"))
+    args = p.parse_args(argv)
+    cases = [c for fam in (args.family or sorted(FAMILIES)) for c in FAMILIES[fam](args.device, args.quick)]
+    runner.run(cases, args.device, args.min_time, args.json)
+
+
+if __name__ == "__main__":
+    main()

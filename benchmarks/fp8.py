@@ -1,0 +1,76 @@
+"""FP8 quantisation: quantize_fp8 / dequantize_fp8 against the eager-PyTorch composite a user would write
+(amax -> divide -> clamp -> .to(fp8))."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.runner import Case
+from deepseek_ext.ops import dequantize_fp8, quantize_fp8
+
+SHAPES = [(4096, 4096), (8192, 8192)]
+QUICK_SHAPES = [(1024, 1024)]
+GRANULARITIES = ["tensor", "row", "block"]
+IN_DTYPES = [torch.bfloat16]
+BLOCK = 128
+
+
+def eager_quantize(x: torch.Tensor, dtype: torch.dtype, granularity: str, block: int = BLOCK):
+    """The composite in plain PyTorch (for block scaling, shapes must be multiples of the block)."""
+    fmax = torch.finfo(dtype).max
+    if granularity == "tensor":
+        scale = x.abs().amax().float().clamp(min=1e-12) / fmax
+        q = (x.float() / scale).clamp(-fmax, fmax).to(dtype)
+    elif granularity == "row":
+        scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / fmax
+        q = (x.float() / scale).clamp(-fmax, fmax).to(dtype)
+    else:
+        m, n = x.shape
+        tiles = x.view(m // block, block, n // block, block)
+        scale = tiles.abs().amax(dim=(1, 3), keepdim=True).float().clamp(min=1e-12) / fmax
+        q = (tiles.float() / scale).clamp(-fmax, fmax).to(dtype).view(m, n)
+        scale = scale.view(m // block, n // block)
+    return q, scale
+
+
+def eager_dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: str, out_dtype: torch.dtype):
+    if granularity == "block":
+        m, n = q.shape
+        tiles = q.view(m // BLOCK, BLOCK, n // BLOCK, BLOCK).float() * scale.view(m // BLOCK, 1, n // BLOCK, 1)
+        return tiles.to(out_dtype).view(m, n)
+    return (q.float() * scale).to(out_dtype)
+
+
+def _check_same(x, dtype, granularity):
+    def check():
+        q, s = quantize_fp8(x, dtype, granularity, BLOCK)
+        q_ref, s_ref = eager_quantize(x, dtype, granularity)
+        torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), "quantize_fp8 differs from the composite"
+
+    return check
+
+
+def cases(device: str, quick: bool = False) -> list[Case]:
+    out = []
+    fp8 = torch.float8_e4m3fn
+    for m, n in QUICK_SHAPES if quick else SHAPES:
+        for in_dtype in IN_DTYPES:
+            x = torch.randn(m, n, device=device).to(in_dtype)
+            name = str(in_dtype).removeprefix("torch.")
+            for g in GRANULARITIES:
+                out.append(Case(
+                    family="fp8", op="quantize_fp8", config=f"{m}x{n} {name} {g}",
+                    ours=lambda x=x, g=g: quantize_fp8(x, fp8, g, BLOCK),
+                    baseline=lambda x=x, g=g: eager_quantize(x, fp8, g),
+                    baseline_name="eager amax/div/clamp/cast",
+                    check=_check_same(x, fp8, g),
+                ))
+            q, s = quantize_fp8(x, fp8, "block", BLOCK)
+            out.append(Case(
+                family="fp8", op="dequantize_fp8", config=f"{m}x{n} ->{name} block",
+                ours=lambda q=q, s=s, d=in_dtype: dequantize_fp8(q, s, "block", BLOCK, d),
+                baseline=lambda q=q, s=s, d=in_dtype: eager_dequantize(q, s, "block", d),
+                baseline_name="eager float()*scale, cast",
+            ))
+    return out

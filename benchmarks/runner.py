@@ -1,0 +1,80 @@
+"""The shared benchmark runner.
+
+Each op family contributes a module with ``cases(device, quick) -> list[Case]``; the runner checks that ours and
+the baseline agree, times both with ``torch.utils.benchmark`` in the same process, prints one table with the
+speed-up (baseline time / our time, so > 1 means we are faster) and writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.benchmark import Timer
+
+
+@dataclass
+class Case:
+    family: str
+    op: str
+    config: str  # what varies: shape, dtype, granularity ...
+    ours: Callable[[], Any]
+    baseline: Callable[[], Any]
+    baseline_name: str
+    # Raises if ours and the baseline disagree; run once before timing.
+    check: Optional[Callable[[], None]] = None
+    extra: dict = field(default_factory=dict)
+
+
+def median_seconds(fn: Callable[[], Any], min_run_time: float) -> float:
+    fn()  # warm-up (first-call allocations, lazy initialisation)
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def environment(device: str) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def run(cases: list[Case], device: str, min_run_time: float = 0.5, json_path: Optional[Path] = None) -> list[dict]:
+    env = environment(device)
+    print(f"deepseek-ext benchmarks on {device} (torch {env['torch']}, {env['threads']} threads"
+          + (f", {env['gpu']}" if "gpu" in env else "") + ")")
+    header = f"{'op':<16} {'config':<34} {'ours ms':>9} {'baseline ms':>12} {'speed-up':>9}  baseline"
+    print(header)
+    print("-" * (len(header) + 16))
+    rows = []
+    for case in cases:
+        if case.check is not None:
+            case.check()
+        ours = median_seconds(case.ours, min_run_time)
+        base = median_seconds(case.baseline, min_run_time)
+        row = {
+            "family": case.family,
+            "op": case.op,
+            "config": case.config,
+            "ours_ms": ours * 1e3,
+            "baseline_ms": base * 1e3,
+            "speedup": base / ours,
+            "baseline": case.baseline_name,
+            **case.extra,
+        }
+        rows.append(row)
+        print(f"{case.op:<16} {case.config:<34} {row['ours_ms']:>9.3f} {row['baseline_ms']:>12.3f} "
+              f"{row['speedup']:>8.2f}x  {case.baseline_name}", flush=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+        print(f"wrote {json_path}")
+    return rows
