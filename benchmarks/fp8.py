@@ -59,18 +59,26 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             x = torch.randn(m, n, device=device).to(in_dtype)
             name = str(in_dtype).removeprefix("torch.")
             for g in GRANULARITIES:
-                out.append(Case(
-                    family="fp8", op="quantize_fp8", config=f"{m}x{n} {name} {g}",
-                    ours=lambda x=x, g=g: quantize_fp8(x, fp8, g, BLOCK),
-                    baseline=lambda x=x, g=g: eager_quantize(x, fp8, g),
-                    baseline_name="eager amax/div/clamp/cast",
-                    check=_check_same(x, fp8, g),
-                ))
+                out.append(
+                    Case(
+                        family="fp8",
+                        op="quantize_fp8",
+                        config=f"{m}x{n} {name} {g}",
+                        ours=lambda x=x, g=g: quantize_fp8(x, fp8, g, BLOCK),
+                        baseline=lambda x=x, g=g: eager_quantize(x, fp8, g),
+                        baseline_name="eager amax/div/clamp/cast",
+                        check=_check_same(x, fp8, g),
+                    )
+                )
             q, s = quantize_fp8(x, fp8, "block", BLOCK)
-            out.append(Case(
-                family="fp8", op="dequantize_fp8", config=f"{m}x{n} ->{name} block",
-                ours=lambda q=q, s=s, d=in_dtype: dequantize_fp8(q, s, "block", BLOCK, d),
-                baseline=lambda q=q, s=s, d=in_dtype: eager_dequantize(q, s, "block", d),
-                baseline_name="eager float()*scale, cast",
-            ))
+            out.append(
+                Case(
+                    family="fp8",
+                    op="dequantize_fp8",
+                    config=f"{m}x{n} ->{name} block",
+                    ours=lambda q=q, s=s, d=in_dtype: dequantize_fp8(q, s, "block", BLOCK, d),
+                    baseline=lambda q=q, s=s, d=in_dtype: eager_dequantize(q, s, "block", d),
+                    baseline_name="eager float()*scale, cast",
+                )
+            )
     return out

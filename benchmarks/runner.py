@@ -11,7 +11,7 @@ import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch.utils.benchmark import Timer
@@ -26,7 +26,7 @@ class Case:
     baseline: Callable[[], Any]
     baseline_name: str
     # Raises if ours and the baseline disagree; run once before timing.
-    check: Optional[Callable[[], None]] = None
+    check: Callable[[], None] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -47,10 +47,13 @@ def environment(device: str) -> dict:
     return env
 
 
-def run(cases: list[Case], device: str, min_run_time: float = 0.5, json_path: Optional[Path] = None) -> list[dict]:
+def run(cases: list[Case], device: str, min_run_time: float = 0.5, json_path: Path | None = None) -> list[dict]:
     env = environment(device)
-    print(f"deepseek-ext benchmarks on {device} (torch {env['torch']}, {env['threads']} threads"
-          + (f", {env['gpu']}" if "gpu" in env else "") + ")")
+    print(
+        f"deepseek-ext benchmarks on {device} (torch {env['torch']}, {env['threads']} threads"
+        + (f", {env['gpu']}" if "gpu" in env else "")
+        + ")"
+    )
     header = f"{'op':<16} {'config':<34} {'ours ms':>9} {'baseline ms':>12} {'speed-up':>9}  baseline"
     print(header)
     print("-" * (len(header) + 16))
@@ -71,8 +74,11 @@ def run(cases: list[Case], device: str, min_run_time: float = 0.5, json_path: Op
             **case.extra,
         }
         rows.append(row)
-        print(f"{case.op:<16} {case.config:<34} {row['ours_ms']:>9.3f} {row['baseline_ms']:>12.3f} "
-              f"{row['speedup']:>8.2f}x  {case.baseline_name}", flush=True)
+        print(
+            f"{case.op:<16} {case.config:<34} {row['ours_ms']:>9.3f} {row['baseline_ms']:>12.3f} "
+            f"{row['speedup']:>8.2f}x  {case.baseline_name}",
+            flush=True,
+        )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"environment": env, "results": rows}, indent=2))

@@ -9,14 +9,14 @@ an error that repeats the reason.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 _REBUILD_HINT = "pip install --no-build-isolation --no-deps --force-reinstall deepseek-ext (or `make build` in a clone)"
 
-_C: Optional[Any]
-LOAD_ERROR: Optional[BaseException]
+_C: Any | None
+LOAD_ERROR: BaseException | None
 try:
     from . import _C  # type: ignore[attr-defined,no-redef]
 
@@ -45,9 +45,7 @@ def require_native(op: str) -> None:
 def registered_ops() -> list[str]:
     """Names of the operators this build registered under torch.ops.deepseek_ext."""
     prefix = "deepseek_ext::"
-    return sorted(
-        name[len(prefix) :] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix)
-    )
+    return sorted(name[len(prefix) :] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix))
 
 
 def capabilities() -> dict[str, Any]:

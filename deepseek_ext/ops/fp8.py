@@ -16,7 +16,7 @@ tile and ``fp8_max`` is 448 for ``float8_e4m3fn`` and 57344 for ``float8_e5m2``.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -96,8 +96,10 @@ def scale_shape(shape: tuple[int, ...], granularity: Granularity, block_size: in
     )
     torch._check_value(
         len(shape) == 2,
-        lambda: f"quantize_fp8: granularity='{granularity}' expects x to be a 2-D tensor, but got a "
-        f"{len(shape)}-D tensor of shape {list(shape)}",
+        lambda: (
+            f"quantize_fp8: granularity='{granularity}' expects x to be a 2-D tensor, but got a "
+            f"{len(shape)}-D tensor of shape {list(shape)}"
+        ),
     )
     rows, cols = shape
     if granularity == "row":

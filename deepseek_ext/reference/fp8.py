@@ -39,6 +39,7 @@ def quantize_fp8(x: torch.Tensor, dtype=torch.float8_e4m3fn, granularity: str = 
     return q, scale
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, granularity: str = "tensor", block_size: int = 128,
-                   out_dtype=torch.float32) -> torch.Tensor:
+def dequantize_fp8(
+    q: torch.Tensor, scale: torch.Tensor, granularity: str = "tensor", block_size: int = 128, out_dtype=torch.float32
+) -> torch.Tensor:
     return (q.float() * expand_scale(scale, q.shape, granularity, block_size)).to(out_dtype)

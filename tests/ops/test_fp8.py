@@ -110,7 +110,9 @@ def test_every_16_bit_pattern_rounds_like_pytorch(device, in_dtype, fp8_dtype, g
     # Documented special values: NaN stays NaN with its sign, +-inf saturates to +-max.
     xf = x.float()
     assert torch.equal(q.float().isnan(), xf.isnan())
-    assert torch.equal(q.view(torch.uint8)[xf.isnan()] & 0x80, (x.view(torch.int16)[xf.isnan()] < 0).to(torch.uint8) * 0x80)
+    assert torch.equal(
+        q.view(torch.uint8)[xf.isnan()] & 0x80, (x.view(torch.int16)[xf.isnan()] < 0).to(torch.uint8) * 0x80
+    )
     assert (q.float()[xf == float("inf")] == fmax).all() and (q.float()[xf == float("-inf")] == -fmax).all()
     torch.testing.assert_close(s, ref.quantize_fp8(x, fp8_dtype, granularity, 16)[1], rtol=0, atol=0)
 
@@ -146,19 +148,69 @@ def test_non_contiguous_input(device, granularity):
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda: quantize_fp8(torch.ones(3), granularity="row"), ValueError, r"quantize_fp8: .*'row' expects x to be a 2-D tensor, but got a 1-D"),
-        (lambda: quantize_fp8(torch.ones(2, 3, 4), granularity="block"), ValueError, r"quantize_fp8: .*2-D tensor, but got a 3-D"),
-        (lambda: quantize_fp8(torch.ones(3, dtype=torch.int32)), TypeError, r"quantize_fp8: expected x to have dtype torch.float32, torch.float16 or torch.bfloat16, but got torch.int32"),
+        (
+            lambda: quantize_fp8(torch.ones(3), granularity="row"),
+            ValueError,
+            r"quantize_fp8: .*'row' expects x to be a 2-D tensor, but got a 1-D",
+        ),
+        (
+            lambda: quantize_fp8(torch.ones(2, 3, 4), granularity="block"),
+            ValueError,
+            r"quantize_fp8: .*2-D tensor, but got a 3-D",
+        ),
+        (
+            lambda: quantize_fp8(torch.ones(3, dtype=torch.int32)),
+            TypeError,
+            r"quantize_fp8: expected x to have dtype torch.float32, torch.float16 or torch.bfloat16, "
+            r"but got torch.int32",
+        ),
         (lambda: quantize_fp8(torch.ones(3, dtype=torch.float64)), TypeError, r"but got torch.float64"),
-        (lambda: quantize_fp8(torch.ones(3), dtype=torch.float16), TypeError, r"quantize_fp8: expected dtype to be torch.float8_e4m3fn or torch.float8_e5m2, but got torch.float16"),
-        (lambda: quantize_fp8(torch.ones(2, 2), granularity="block", block_size=0), ValueError, r"quantize_fp8: expected block_size to be a positive integer, but got 0"),
-        (lambda: quantize_fp8(torch.ones(2, 2), granularity="column"), ValueError, r"quantize_fp8: expected granularity to be 'tensor', 'row' or 'block', but got 'column'"),
-        (lambda: dequantize_fp8(torch.ones(2, 2), torch.ones(())), TypeError, r"dequantize_fp8: expected x to have dtype torch.float8_e4m3fn or torch.float8_e5m2, but got torch.float32"),
-        (lambda: dequantize_fp8(torch.zeros(4, 4).to(torch.float8_e4m3fn), torch.ones(4)), ValueError, r"dequantize_fp8: expected scale of shape \[\] .* but got \[4\]"),
-        (lambda: dequantize_fp8(torch.zeros(4, 4).to(torch.float8_e4m3fn), torch.ones(4), "row"), ValueError, r"expected scale of shape \[4, 1\]"),
-        (lambda: dequantize_fp8(torch.zeros(4, 300).to(torch.float8_e4m3fn), torch.ones(1, 2), "block"), ValueError, r"expected scale of shape \[1, 3\] .*block_size=128, but got \[1, 2\]"),
-        (lambda: dequantize_fp8(torch.zeros(4).to(torch.float8_e4m3fn), torch.ones((), dtype=torch.float16)), TypeError, r"dequantize_fp8: expected scale to have dtype torch.float32"),
-        (lambda: dequantize_fp8(torch.zeros(4).to(torch.float8_e4m3fn), torch.ones(()), out_dtype=torch.int8), TypeError, r"dequantize_fp8: expected out_dtype to be torch.float32, torch.float16 or torch.bfloat16, but got torch.int8"),
+        (
+            lambda: quantize_fp8(torch.ones(3), dtype=torch.float16),
+            TypeError,
+            r"quantize_fp8: expected dtype to be torch.float8_e4m3fn or torch.float8_e5m2, but got torch.float16",
+        ),
+        (
+            lambda: quantize_fp8(torch.ones(2, 2), granularity="block", block_size=0),
+            ValueError,
+            r"quantize_fp8: expected block_size to be a positive integer, but got 0",
+        ),
+        (
+            lambda: quantize_fp8(torch.ones(2, 2), granularity="column"),
+            ValueError,
+            r"quantize_fp8: expected granularity to be 'tensor', 'row' or 'block', but got 'column'",
+        ),
+        (
+            lambda: dequantize_fp8(torch.ones(2, 2), torch.ones(())),
+            TypeError,
+            r"dequantize_fp8: expected x to have dtype torch.float8_e4m3fn or torch.float8_e5m2, but got torch.float32",
+        ),
+        (
+            lambda: dequantize_fp8(torch.zeros(4, 4).to(torch.float8_e4m3fn), torch.ones(4)),
+            ValueError,
+            r"dequantize_fp8: expected scale of shape \[\] .* but got \[4\]",
+        ),
+        (
+            lambda: dequantize_fp8(torch.zeros(4, 4).to(torch.float8_e4m3fn), torch.ones(4), "row"),
+            ValueError,
+            r"expected scale of shape \[4, 1\]",
+        ),
+        (
+            lambda: dequantize_fp8(torch.zeros(4, 300).to(torch.float8_e4m3fn), torch.ones(1, 2), "block"),
+            ValueError,
+            r"expected scale of shape \[1, 3\] .*block_size=128, but got \[1, 2\]",
+        ),
+        (
+            lambda: dequantize_fp8(torch.zeros(4).to(torch.float8_e4m3fn), torch.ones((), dtype=torch.float16)),
+            TypeError,
+            r"dequantize_fp8: expected scale to have dtype torch.float32",
+        ),
+        (
+            lambda: dequantize_fp8(torch.zeros(4).to(torch.float8_e4m3fn), torch.ones(()), out_dtype=torch.int8),
+            TypeError,
+            r"dequantize_fp8: expected out_dtype to be torch.float32, torch.float16 or torch.bfloat16, "
+            r"but got torch.int8",
+        ),
     ],
 )
 def test_bad_arguments_raise_clear_errors(call, error, match):
@@ -176,9 +228,15 @@ def test_dequantize_rejects_scale_on_another_device():
 def opcheck_samples(device):
     for granularity, shape, block in [("tensor", (5, 7), 128), ("row", (9, 33), 128), ("block", (70, 33), 32)]:
         for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            yield torch.ops.deepseek_ext.quantize_fp8.default, (spread_randn(shape, torch.bfloat16, device), dtype, granularity, block)
+            yield (
+                torch.ops.deepseek_ext.quantize_fp8.default,
+                (spread_randn(shape, torch.bfloat16, device), dtype, granularity, block),
+            )
             q, s = ref.quantize_fp8(spread_randn(shape), dtype, granularity, block)
-            yield torch.ops.deepseek_ext.dequantize_fp8.default, (q.to(device), s.to(device), granularity, block, torch.float16)
+            yield (
+                torch.ops.deepseek_ext.dequantize_fp8.default,
+                (q.to(device), s.to(device), granularity, block, torch.float16),
+            )
 
 
 # opcheck's test_schema compares inputs before and after the call with torch.allclose, which PyTorch does not
