@@ -1,7 +1,7 @@
 # deepseek-ext developer commands (README.md). `make test` is exactly what CI runs (.ci/run).
 #
 #   make demo    set up .venv (torch 2.13.0 CPU + tools), build the extension, run the main job
-#   make test    set up the same way, then every test: pytest, GoogleTest (CTest), nvcc compile check of
+#   make test    set up the same way, then every test: ruff, pytest, GoogleTest (CTest), nvcc compile check of
 #                kernels/, and a real `pip install --no-build-isolation .` into a scratch directory
 #
 # Other targets: build, pytest, cpp-test, cuda-check, install-check, bench, lint, clean.
@@ -19,6 +19,7 @@ demo: build
 	$(PY) -m benchmarks
 
 test: build
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 	$(MAKE) --no-print-directory cpp-test
 	$(MAKE) --no-print-directory cuda-check
@@ -35,6 +36,7 @@ build: $(DEPS)
 	$(PY) -c "import os, sysconfig; open(os.path.join(sysconfig.get_paths()['purelib'], 'deepseek_ext_dev.pth'), 'w').write(os.getcwd() + '\n')"
 
 pytest: build
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 
 cpp-test: $(DEPS)
