@@ -8,6 +8,7 @@ Environment switches:
                            a CUDA toolkit (nvcc) is found; ``0``: CPU-only; ``1``: require CUDA, fail otherwise.
     TORCH_CUDA_ARCH_LIST   CUDA targets, e.g. ``"9.0a"``. Default ``"8.0;9.0a"`` (A100 and H100/H200).
     MAX_JOBS               parallel compile jobs for ninja (default: ninja's own choice).
+    CUDA_HOME              the CUDA toolkit to use (default: torch's detection, from nvcc on PATH).
     DEEPSEEK_EXT_DEBUG     ``1``: build with -O0 -g (and -G for device code).
 """
 

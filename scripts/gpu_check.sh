@@ -12,6 +12,8 @@ PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
+# torch finds the toolkit from CUDA_HOME, else from `which nvcc`; a wrapper script on PATH can mislead the latter.
+if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then export CUDA_HOME=/usr/local/cuda; fi
 status=0
 step() { echo; echo "== $1 ($(date +%T))"; }
 
