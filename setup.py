@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -72,10 +73,17 @@ def extensions():
     # -fno-trapping-math lets GCC if-convert (and so vectorise) loops with float ops under selects; results are
     # unchanged, only floating-point exception flags are not preserved.
     extra = {"cxx": opt + ["-fvisibility=hidden", "-fno-trapping-math"]}
+    link = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is inline: without -fopenmp our loops would run on one thread. The libgomp.so.1 this
+        # links is resolved at load time to the one torch has already loaded (same soname), so there is one pool.
+        extra["cxx"].append("-fopenmp")
+        link.append("-fopenmp")
     kwargs = dict(
         name="deepseek_ext._C",
         include_dirs=[str(ROOT / "csrc" / "include"), str(generated)],
         extra_compile_args=extra,
+        extra_link_args=link,
     )
     if not with_cuda:
         return [cpp_extension.CppExtension(sources=sources, **kwargs)]

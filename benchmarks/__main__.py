@@ -1,4 +1,4 @@
-"""python -m benchmarks [--family fp8] [--device cpu|cuda] [--quick] [--json PATH]"""
+"""python -m benchmarks [--family fp8] [--device cpu|cuda] [--quick] [--no-compile] [--json PATH]"""
 
 from __future__ import annotations
 
@@ -17,10 +17,15 @@ def main(argv=None) -> None:
     p.add_argument("--family", action="append", choices=sorted(FAMILIES), help="op family (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
     p.add_argument("--json", type=Path, default=Path("build/benchmarks.json"))
     args = p.parse_args(argv)
-    cases = [c for fam in (args.family or sorted(FAMILIES)) for c in FAMILIES[fam](args.device, args.quick)]
+    cases = [
+        c
+        for fam in (args.family or sorted(FAMILIES))
+        for c in FAMILIES[fam](args.device, args.quick, not args.no_compile)
+    ]
     runner.run(cases, args.device, args.min_time, args.json)
 
 

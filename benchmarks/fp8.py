@@ -1,7 +1,9 @@
-"""FP8 quantisation: quantize_fp8 / dequantize_fp8 against the eager-PyTorch composite a user would write
-(amax -> divide -> clamp -> .to(fp8))."""
+"""FP8 quantisation: quantize_fp8 / dequantize_fp8 against the composite a user would write
+(amax -> divide -> clamp -> .to(fp8)), both in eager PyTorch and compiled with torch.compile (inductor)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -51,7 +53,7 @@ def _check_same(x, dtype, granularity):
     return check
 
 
-def cases(device: str, quick: bool = False) -> list[Case]:
+def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> list[Case]:
     out = []
     fp8 = torch.float8_e4m3fn
     for m, n in QUICK_SHAPES if quick else SHAPES:
@@ -59,26 +61,47 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             x = torch.randn(m, n, device=device).to(in_dtype)
             name = str(in_dtype).removeprefix("torch.")
             for g in GRANULARITIES:
+                ours = functools.partial(quantize_fp8, x, fp8, g, BLOCK)
+                composite = functools.partial(eager_quantize, dtype=fp8, granularity=g)
                 out.append(
                     Case(
                         family="fp8",
                         op="quantize_fp8",
                         config=f"{m}x{n} {name} {g}",
-                        ours=lambda x=x, g=g: quantize_fp8(x, fp8, g, BLOCK),
-                        baseline=lambda x=x, g=g: eager_quantize(x, fp8, g),
+                        ours=ours,
+                        baseline=functools.partial(composite, x),
                         baseline_name="eager amax/div/clamp/cast",
                         check=_check_same(x, fp8, g),
                     )
                 )
+                if compiled_baselines:
+                    # One compiled graph per (shape, granularity): the composite is one code object for dynamo.
+                    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                    compiled = torch.compile(composite, dynamic=False)
+                    out.append(
+                        Case(
+                            family="fp8",
+                            op="quantize_fp8",
+                            config=f"{m}x{n} {name} {g}",
+                            ours=ours,
+                            baseline=functools.partial(compiled, x),
+                            baseline_name="torch.compile of the same",
+                        )
+                    )
             q, s = quantize_fp8(x, fp8, "block", BLOCK)
-            out.append(
-                Case(
-                    family="fp8",
-                    op="dequantize_fp8",
-                    config=f"{m}x{n} ->{name} block",
-                    ours=lambda q=q, s=s, d=in_dtype: dequantize_fp8(q, s, "block", BLOCK, d),
-                    baseline=lambda q=q, s=s, d=in_dtype: eager_dequantize(q, s, "block", d),
-                    baseline_name="eager float()*scale, cast",
+            composite = functools.partial(eager_dequantize, granularity="block", out_dtype=in_dtype)
+            baselines = [(composite, "eager float()*scale, cast")]
+            if compiled_baselines:
+                baselines.append((torch.compile(composite, dynamic=False), "torch.compile of the same"))
+            for fn, label in baselines:
+                out.append(
+                    Case(
+                        family="fp8",
+                        op="dequantize_fp8",
+                        config=f"{m}x{n} ->{name} block",
+                        ours=functools.partial(dequantize_fp8, q, s, "block", BLOCK, in_dtype),
+                        baseline=functools.partial(fn, q, s),
+                        baseline_name=label,
+                    )
                 )
-            )
     return out

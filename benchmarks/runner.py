@@ -31,8 +31,10 @@ class Case:
 
 
 def median_seconds(fn: Callable[[], Any], min_run_time: float) -> float:
-    fn()  # warm-up (first-call allocations, lazy initialisation)
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    fn()  # warm-up (first-call allocations, lazy initialisation, compilation)
+    # Timer defaults to one thread; measure with the threads the process really has, as users run.
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def environment(device: str) -> dict:

@@ -2,8 +2,9 @@
 //
 // Per-tensor scaling takes two passes (a parallel amax, then scale-and-cast). Row and block scaling are fused:
 // each task takes whole tiles, finds the tile's amax and quantises it while it is still in cache.
-// The hot loops are written so that GCC vectorises them, and are compiled twice (AVX2/F16C and baseline
-// x86-64) with the right copy picked at load time, so one binary runs everywhere and is fast where it can be.
+// The cast loop has an explicit AVX2 path (quantize_fp8_avx2.h) chosen at run time; the other loops are written
+// so that GCC vectorises them and are compiled twice (x86-64-v3 and baseline) with the right copy picked at load
+// time. One binary runs on every x86-64 machine and is fast where it can be.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,6 +15,7 @@
 #include "deepseek_ext/dispatch.h"
 #include "deepseek_ext/fp8_format.h"
 #include "deepseek_ext/fp8_quant.h"
+#include "quantize_fp8_avx2.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DSX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), noinline))
@@ -72,8 +74,12 @@ DSX_CPU_CLONES typename InputBits<T>::U amax_finite_bits(const T* x, int64_t n) 
 
 // q[i] = saturate_cast<fp8>(x[i] / scale). A true division, so results equal PyTorch's `x / scale` bit for bit.
 template <typename T, Format F>
-DSX_CPU_CLONES void quantize_span(const T* x, uint8_t* q, int64_t n, float scale) {
-  for (int64_t i = 0; i < n; ++i) {
+void quantize_span(const T* x, uint8_t* q, int64_t n, float scale) {
+  int64_t i = 0;
+#ifdef DSX_HAVE_AVX2_PATH
+  if (avx2::supported()) i = avx2::quantize_span<T, F>(x, q, n, scale);
+#endif
+  for (; i < n; ++i) {
     q[i] = float_to_fp8_bits_sat<F>(static_cast<float>(x[i]) / scale);
   }
 }
