@@ -23,7 +23,7 @@ class Case:
     op: str
     config: str  # what varies: shape, dtype, granularity ...
     ours: Callable[[], Any]
-    baseline: Callable[[], Any]
+    baseline: Callable[[], Any] | None  # None: ours alone (a figure with no peer, e.g. a latency)
     baseline_name: str
     # Raises if ours and the baseline disagree; run once before timing.
     check: Callable[[], None] | None = None
@@ -64,22 +64,27 @@ def run(cases: list[Case], device: str, min_run_time: float = 0.5, json_path: Pa
         if case.check is not None:
             case.check()
         ours = median_seconds(case.ours, min_run_time)
-        base = median_seconds(case.baseline, min_run_time)
+        base, note = None, case.baseline_name
+        if case.baseline is not None:
+            try:
+                base = median_seconds(case.baseline, min_run_time)
+            except Exception as e:  # a peer that cannot run this configuration is a result too
+                note = f"{case.baseline_name}: fails ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
         row = {
             "family": case.family,
             "op": case.op,
             "config": case.config,
             "ours_ms": ours * 1e3,
-            "baseline_ms": base * 1e3,
-            "speedup": base / ours,
-            "baseline": case.baseline_name,
+            "baseline_ms": None if base is None else base * 1e3,
+            "speedup": None if base is None else base / ours,
+            "baseline": note,
             **case.extra,
         }
         rows.append(row)
+        base_txt = "-" if base is None else f"{base * 1e3:.3f}"
+        speed_txt = "-" if base is None else f"{base / ours:.2f}x"
         print(
-            f"{case.op:<16} {case.config:<34} {row['ours_ms']:>9.3f} {row['baseline_ms']:>12.3f} "
-            f"{row['speedup']:>8.2f}x  {case.baseline_name}",
-            flush=True,
+            f"{case.op:<16} {case.config:<34} {row['ours_ms']:>9.3f} {base_txt:>12} {speed_txt:>9}  {note}", flush=True
         )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,62 @@
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11): a counter-based RNG.
+// The output is a pure function of (key, counter), so streams are reproducible, can be split (by rank, by
+// purpose) through the counter, and can be regenerated later instead of stored. Host and device.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DSX_RNG_HD __host__ __device__ __forceinline__
+#else
+#define DSX_RNG_HD inline
+#endif
+
+namespace deepseek_ext {
+namespace rng {
+
+struct Philox4x32Out {
+  uint32_t v[4];
+};
+
+DSX_RNG_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(p >> 32);
+  *lo = static_cast<uint32_t>(p);
+}
+
+// Ten rounds of Philox4x32 on counter (c0..c3) with key (k0, k1).
+DSX_RNG_HD Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                       uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // multipliers
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // Weyl key increments
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kM0, c0, &hi0, &lo0);
+    mulhilo32(kM1, c2, &hi1, &lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// Convenience: 64-bit seed as the key, a 64-bit position and a 64-bit stream id as the counter.
+DSX_RNG_HD Philox4x32Out philox(uint64_t seed, uint64_t stream, uint64_t position) {
+  return philox4x32_10(static_cast<uint32_t>(position), static_cast<uint32_t>(position >> 32),
+                       static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Uniform integer in [0, n) from 64 random bits (multiply-shift; bias below n / 2^64).
+DSX_RNG_HD uint64_t uniform_below(uint64_t bits, uint64_t n) {
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(bits) * n) >> 64);
+}
+
+}  // namespace rng
+}  // namespace deepseek_ext
