@@ -23,6 +23,26 @@ def _take(batch_sampler, k: int) -> None:
         next(it)
 
 
+class TwoLevelTorchSampler:
+    """What a user writes in plain PyTorch when WeightedRandomSampler cannot take the dataset (more than 2^24
+    items): a class per draw from torch.multinomial, then a uniform item of that class."""
+
+    def __init__(self, labels: torch.Tensor, class_weights: list[float], batch_size: int):
+        self.members = [torch.nonzero(labels == c).flatten() for c in range(len(class_weights))]
+        self.weights = torch.tensor(class_weights, dtype=torch.float64)
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        while True:
+            classes = torch.multinomial(self.weights, self.batch_size, replacement=True)
+            picks = []
+            for c, m in enumerate(self.members):
+                k = int((classes == c).sum())
+                if k:
+                    picks.append(m[torch.randint(len(m), (k,))])
+            yield torch.cat(picks)[torch.randperm(self.batch_size)].tolist()
+
+
 def _ours(sampler: DynamicSampler, k: int) -> None:
     sampler.set_epoch(0)
     _take(sampler, k)
@@ -53,6 +73,16 @@ def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> 
                 baseline=functools.partial(_take, peer, k),
                 baseline_name="WeightedRandomSampler+BatchSampler",
                 extra={"bytes_per_item_rss": per_item},
+            )
+        )
+        out.append(
+            Case(
+                family="data",
+                op="DynamicSampler",
+                config=f"{n // 1_000_000 or n}{'M' if n >= 10**6 else ''} items, {k} batches",
+                ours=functools.partial(_ours, ours, k),
+                baseline=functools.partial(_take, TwoLevelTorchSampler(labels, [0.5, 0.5], BATCH), k),
+                baseline_name="two-level torch (multinomial + randint)",
             )
         )
         if n <= 1_000_000:
