@@ -9,4 +9,9 @@ TORCH_LIBRARY(deepseek_ext, m) {
         " -> (Tensor, Tensor)");
   m.def("dequantize_fp8(Tensor x, Tensor scale, str granularity=\"tensor\", int block_size=128,"
         " ScalarType? out_dtype=None) -> Tensor");
+
+  // Mixed precision (deepseek_ext/ops/amp.py): one pass over every gradient that unscales it in place, flags
+  // non-finite values (found_inf, as torch._amp_foreach_non_finite_check_and_unscale_) and returns the L2 norm
+  // of the unscaled gradients.
+  m.def("unscale_check_norm_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale) -> Tensor");
 }

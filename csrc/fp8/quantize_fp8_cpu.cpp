@@ -12,16 +12,11 @@
 #include <algorithm>
 #include <array>
 
+#include "deepseek_ext/cpu.h"
 #include "deepseek_ext/dispatch.h"
 #include "deepseek_ext/fp8_format.h"
 #include "deepseek_ext/fp8_quant.h"
 #include "quantize_fp8_avx2.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DSX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), noinline))
-#else
-#define DSX_CPU_CLONES
-#endif
 
 namespace deepseek_ext {
 namespace fp8 {

@@ -6,6 +6,7 @@ kernel for ``torch.compile`` and, where gradients make sense, its autograd formu
 
 from __future__ import annotations
 
+from .amp import unscale_check_norm_
 from .fp8 import dequantize_fp8, quantize_fp8
 
-__all__ = ["quantize_fp8", "dequantize_fp8"]
+__all__ = ["quantize_fp8", "dequantize_fp8", "unscale_check_norm_"]
