@@ -14,4 +14,9 @@ TORCH_LIBRARY(deepseek_ext, m) {
   // non-finite values (found_inf, as torch._amp_foreach_non_finite_check_and_unscale_) and returns the L2 norm
   // of the unscaled gradients.
   m.def("unscale_check_norm_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale) -> Tensor");
+
+  // Differential privacy (deepseek_ext/ops/privacy.py): per-sample gradient norms, and the DP-SGD reduction
+  // (sum_i factors[i] * grads[i] + noise) * scale in one read of the per-sample gradients.
+  m.def("per_sample_sq_norms(Tensor grads) -> Tensor");
+  m.def("clip_sum_noise(Tensor grads, Tensor factors, Tensor? noise=None, float scale=1.0) -> Tensor");
 }

@@ -1,0 +1,283 @@
+"""Per-sample gradients from module hooks.
+
+A forward hook keeps each hooked module's input, a backward hook its output gradient. From the pair, a *grad
+sampler* computes per-sample gradients ``{parameter: (batch, *parameter.shape)}``; for Linear and Embedding a
+*ghost norm* gives per-sample squared gradient norms without materialising them, and a *ghost sum* the clipped,
+summed gradient ``sum_i c_i g_i`` straight from activations and output gradients (Li et al. 2022, Bu et al. 2023).
+
+Samplers exist for Linear, Conv1d/Conv2d, Embedding, LayerNorm and GroupNorm. Any other module with parameters
+falls back to ``torch.func`` (``vmap`` over ``vjp`` of the module on one sample), which also covers
+``nn.MultiheadAttention``. BatchNorm is refused: it mixes the examples of a batch. ``register_grad_sampler`` adds a
+layer type.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# sampler(module, activation, grad_output) -> {param: per-sample grad (B, *param.shape)}
+GradSampler = Callable[[nn.Module, tuple, tuple], dict]
+_SAMPLERS: dict[type, GradSampler] = {}
+# ghost_norm(module, activation, grad_output) -> {param: per-sample squared norm (B,)}
+_GHOST_NORMS: dict[type, Callable] = {}
+# ghost_sum(module, activation, grad_output, factors) -> {param: sum_i factors_i * g_i}
+_GHOST_SUMS: dict[type, Callable] = {}
+
+
+def register_grad_sampler(*module_types: type):
+    """Decorator: ``fn(module, activations, grad_outputs) -> {param: (B, *param.shape)}`` for these module types.
+
+    ``activations`` is the tuple of the module's positional inputs, ``grad_outputs`` the tuple of gradients of its
+    outputs, both with the batch as first dimension (as seen by the module). The gradients must be those of the
+    per-sample losses (the caller has already undone a mean reduction).
+
+    Example:
+        >>> @register_grad_sampler(MyScale)
+        ... def _(module, activations, grad_outputs):
+        ...     (x,), (g,) = activations, grad_outputs
+        ...     return {module.weight: (x * g).flatten(2).sum(-1) if x.dim() > 2 else x * g}
+    """
+
+    def register(fn: GradSampler) -> GradSampler:
+        for t in module_types:
+            _SAMPLERS[t] = fn
+        return fn
+
+    return register
+
+
+def _ghost(norm_fn, sum_fn, *module_types):
+    for t in module_types:
+        _GHOST_NORMS[t] = norm_fn
+        _GHOST_SUMS[t] = sum_fn
+
+
+def supports_ghost(module: nn.Module) -> bool:
+    return type(module) in _GHOST_NORMS
+
+
+def refuse_batch_norm(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"DifferentialPrivacy: module '{name}' ({type(m).__name__}) mixes the examples of a batch, so "
+                "per-sample gradients are not defined; replace it with GroupNorm, e.g. "
+                f"nn.GroupNorm(min(32, {m.num_features}), {m.num_features})"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------- Linear
+def _flat(a: torch.Tensor) -> torch.Tensor:
+    """(B, *, d) -> (B, T, d): any middle dims become one sequence dimension."""
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+@register_grad_sampler(nn.Linear)
+def _linear(module: nn.Linear, activations, grad_outputs):
+    a, b = _flat(activations[0]), _flat(grad_outputs[0])
+    out = {}
+    if module.weight.requires_grad:
+        out[module.weight] = torch.einsum("bto,bti->boi", b, a)
+    if module.bias is not None and module.bias.requires_grad:
+        out[module.bias] = b.sum(1)
+    return out
+
+
+def _linear_ghost_norm(module: nn.Linear, activations, grad_outputs):
+    a, b = _flat(activations[0]), _flat(grad_outputs[0])
+    out = {}
+    if module.weight.requires_grad:
+        t, din, dout = a.shape[1], a.shape[2], b.shape[2]
+        if t * t <= din * dout:  # ||sum_t b_t a_t^T||^2 = <A A^T, B B^T>: cheaper than the gradient itself
+            out[module.weight] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
+        else:
+            out[module.weight] = torch.einsum("bto,bti->boi", b, a).pow(2).sum((1, 2))
+    if module.bias is not None and module.bias.requires_grad:
+        out[module.bias] = b.sum(1).pow(2).sum(1)
+    return out
+
+
+def _linear_ghost_sum(module: nn.Linear, activations, grad_outputs, factors):
+    a, b = _flat(activations[0]), _flat(grad_outputs[0])
+    bc = b * factors.to(b.dtype).view(-1, 1, 1)
+    out = {}
+    if module.weight.requires_grad:
+        out[module.weight] = torch.einsum("bto,bti->oi", bc, a)
+    if module.bias is not None and module.bias.requires_grad:
+        out[module.bias] = bc.sum((0, 1))
+    return out
+
+
+_ghost(_linear_ghost_norm, _linear_ghost_sum, nn.Linear)
+
+
+# --------------------------------------------------------------------------------------------------- Embedding
+@register_grad_sampler(nn.Embedding)
+def _embedding(module: nn.Embedding, activations, grad_outputs):
+    if not module.weight.requires_grad:
+        return {}
+    idx, b = activations[0], grad_outputs[0]
+    batch = idx.shape[0]
+    flat_idx = idx.reshape(batch, -1)
+    flat_b = b.reshape(batch, -1, b.shape[-1])
+    g = torch.zeros(batch, *module.weight.shape, dtype=b.dtype, device=b.device)
+    g.scatter_add_(1, flat_idx.unsqueeze(-1).expand_as(flat_b), flat_b)
+    if module.padding_idx is not None:
+        g[:, module.padding_idx] = 0
+    return {module.weight: g}
+
+
+def _embedding_ghost_norm(module: nn.Embedding, activations, grad_outputs):
+    if not module.weight.requires_grad:
+        return {}
+    idx, b = activations[0], grad_outputs[0]
+    batch = idx.shape[0]
+    flat_idx = idx.reshape(batch, -1)
+    flat_b = b.reshape(batch, -1, b.shape[-1])
+    if module.padding_idx is not None:
+        flat_b = flat_b * (flat_idx != module.padding_idx).unsqueeze(-1).to(flat_b.dtype)
+    # ||g_i||^2 = sum over token pairs with the same index of b_t . b_s
+    same = (flat_idx.unsqueeze(2) == flat_idx.unsqueeze(1)).to(flat_b.dtype)
+    return {module.weight: (torch.bmm(flat_b, flat_b.transpose(1, 2)) * same).sum((1, 2))}
+
+
+def _embedding_ghost_sum(module: nn.Embedding, activations, grad_outputs, factors):
+    if not module.weight.requires_grad:
+        return {}
+    idx, b = activations[0], grad_outputs[0]
+    flat_b = (b * factors.to(b.dtype).view(-1, *([1] * (b.dim() - 1)))).reshape(-1, b.shape[-1])
+    g = torch.zeros_like(module.weight, dtype=b.dtype)
+    g.index_add_(0, idx.reshape(-1), flat_b)
+    if module.padding_idx is not None:
+        g[module.padding_idx] = 0
+    return {module.weight: g}
+
+
+_ghost(_embedding_ghost_norm, _embedding_ghost_sum, nn.Embedding)
+
+
+# ------------------------------------------------------------------------------------------------------ Conv
+@register_grad_sampler(nn.Conv1d, nn.Conv2d)
+def _conv(module, activations, grad_outputs):
+    if module.padding_mode != "zeros":
+        return _functional(module, activations, grad_outputs)
+    x, b = activations[0], grad_outputs[0]
+    if isinstance(module, nn.Conv1d):  # as a Conv2d of height 1
+        x, b = x.unsqueeze(2), b.unsqueeze(2)
+        ks, stride, dil = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+        pad = (0, module.padding[0]) if not isinstance(module.padding, str) else module.padding
+    else:
+        ks, stride, dil, pad = module.kernel_size, module.stride, module.dilation, module.padding
+    if isinstance(pad, str):  # 'same' / 'valid': the padding torch applied is not in the module
+        return _functional(module, activations, grad_outputs)
+    batch, groups = x.shape[0], module.groups
+    cols = F.unfold(x, ks, dilation=dil, padding=pad, stride=stride)  # (B, Cin*k, L)
+    b = b.reshape(batch, groups, -1, b.shape[2] * b.shape[3])  # (B, G, Cout/G, L)
+    cols = cols.reshape(batch, groups, -1, cols.shape[-1])  # (B, G, Cin/G * k, L)
+    out = {}
+    if module.weight.requires_grad:
+        g = torch.einsum("bgol,bgil->bgoi", b, cols)
+        out[module.weight] = g.reshape(batch, *module.weight.shape)
+    if module.bias is not None and module.bias.requires_grad:
+        out[module.bias] = b.sum(-1).reshape(batch, -1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ LayerNorm
+@register_grad_sampler(nn.LayerNorm)
+def _layer_norm(module: nn.LayerNorm, activations, grad_outputs):
+    x, b = activations[0], grad_outputs[0]
+    dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
+    x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    out = {}
+    if module.weight is not None and module.weight.requires_grad:
+        out[module.weight] = (b * x_hat).sum(dims) if dims else b * x_hat
+    if module.bias is not None and module.bias.requires_grad:
+        out[module.bias] = b.sum(dims) if dims else b
+    return out
+
+
+@register_grad_sampler(nn.GroupNorm)
+def _group_norm(module: nn.GroupNorm, activations, grad_outputs):
+    x, b = activations[0], grad_outputs[0]
+    x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
+    dims = tuple(range(2, x.dim()))
+    out = {}
+    if module.weight is not None and module.weight.requires_grad:
+        out[module.weight] = (b * x_hat).sum(dims) if dims else b * x_hat
+    if module.bias is not None and module.bias.requires_grad:
+        out[module.bias] = b.sum(dims) if dims else b
+    return out
+
+
+# ------------------------------------------------------------------------------------------ torch.func fallback
+def batch_dim(module: nn.Module) -> int:
+    """Where the batch sits in this module's inputs and outputs."""
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+        return 1
+    return 0
+
+
+def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
+    """vmap over samples of vjp(module's own parameters) — for any module without a dedicated sampler. Keyword
+    arguments are passed through unchanged, except nn.MultiheadAttention's key_padding_mask (batched)."""
+    from torch.func import functional_call, vjp, vmap
+
+    kwargs = dict(kwargs or {})
+    composite = isinstance(module, nn.MultiheadAttention)
+    params = {n: p.detach() for n, p in module.named_parameters(recurse=composite) if p.requires_grad}
+    if not params:
+        return {}
+    if composite and isinstance(kwargs.get("attn_mask"), torch.Tensor) and kwargs["attn_mask"].dim() == 3:
+        raise ValueError("a 3-D attn_mask mixes batch and heads; pass a 2-D attn_mask and key_padding_mask instead")
+    bd = batch_dim(module)
+    tensor_pos = [i for i, a in enumerate(activations) if isinstance(a, torch.Tensor)]
+    batched_kw = [k for k in ("key_padding_mask",) if composite and isinstance(kwargs.get(k), torch.Tensor)]
+
+    def one(p, xs, kws, gs):
+        args = list(activations)
+        for i, x in zip(tensor_pos, xs):
+            args[i] = x.unsqueeze(bd)
+        kw = dict(kwargs)
+        for k, v in zip(batched_kw, kws):
+            kw[k] = v.unsqueeze(0)
+
+        def run(p_):
+            out = functional_call(module, p_, tuple(args), kw)
+            outs = out if isinstance(out, tuple) else (out,)
+            return tuple(o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point())
+
+        outs, pullback = vjp(run, p)
+        cot = tuple(torch.zeros_like(o) if g is None else g.unsqueeze(bd) for o, g in zip(outs, gs))
+        return pullback(cot)[0]
+
+    xs = tuple(activations[i] for i in tensor_pos)
+    kws = tuple(kwargs[k] for k in batched_kw)
+    in_dims = (
+        None,
+        tuple(bd for _ in xs),
+        tuple(0 for _ in kws),
+        tuple(None if g is None else bd for g in grad_outputs),
+    )
+    grads = vmap(one, in_dims=in_dims)(params, xs, kws, tuple(grad_outputs))
+    by_name = dict(module.named_parameters(recurse=composite))
+    return {by_name[n]: g for n, g in grads.items()}
+
+
+def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None) -> dict:
+    sampler = _SAMPLERS.get(type(module))
+    if sampler is None:
+        return _functional(module, activations, grad_outputs, kwargs)
+    return sampler(module, activations, grad_outputs)
+
+
+def ghost_norms(module: nn.Module, activations, grad_outputs) -> dict:
+    return _GHOST_NORMS[type(module)](module, activations, grad_outputs)
+
+
+def ghost_sums(module: nn.Module, activations, grad_outputs, factors) -> dict:
+    return _GHOST_SUMS[type(module)](module, activations, grad_outputs, factors)
