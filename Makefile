@@ -54,7 +54,7 @@ bench: build
 	$(PY) -m benchmarks
 
 lint: $(DEPS)
-	$(PY) -m ruff check deepseek_ext tests benchmarks setup.py
+	$(PY) -m ruff check deepseek_ext tests benchmarks examples setup.py
 
 clean:
 	rm -rf build deepseek_ext/_C*.so

@@ -1,4 +1,4 @@
-"""python -m benchmarks [--family fp8|data|amp] [--device cpu|cuda] [--quick] [--no-compile] [--json PATH]"""
+"""python -m benchmarks [--family fp8|data|amp|privacy] [--device cpu|cuda] [--quick] [--no-compile] [--json PATH]"""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import amp, data, fp8, runner
+from benchmarks import amp, data, fp8, privacy, runner
 
-FAMILIES = {"fp8": fp8.cases, "data": data.cases, "amp": amp.cases}
+FAMILIES = {"fp8": fp8.cases, "data": data.cases, "amp": amp.cases, "privacy": privacy.cases}
 
 
 def main(argv=None) -> None:

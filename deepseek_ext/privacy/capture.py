@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import grad_sample
 from .grad_sample import batch_dim
 
 # Modules whose parameters are used directly by their forward, not through their submodules' forwards: the whole
@@ -28,6 +29,7 @@ class Unit:
     module: nn.Module
     params: list[nn.Parameter]
     records: list[Record] = field(default_factory=list)
+    frozen: list[nn.Parameter] = field(default_factory=list)  # parameters un-flagged during the current forward
 
 
 def find_units(model: nn.Module) -> list[Unit]:
@@ -54,11 +56,43 @@ class Capture:
             raise ValueError(f"DifferentialPrivacy: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
         self.units = find_units(model)
-        self._handles = [u.module.register_forward_hook(self._forward_hook(u), with_kwargs=True) for u in self.units]
+        self._handles = []
+        for u in self.units:
+            self._handles.append(u.module.register_forward_pre_hook(self._pre_hook(u), with_kwargs=True))
+            self._handles.append(
+                u.module.register_forward_hook(self._forward_hook(u), with_kwargs=True, always_call=True)
+            )
+
+    def _pre_hook(self, unit: Unit):
+        """Autograd need not compute the (summed) weight gradients of a unit with floating inputs: the DP step
+        rebuilds every gradient from activations and output gradients. So the unit's parameters stop requiring
+        grad while its forward records the graph (restored right after), which skips one weight-gradient GEMM
+        per layer in backward. If nothing else requires grad, the input is made to, so the output's gradient still
+        arrives. Units with integer inputs (Embedding) are left alone."""
+
+        def pre(module, args, kwargs):
+            if grad_sample.computing or not (module.training and torch.is_grad_enabled()):
+                return None
+            floats = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            if not floats:
+                return None
+            unit.frozen = [p for p in unit.params if p.requires_grad]
+            for p in unit.frozen:
+                p.requires_grad_(False)
+            if not any(args[i].requires_grad for i in floats):
+                args = list(args)
+                args[floats[0]] = args[floats[0]].detach().requires_grad_()
+                return tuple(args), kwargs
+            return None
+
+        return pre
 
     def _forward_hook(self, unit: Unit):
         def hook(module, args, kwargs, output):
-            if not (module.training and torch.is_grad_enabled()):
+            for p in unit.frozen:  # runs even when the forward raised (always_call)
+                p.requires_grad_(True)
+            unit.frozen = []
+            if grad_sample.computing or not (module.training and torch.is_grad_enabled()):
                 return None
             bd = batch_dim(module)
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)

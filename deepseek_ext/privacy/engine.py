@@ -187,9 +187,10 @@ class DPOptimizer(torch.optim.Optimizer):
             try:
                 grads = grad_sample.per_sample_grads(unit.module, r.activations, tuple(r.grad_outputs), r.kwargs)
             except Exception as e:  # a clear pointer instead of an obscure vmap error
+                how = "the torch.func fallback" if not grad_sample.has_sampler(unit.module) else "its grad sampler"
                 raise RuntimeError(
                     f"DifferentialPrivacy: cannot compute per-sample gradients of module '{unit.name}' "
-                    f"({type(unit.module).__name__}) with the torch.func fallback: {e}. Register a grad sampler: "
+                    f"({type(unit.module).__name__}) with {how}: {e}. Register a grad sampler: "
                     f"@deepseek_ext.privacy.register_grad_sampler({type(unit.module).__name__})"
                 ) from e
             for p, g in grads.items():
@@ -216,19 +217,25 @@ class DPOptimizer(torch.optim.Optimizer):
         ghost = self.clipping == "ghost"
         sq = torch.zeros(self._batch_size(), dtype=torch.float32)
         materialised, ghosted = {}, []
+        uses: dict[nn.Parameter, int] = {}
+        for u in units:
+            for p in u.params:
+                uses[p] = uses.get(p, 0) + 1
         for u in units:
             records = self._records(u)
             if not records:
                 continue
-            if ghost and grad_sample.supports_ghost(u.module) and len(records) == 1:
+            alone = len(records) == 1 and all(uses[p] == 1 for p in u.params)
+            if ghost and alone and grad_sample.supports_ghost(u.module):
                 r = records[0]
                 for v in grad_sample.ghost_norms(u.module, r.activations, tuple(r.grad_outputs)).values():
                     sq = sq + v.float().cpu()
                 ghosted.append(u)
-            else:  # a reused unit (several records) needs its summed per-sample gradient: materialise
+            else:  # reused or tied parameters need their summed per-sample gradient: materialise
                 for p, g in self._materialise(u).items():
-                    materialised[p] = g
-                    sq = sq + per_sample_sq_norms(g).float().cpu()
+                    materialised[p] = g if p not in materialised else materialised[p] + g
+        for g in materialised.values():
+            sq = sq + per_sample_sq_norms(g).float().cpu()
         factors = (self.max_grad_norm / (sq.sqrt() + CLIP_EPS)).clamp(max=1.0)
         self.last_clip_factors = factors
         # The fused op reads each per-sample gradient once: clip factors, sum, noise and scale together.

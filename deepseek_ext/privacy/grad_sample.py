@@ -13,6 +13,7 @@ layer type.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -56,6 +57,10 @@ def _ghost(norm_fn, sum_fn, *module_types):
         _GHOST_SUMS[t] = sum_fn
 
 
+def has_sampler(module: nn.Module) -> bool:
+    return type(module) in _SAMPLERS
+
+
 def supports_ghost(module: nn.Module) -> bool:
     return type(module) in _GHOST_NORMS
 
@@ -73,7 +78,7 @@ def refuse_batch_norm(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------------- Linear
 def _flat(a: torch.Tensor) -> torch.Tensor:
     """(B, *, d) -> (B, T, d): any middle dims become one sequence dimension."""
-    return a.reshape(a.shape[0], -1, a.shape[-1])
+    return a.reshape(a.shape[0], math.prod(a.shape[1:-1]), a.shape[-1])  # explicit: the batch may be empty
 
 
 @register_grad_sampler(nn.Linear)
@@ -92,7 +97,9 @@ def _linear_ghost_norm(module: nn.Linear, activations, grad_outputs):
     out = {}
     if module.weight.requires_grad:
         t, din, dout = a.shape[1], a.shape[2], b.shape[2]
-        if t * t <= din * dout:  # ||sum_t b_t a_t^T||^2 = <A A^T, B B^T>: cheaper than the gradient itself
+        if t == 1:  # ||b a^T||^2 = ||a||^2 ||b||^2
+            out[module.weight] = a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2))
+        elif t * t <= din * dout:  # ||sum_t b_t a_t^T||^2 = <A A^T, B B^T>: cheaper than the gradient itself
             out[module.weight] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
         else:
             out[module.weight] = torch.einsum("bto,bti->boi", b, a).pow(2).sum((1, 2))
@@ -105,8 +112,8 @@ def _linear_ghost_sum(module: nn.Linear, activations, grad_outputs, factors):
     a, b = _flat(activations[0]), _flat(grad_outputs[0])
     bc = b * factors.to(b.dtype).view(-1, 1, 1)
     out = {}
-    if module.weight.requires_grad:
-        out[module.weight] = torch.einsum("bto,bti->oi", bc, a)
+    if module.weight.requires_grad:  # one GEMM over all tokens of all samples: (B*T, out)^T @ (B*T, in)
+        out[module.weight] = bc.reshape(-1, bc.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
     if module.bias is not None and module.bias.requires_grad:
         out[module.bias] = bc.sum((0, 1))
     return out
@@ -122,8 +129,8 @@ def _embedding(module: nn.Embedding, activations, grad_outputs):
         return {}
     idx, b = activations[0], grad_outputs[0]
     batch = idx.shape[0]
-    flat_idx = idx.reshape(batch, -1)
-    flat_b = b.reshape(batch, -1, b.shape[-1])
+    flat_idx = idx.reshape(batch, math.prod(idx.shape[1:]))
+    flat_b = b.reshape(batch, flat_idx.shape[1], b.shape[-1])
     g = torch.zeros(batch, *module.weight.shape, dtype=b.dtype, device=b.device)
     g.scatter_add_(1, flat_idx.unsqueeze(-1).expand_as(flat_b), flat_b)
     if module.padding_idx is not None:
@@ -136,8 +143,8 @@ def _embedding_ghost_norm(module: nn.Embedding, activations, grad_outputs):
         return {}
     idx, b = activations[0], grad_outputs[0]
     batch = idx.shape[0]
-    flat_idx = idx.reshape(batch, -1)
-    flat_b = b.reshape(batch, -1, b.shape[-1])
+    flat_idx = idx.reshape(batch, math.prod(idx.shape[1:]))
+    flat_b = b.reshape(batch, flat_idx.shape[1], b.shape[-1])
     if module.padding_idx is not None:
         flat_b = flat_b * (flat_idx != module.padding_idx).unsqueeze(-1).to(flat_b.dtype)
     # ||g_i||^2 = sum over token pairs with the same index of b_t . b_s
@@ -176,8 +183,8 @@ def _conv(module, activations, grad_outputs):
         return _functional(module, activations, grad_outputs)
     batch, groups = x.shape[0], module.groups
     cols = F.unfold(x, ks, dilation=dil, padding=pad, stride=stride)  # (B, Cin*k, L)
-    b = b.reshape(batch, groups, -1, b.shape[2] * b.shape[3])  # (B, G, Cout/G, L)
-    cols = cols.reshape(batch, groups, -1, cols.shape[-1])  # (B, G, Cin/G * k, L)
+    b = b.reshape(batch, groups, b.shape[1] // groups, b.shape[2] * b.shape[3])  # (B, G, Cout/G, L)
+    cols = cols.reshape(batch, groups, cols.shape[1] // groups, cols.shape[-1])  # (B, G, Cin/G * k, L)
     out = {}
     if module.weight.requires_grad:
         g = torch.einsum("bgol,bgil->bgoi", b, cols)
@@ -268,11 +275,21 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
     return {by_name[n]: g for n, g in grads.items()}
 
 
+# Set while per-sample gradients are being computed: re-running a module (the torch.func fallback) must not
+# trigger the capture hooks.
+computing = False
+
+
 def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None) -> dict:
+    global computing
     sampler = _SAMPLERS.get(type(module))
-    if sampler is None:
-        return _functional(module, activations, grad_outputs, kwargs)
-    return sampler(module, activations, grad_outputs)
+    computing = True
+    try:
+        if sampler is None:
+            return _functional(module, activations, grad_outputs, kwargs)
+        return sampler(module, activations, grad_outputs)
+    finally:
+        computing = False
 
 
 def ghost_norms(module: nn.Module, activations, grad_outputs) -> dict:

@@ -1,0 +1,171 @@
+"""DP-SGD step time and peak memory: ours against Opacus (same clipping mode) and against non-private training, on
+an MLP, a small CNN (CIFAR-sized inputs) and a 2-layer transformer encoder (seq 128), batch 256.
+
+Peak memory is each configuration's peak resident set size, measured in a fresh subprocess
+(``python -m benchmarks.privacy MODEL MODE``), so the modes do not share an allocator's high-water mark.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from benchmarks.runner import Case
+
+BATCH = 256
+DATASET = BATCH * 100
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, 4)
+        self.ln2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab=1000, d=128, layers=2, classes=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(*[Block(d) for _ in range(layers)])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        return self.head(self.blocks(self.embed(ids)).mean(1))
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+        x, y = torch.randn(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
+    elif name == "cnn":
+
+        def conv(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.ReLU(), nn.MaxPool2d(2)]
+
+        model = nn.Sequential(*conv(3, 32), *conv(32, 64), *conv(64, 128), nn.Flatten(), nn.Linear(128 * 16, 10))
+        x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    else:
+        model = Encoder()
+        x, y = torch.randint(0, 1000, (BATCH, 128)), torch.randint(0, 2, (BATCH,))
+    return model, x, y
+
+
+def make_step(name: str, mode: str):
+    """mode: nonprivate | ours-flat | ours-ghost | opacus-flat | opacus-ghost"""
+    model, x, y = build(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    if mode.startswith("ours"):
+        from deepseek_ext.privacy import DifferentialPrivacy
+
+        dp = DifferentialPrivacy(
+            epsilon=1e9, delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0, clipping=mode.split("-")[1]
+        )
+        opt = dp.wrap(opt, model=model, sample_rate=BATCH / DATASET, dataset_size=DATASET)
+    elif mode.startswith("opacus"):
+        import warnings
+
+        from opacus import PrivacyEngine
+
+        warnings.filterwarnings("ignore")
+        data = torch.utils.data.TensorDataset(x.repeat(2, *([1] * (x.dim() - 1))), y.repeat(2))
+        loader = torch.utils.data.DataLoader(data, batch_size=BATCH)
+        engine = PrivacyEngine()
+        out = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            criterion=loss_fn,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode="ghost" if mode.endswith("ghost") else "hooks",
+        )
+        model, opt = out[0], out[1]
+        if mode.endswith("ghost"):
+            loss_fn = out[2]
+
+    def step():
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def peak_rss_mb(name: str, mode: str) -> float:
+    """Peak RSS of a fresh process that builds the configuration and runs three steps."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.privacy", name, mode], capture_output=True, text=True, timeout=900
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> list[Case]:
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        opacus = None
+    out = []
+    for name in ["mlp"] if quick else ["mlp", "cnn", "transformer"]:
+        pairs = [("ours-ghost", "nonprivate", "non-private step")]
+        if opacus is not None:
+            pairs = [
+                ("ours-flat", "opacus-flat", "Opacus hooks (flat)"),
+                ("ours-ghost", "opacus-ghost", "Opacus ghost"),
+            ] + pairs
+        for ours, peer, label in pairs:
+            extra = {}
+            if not quick:
+                extra = {"ours_peak_rss_mb": peak_rss_mb(name, ours), "peer_peak_rss_mb": peak_rss_mb(name, peer)}
+                label = f"{label}; peak RSS {extra['ours_peak_rss_mb']:.0f} vs {extra['peer_peak_rss_mb']:.0f} MB"
+            out.append(
+                Case(
+                    family="privacy",
+                    op="DP-SGD step",
+                    config=f"{name} b{BATCH} {ours.split('-')[1]}",
+                    ours=make_step(name, ours),
+                    baseline=make_step(name, peer),
+                    baseline_name=label,
+                    extra=extra,
+                )
+            )
+    return out
+
+
+if __name__ == "__main__":  # worker for peak_rss_mb
+    model_name, run_mode = sys.argv[1], sys.argv[2]
+    fn = make_step(model_name, run_mode)
+    for _ in range(3):
+        fn()
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -1,0 +1,259 @@
+"""DifferentialPrivacy.wrap and the DP optimizer (deepseek_ext/privacy/engine.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from deepseek_ext.privacy import DifferentialPrivacy, PrivacyBudgetExceeded
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def seq_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(20, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+
+
+def reference_clipped_mean(model, x, y, C, per_layer=False):
+    """Hand-written DP-SGD without noise: per-sample grads by a loop, flat clipping, average."""
+    params = [p for p in model.parameters()]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        loss.backward()
+        grads = [p.grad.clone() for p in params]
+        if per_layer:
+            bound = C / math.sqrt(len(params))
+            grads = [g * min(1.0, bound / (g.norm().item() + 1e-6)) for g in grads]
+        else:
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+            grads = [g * min(1.0, C / (norm + 1e-6)) for g in grads]
+        total = [t + g for t, g in zip(total, grads)]
+    model.zero_grad()
+    return [t / len(x) for t in total]
+
+
+@pytest.mark.parametrize("clipping", ["flat", "ghost", "per_layer"])
+@pytest.mark.parametrize(
+    "make,inputs",
+    [
+        (small_model, lambda: torch.randn(9, 6)),
+        (seq_model, lambda: torch.randint(0, 20, (9, 5))),
+    ],
+)
+def test_clip_only_step_equals_hand_written_reference(clipping, make, inputs):
+    x = inputs()
+    y = torch.randint(0, 3, (9,))
+    model = make()
+    if x.dim() == 2 and not x.is_floating_point():  # sequence model: classify the mean over tokens
+        model = nn.Sequential(model, Mean())
+    reference = reference_clipped_mean(model, x, y, C=0.05, per_layer=clipping == "per_layer")
+    opt = DifferentialPrivacy.clip_only(torch.optim.SGD(model.parameters(), lr=1.0), model, 0.05, clipping=clipping)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    for b, p, r in zip(before, model.parameters(), reference):
+        torch.testing.assert_close(b - p.detach(), r, rtol=1e-4, atol=1e-6)
+
+
+class Mean(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+def test_gradient_accumulation_with_virtual_steps():
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    model = small_model()
+    reference = reference_clipped_mean(model, x, y, C=0.1)
+    opt = DifferentialPrivacy.clip_only(torch.optim.SGD(model.parameters(), lr=1.0), model, 0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x[:3]), y[:3], reduction="sum").div(3).backward()
+    opt.virtual_step()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x[3:]), y[3:]).backward()
+    opt.step()
+    for b, p, r in zip(before, model.parameters(), reference):
+        torch.testing.assert_close(b - p.detach(), r, rtol=1e-4, atol=1e-6)
+
+
+def test_dp_step_adds_gaussian_noise_and_divides_by_the_expected_batch_size():
+    data = TensorDataset(torch.randn(200, 6), torch.randint(0, 3, (200,)))
+    loader = DataLoader(data, batch_size=20)
+    model = small_model()
+    x, y = data.tensors[0][:13], data.tensors[1][:13]
+    clean = reference_clipped_mean(model, x, y, C=0.5)
+    gen = torch.Generator().manual_seed(7)
+    dp = DifferentialPrivacy(epsilon=50.0, delta=1e-5, noise_multiplier=0.8, max_grad_norm=0.5, generator=gen)
+    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0), model=model, data_loader=loader)
+    state = gen.get_state()
+    expected_noise = [torch.normal(0.0, 0.8 * 0.5, p.shape, generator=gen) for p in model.parameters()]
+    gen.set_state(state)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    for b, p, c, z in zip(before, model.parameters(), clean, expected_noise):
+        expected = (c * 13 + z) / (0.1 * 200)  # clipped sum plus noise, over q * N
+        torch.testing.assert_close(b - p.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert dp.steps == 1 and dp.epsilon_spent() > 0
+
+
+def test_empirical_noise_std_matches_sigma_c():
+    model = nn.Linear(50, 40)
+    dp = DifferentialPrivacy(
+        epsilon=1e6, delta=1e-5, noise_multiplier=1.3, max_grad_norm=2.0, generator=torch.Generator().manual_seed(0)
+    )
+    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0), model=model, sample_rate=0.01, dataset_size=1000)
+    samples = []
+    for _ in range(20):
+        opt.zero_grad()
+        opt.step()  # no examples this step: the gradient is the noise alone
+        samples.append(model.weight.grad.flatten().clone())
+    z = torch.cat(samples) * (0.01 * 1000)
+    n = z.numel()
+    expected = 1.3 * 2.0
+    # The sample std of n Gaussians is within 5 standard errors (expected / sqrt(2n)) of the truth.
+    assert abs(z.std().item() - expected) < 5 * expected / math.sqrt(2 * n)
+    assert abs(z.mean().item()) < 5 * expected / math.sqrt(n)
+
+
+class DictData(Dataset):
+    def __init__(self, n=60):
+        self.x = torch.randn(n, 6)
+        self.y = torch.randint(0, 3, (n,))
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "label": int(self.y[i])}
+
+
+def test_poisson_loader_varies_batches_and_empty_batches_flow_through():
+    data = DictData()
+    loader = DataLoader(data, batch_size=2)
+    model = small_model()
+    dp = DifferentialPrivacy(epsilon=1e4, delta=1e-5, noise_multiplier=1.0, generator=torch.Generator().manual_seed(1))
+    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, data_loader=loader)
+    sizes = []
+    for _ in range(3):
+        for batch in loader:  # the caller's own loader object, now Poisson-sampled
+            sizes.append(len(batch["label"]))
+            opt.zero_grad()
+            out = model(batch["x"])
+            assert out.shape == (len(batch["label"]), 3)
+            nn.functional.cross_entropy(out, batch["label"], reduction="sum").backward()
+            opt.step()
+    assert len(sizes) == 90 and 0 in sizes and len(set(sizes)) > 2
+    assert dp.steps == 90 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_refuses_to_step_past_the_budget_and_leaves_the_model_alone():
+    data = TensorDataset(torch.randn(1000, 6), torch.randint(0, 3, (1000,)))
+    loader = DataLoader(data, batch_size=10)
+    model = small_model()
+    dp = DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0))
+    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, data_loader=loader)
+    with pytest.raises(PrivacyBudgetExceeded, match=r"would exceed epsilon=1.0 .*the model was left unchanged"):
+        for _ in range(1000):
+            for x, y in loader:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                before = [p.detach().clone() for p in model.parameters()]
+                opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert dp.epsilon_spent() <= 1.0
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_noise_multiplier_from_epochs_meets_the_budget(accountant):
+    data = TensorDataset(torch.randn(500, 6), torch.randint(0, 3, (500,)))
+    loader = DataLoader(data, batch_size=50)
+    model = small_model()
+    dp = DifferentialPrivacy(epsilon=2.0, delta=1e-5, noise_multiplier=None, epochs=3, accountant=accountant)
+    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, data_loader=loader)
+    assert dp.noise_multiplier > 0
+    for _ in range(3):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert dp.steps == 30 and 1.8 < dp.epsilon_spent() <= 2.0
+
+
+def test_secure_rng_noise_has_the_right_scale():
+    model = nn.Linear(40, 50)
+    dp = DifferentialPrivacy(epsilon=1e6, delta=1e-5, noise_multiplier=2.0, secure_rng=True)
+    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0), model=model, sample_rate=0.1, dataset_size=10)
+    opt.step()
+    z = model.weight.grad.flatten() * 1.0
+    assert abs(z.std().item() - 2.0) < 0.3
+
+
+def test_unsupported_layer_error_names_it_and_says_how_to_register():
+    class Stubborn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(6))
+
+        def forward(self, x):
+            return x * self.w * float(x.sum().item() > 0)  # data-dependent Python control flow: vmap cannot
+
+    model = nn.Sequential(Stubborn(), nn.Linear(6, 3))
+    opt = DifferentialPrivacy.clip_only(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 3, (4,))).backward()
+    with pytest.raises(RuntimeError, match=r"module '0' \(Stubborn\).*register_grad_sampler\(Stubborn\)"):
+        opt.step()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="epsilon must be positive"):
+        DifferentialPrivacy(epsilon=0.0, delta=1e-5, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\)"):
+        DifferentialPrivacy(epsilon=1.0, delta=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="noise_multiplier=None with epochs="):
+        DifferentialPrivacy(epsilon=1.0, delta=1e-5)
+    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6))
+    dp = DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="GroupNorm"):
+        dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, sample_rate=0.1, dataset_size=100)
+    model = small_model()
+    dp = DifferentialPrivacy(epsilon=1e-3, delta=1e-5, noise_multiplier=0.1)
+    with pytest.raises(ValueError, match="cannot be met even for one step"):
+        dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, sample_rate=0.5, dataset_size=100)
+    dp = DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=2.0)
+    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, sample_rate=0.1, dataset_size=100)
+    with pytest.raises(RuntimeError, match="already called"):
+        dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, sample_rate=0.1, dataset_size=100)
+    with pytest.raises(RuntimeError, match="already wrapped"):
+        DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=1.0).wrap(
+            opt, model=model, sample_rate=0.1, dataset_size=100
+        )
+    with pytest.raises(ValueError, match="not the model's"):
+        DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=1.0).wrap(
+            torch.optim.SGD(small_model().parameters(), lr=0.1),
+            model=nn.Linear(2, 2),
+            sample_rate=0.1,
+            dataset_size=100,
+        )
+
+
+def test_lr_scheduler_accepts_the_wrapped_optimizer():
+    model = small_model()
+    opt = DifferentialPrivacy.clip_only(torch.optim.SGD(model.parameters(), lr=1.0), model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 3, (4,))).backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5
