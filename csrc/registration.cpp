@@ -9,6 +9,9 @@ TORCH_LIBRARY(deepseek_ext, m) {
         " -> (Tensor, Tensor)");
   m.def("dequantize_fp8(Tensor x, Tensor scale, str granularity=\"tensor\", int block_size=128,"
         " ScalarType? out_dtype=None) -> Tensor");
+  // (a * scale_a) @ (b * scale_b) + bias with float32 accumulation; scaling mode from the scale shapes.
+  m.def("fp8_matmul(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias=None,"
+        " ScalarType? out_dtype=None, int block_size=128) -> Tensor");
 
   // Mixed precision (deepseek_ext/ops/amp.py): one pass over every gradient that unscales it in place, flags
   // non-finite values (found_inf, as torch._amp_foreach_non_finite_check_and_unscale_) and returns the L2 norm

@@ -10,11 +10,21 @@ Granularity parse_granularity(const char* op, c10::string_view g) {
   if (g == "tensor") return Granularity::kTensor;
   if (g == "row") return Granularity::kRow;
   if (g == "block") return Granularity::kBlock;
-  TORCH_CHECK_VALUE(false, op, ": expected granularity to be 'tensor', 'row' or 'block', but got '",
+  if (g == "group") return Granularity::kGroup;
+  TORCH_CHECK_VALUE(false, op, ": expected granularity to be 'tensor', 'row', 'group' or 'block', but got '",
                     std::string(g), "'");
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+const char* granularity_name(Granularity g) {
+  switch (g) {
+    case Granularity::kTensor: return "tensor";
+    case Granularity::kRow: return "row";
+    case Granularity::kGroup: return "group";
+    default: return "block";
+  }
+}
 
 QuantLayout make_layout(const char* op, const char* arg, const at::Tensor& x, Granularity g, int64_t block_size) {
   QuantLayout l{};
@@ -28,7 +38,7 @@ QuantLayout make_layout(const char* op, const char* arg, const at::Tensor& x, Gr
     l.tiles_c = 1;
     return l;
   }
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": granularity='", g == Granularity::kRow ? "row" : "block",
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": granularity='", granularity_name(g),
                     "' expects ", arg, " to be a 2-D tensor, but got a ", x.dim(), "-D tensor of shape ",
                     x.sizes(), " (use granularity='tensor', or reshape to 2-D first)");
   l.rows = x.size(0);
@@ -40,9 +50,9 @@ QuantLayout make_layout(const char* op, const char* arg, const at::Tensor& x, Gr
     l.tiles_c = 1;
   } else {
     TORCH_CHECK_VALUE(block_size > 0, op, ": expected block_size to be a positive integer, but got ", block_size);
-    l.tile_rows = block_size;
+    l.tile_rows = g == Granularity::kGroup ? 1 : block_size;
     l.tile_cols = block_size;
-    l.tiles_r = ceil_div(l.rows, block_size);
+    l.tiles_r = ceil_div(l.rows, l.tile_rows);
     l.tiles_c = ceil_div(l.cols, block_size);
   }
   l.scale_shape = {l.tiles_r, l.tiles_c};
@@ -87,10 +97,55 @@ QuantLayout check_dequantize_fp8(const at::Tensor& x, const at::Tensor& scale, c
   TORCH_CHECK_VALUE(scale.sizes() == at::IntArrayRef(l.scale_shape), op, ": expected scale of shape ",
                     at::IntArrayRef(l.scale_shape), " for x of shape ", x.sizes(), " with granularity='",
                     std::string(granularity), "'",
-                    l.granularity == Granularity::kBlock ? " and block_size=" + std::to_string(block_size)
+                    (l.granularity == Granularity::kBlock || l.granularity == Granularity::kGroup) ? " and block_size=" + std::to_string(block_size)
                                                          : std::string(),
                     ", but got ", scale.sizes());
   return l;
+}
+
+MatmulPlan check_fp8_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
+                            const at::Tensor& scale_b, const std::optional<at::Tensor>& bias,
+                            std::optional<at::ScalarType> out_dtype, int64_t block_size) {
+  constexpr const char* op = "fp8_matmul";
+  check_dtype(op, "a", a, {at::kFloat8_e4m3fn, at::kFloat8_e5m2});
+  check_dtype(op, "b", b, {at::kFloat8_e4m3fn, at::kFloat8_e5m2});
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D a (M, K) and b (K, N), but got shapes ",
+                    a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.size(1) == b.size(0), op, ": a is ", a.sizes(), " and b is ", b.sizes(),
+                    ": the inner dimensions (K) must match");
+  check_dtype(op, "scale_a", scale_a, {at::kFloat});
+  check_dtype(op, "scale_b", scale_b, {at::kFloat});
+  check_same_device(op, "a", a, "b", b);
+  check_same_device(op, "a", a, "scale_a", scale_a);
+  check_same_device(op, "a", a, "scale_b", scale_b);
+  TORCH_CHECK_VALUE(block_size > 0, op, ": expected block_size to be a positive integer, but got ", block_size);
+  MatmulPlan p{MatmulScaling::kTensor, a.size(0), b.size(1), a.size(1), block_size, out_dtype.value_or(at::kBFloat16)};
+  TORCH_CHECK_TYPE(p.out_dtype == at::kFloat || p.out_dtype == at::kHalf || p.out_dtype == at::kBFloat16, op,
+                   ": expected out_dtype to be ", dtype_list({at::kFloat, at::kHalf, at::kBFloat16}), ", but got ",
+                   dtype_name(p.out_dtype));
+  const int64_t kb = ceil_div(p.k, block_size), nb = ceil_div(p.n, block_size);
+  const auto sa = scale_a.sizes(), sb = scale_b.sizes();
+  if (scale_a.numel() == 1 && scale_b.numel() == 1 && scale_a.dim() <= 2 && scale_b.dim() <= 2) {
+    p.scaling = MatmulScaling::kTensor;
+  } else if (sa == at::IntArrayRef({p.m, 1}) && sb == at::IntArrayRef({1, p.n})) {
+    p.scaling = MatmulScaling::kRow;
+  } else if (sa == at::IntArrayRef({p.m, kb}) && sb == at::IntArrayRef({kb, nb})) {
+    p.scaling = MatmulScaling::kBlock;
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": scales of shapes ", sa, " and ", sb, " fit no scaling mode for a ", a.sizes(),
+                      " and b ", b.sizes(), "; expected one element each (per tensor), [", p.m, ", 1] and [1, ", p.n,
+                      "] (per row of a / column of b), or [", p.m, ", ", kb, "] and [", kb, ", ", nb,
+                      "] (1x", block_size, " groups of a, ", block_size, "x", block_size, " blocks of b)");
+  }
+  TORCH_CHECK_VALUE(at::isfinite(scale_a).all().item<bool>() && at::isfinite(scale_b).all().item<bool>(), op,
+                    ": scale_a and scale_b must be finite (got inf or NaN)");
+  if (bias.has_value()) {
+    check_dtype(op, "bias", *bias, {at::kFloat, at::kHalf, at::kBFloat16});
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.n, op, ": expected bias of shape [", p.n,
+                      "], but got ", bias->sizes());
+    check_same_device(op, "a", a, "bias", *bias);
+  }
+  return p;
 }
 
 }  // namespace fp8

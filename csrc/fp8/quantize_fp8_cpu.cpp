@@ -10,12 +10,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 
 #include "deepseek_ext/cpu.h"
 #include "deepseek_ext/dispatch.h"
 #include "deepseek_ext/fp8_format.h"
 #include "deepseek_ext/fp8_quant.h"
+#include "fp8_lut.h"
 #include "quantize_fp8_avx2.h"
 
 namespace deepseek_ext {
@@ -153,16 +153,6 @@ void quantize_impl(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, const 
   });
 }
 
-template <Format F>
-const float* decode_table() {
-  static const auto table = [] {
-    std::array<float, 256> t{};
-    for (int v = 0; v < 256; ++v) t[v] = fp8_bits_to_float<F>(static_cast<uint8_t>(v));
-    return t;
-  }();
-  return table.data();
-}
-
 template <typename O>
 void dequantize_impl(const at::Tensor& q, const at::Tensor& scale, at::Tensor& out, const QuantLayout& l,
                      const float* lut) {
@@ -217,8 +207,7 @@ at::Tensor dequantize_fp8_cpu(const at::Tensor& x, const at::Tensor& scale, c10:
   if (x.numel() == 0) return out;
   const at::Tensor xc = x.contiguous();
   const at::Tensor sc = scale.contiguous();
-  const float* lut = x.scalar_type() == at::kFloat8_e4m3fn ? decode_table<Format::kE4M3FN>()
-                                                           : decode_table<Format::kE5M2>();
+  const float* lut = decode_table(fp8_format("dequantize_fp8", "x", x.scalar_type()));
   DSX_DISPATCH_FLOAT_HALF_BF16(dtype, "dequantize_fp8_cpu",
                                   [&] { dequantize_impl<scalar_t>(xc, sc, out, l, lut); });
   return out;

@@ -7,7 +7,14 @@ kernel for ``torch.compile`` and, where gradients make sense, its autograd formu
 from __future__ import annotations
 
 from .amp import unscale_check_norm_
-from .fp8 import dequantize_fp8, quantize_fp8
+from .fp8 import dequantize_fp8, fp8_matmul, quantize_fp8
 from .privacy import clip_sum_noise, per_sample_sq_norms
 
-__all__ = ["quantize_fp8", "dequantize_fp8", "unscale_check_norm_", "per_sample_sq_norms", "clip_sum_noise"]
+__all__ = [
+    "quantize_fp8",
+    "dequantize_fp8",
+    "fp8_matmul",
+    "unscale_check_norm_",
+    "per_sample_sq_norms",
+    "clip_sum_noise",
+]

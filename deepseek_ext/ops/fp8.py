@@ -5,6 +5,8 @@ Scaling follows the usual recipes for FP8 training and inference:
 * ``'tensor'``: one scale for the whole tensor (any shape); the scale has shape ``()``.
 * ``'row'``: one scale per row of a 2-D ``(M, N)`` tensor; the scale has shape ``(M, 1)``, the layout
   ``torch._scaled_mm`` takes for row-wise scales.
+* ``'group'``: one scale per ``1 x block_size`` group of a row (DeepSeek-V3's activation scaling); the scale has
+  shape ``(M, ceil(N / block_size))``.
 * ``'block'``: one scale per ``block_size x block_size`` tile of a 2-D tensor (the fine-grained weight scaling of
   DeepSeek-V3); the scale has shape ``(ceil(M / block_size), ceil(N / block_size))`` and edge tiles may be partial.
 
@@ -22,7 +24,7 @@ import torch
 
 from .._native import NATIVE_AVAILABLE, require_native
 
-Granularity = Literal["tensor", "row", "block"]
+Granularity = Literal["tensor", "row", "group", "block"]
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,11 +39,12 @@ def quantize_fp8(
     """Quantises ``x`` to FP8 with float32 scales computed from its absolute maximum ("current scaling").
 
     Args:
-        x: float32, float16 or bfloat16 tensor; any shape for ``'tensor'``, 2-D ``(M, N)`` for ``'row'`` and
-            ``'block'``. Non-contiguous inputs are accepted (read through a contiguous copy).
+        x: float32, float16 or bfloat16 tensor; any shape for ``'tensor'``, 2-D ``(M, N)`` for ``'row'``,
+            ``'group'`` and ``'block'``. Non-contiguous inputs are accepted (read through a contiguous copy).
         dtype: ``torch.float8_e4m3fn`` (forward activations and weights) or ``torch.float8_e5m2`` (gradients).
-        granularity: ``'tensor'``, ``'row'`` or ``'block'`` (see the module docstring for the scale shapes).
-        block_size: tile edge for ``'block'``; any positive integer, sizes that do not divide M or N included.
+        granularity: ``'tensor'``, ``'row'``, ``'group'`` or ``'block'`` (see the module docstring for scale shapes).
+        block_size: group length / tile edge for ``'group'`` and ``'block'``; any positive integer, sizes that do
+            not divide M or N included.
 
     Returns:
         ``(x_fp8, scale)``: ``x_fp8`` has ``x``'s shape and ``dtype`` (contiguous); ``scale`` is float32 with
@@ -75,8 +78,8 @@ def dequantize_fp8(
         x: ``float8_e4m3fn`` or ``float8_e5m2`` tensor, shaped as for :func:`quantize_fp8`.
         scale: float32 scales in exactly the shape :func:`quantize_fp8` returns for ``x``'s shape,
             ``granularity`` and ``block_size``, on ``x``'s device.
-        granularity: ``'tensor'``, ``'row'`` or ``'block'``.
-        block_size: tile edge for ``'block'``.
+        granularity: ``'tensor'``, ``'row'``, ``'group'`` or ``'block'``.
+        block_size: group length / tile edge for ``'group'`` and ``'block'``.
         out_dtype: float32, float16 or bfloat16 (rounded to nearest even from the float32 product).
 
     Returns:
@@ -86,13 +89,47 @@ def dequantize_fp8(
     return torch.ops.deepseek_ext.dequantize_fp8.default(x, scale, granularity, block_size, out_dtype)
 
 
+def fp8_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """``(a * scale_a) @ (b * scale_b) + bias`` with float32 accumulation, from FP8 operands.
+
+    Args:
+        a: ``(M, K)`` float8_e4m3fn or float8_e5m2.
+        b: ``(K, N)`` FP8, any strides (a column-major ``b``, as ``torch._scaled_mm`` takes, is read as is).
+            e5m2 x e5m2 is accepted on the CPU; CUDA's tensor cores need at least one e4m3 operand.
+        scale_a, scale_b: float32 scales; the mode follows their shapes:
+            per tensor (one element each); per row of ``a`` / per column of ``b`` (``(M, 1)`` and ``(1, N)``, as
+            :func:`quantize_fp8` with ``'row'`` returns them for ``a`` and for ``b.t()``); or DeepSeek-V3's fine
+            grain: ``1 x block_size`` groups of ``a`` (``(M, ceil(K/bs))``, ``quantize_fp8(a, ..., 'group')``) with
+            ``block_size x block_size`` blocks of ``b`` (``(ceil(K/bs), ceil(N/bs))``, ``'block'``).
+        bias: optional ``(N,)`` float32/float16/bfloat16.
+        out_dtype: bfloat16 (default), float16 or float32.
+        block_size: group / block edge for the fine-grained mode.
+
+    Any M, N, K are accepted (no padding is needed: partial groups and blocks at the edges use their own scales).
+    Scales must be finite. CPU: a tiled GEMM that dequantises tiles on the fly (no full-size dequantised copy);
+    CUDA: cuBLASLt FP8 through ``torch._scaled_mm`` where shapes and the GPU allow, else dequantise and multiply.
+    """
+    require_native("ops.fp8_matmul")
+    return torch.ops.deepseek_ext.fp8_matmul.default(a, b, scale_a, scale_b, bias, out_dtype, block_size)
+
+
 def scale_shape(shape: tuple[int, ...], granularity: Granularity, block_size: int = 128) -> tuple[int, ...]:
     """Shape of the scales :func:`quantize_fp8` returns for an input of ``shape`` (validates the arguments)."""
     if granularity == "tensor":
         return ()
     torch._check_value(
-        granularity in ("row", "block"),
-        lambda: f"quantize_fp8: expected granularity to be 'tensor', 'row' or 'block', but got '{granularity}'",
+        granularity in ("row", "group", "block"),
+        lambda: (
+            f"quantize_fp8: expected granularity to be 'tensor', 'row', 'group' or 'block', but got '{granularity}'"
+        ),
     )
     torch._check_value(
         len(shape) == 2,
@@ -107,7 +144,8 @@ def scale_shape(shape: tuple[int, ...], granularity: Granularity, block_size: in
     torch._check_value(
         block_size > 0, lambda: f"quantize_fp8: expected block_size to be a positive integer, but got {block_size}"
     )
-    return ((rows + block_size - 1) // block_size, (cols + block_size - 1) // block_size)
+    groups = (cols + block_size - 1) // block_size
+    return (rows, groups) if granularity == "group" else ((rows + block_size - 1) // block_size, groups)
 
 
 if NATIVE_AVAILABLE:
@@ -119,6 +157,12 @@ if NATIVE_AVAILABLE:
         torch._check_type(dtype in _FP8_DTYPES, lambda: f"quantize_fp8: unsupported output dtype {dtype}")
         shape = scale_shape(tuple(x.shape), granularity, block_size)
         return x.new_empty(x.shape, dtype=dtype), x.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.register_fake("deepseek_ext::fp8_matmul")
+    def _fp8_matmul_fake(a, b, scale_a, scale_b, bias=None, out_dtype=None, block_size=128):
+        torch._check(a.dim() == 2 and b.dim() == 2, lambda: "fp8_matmul: expected 2-D a and b")
+        torch._check(a.shape[1] == b.shape[0], lambda: "fp8_matmul: the inner dimensions (K) must match")
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16 if out_dtype is None else out_dtype)
 
     @torch.library.register_fake("deepseek_ext::dequantize_fp8")
     def _dequantize_fp8_fake(x, scale, granularity="tensor", block_size=128, out_dtype=None):

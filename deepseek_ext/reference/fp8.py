@@ -18,18 +18,20 @@ def _tile_amax(x: torch.Tensor, granularity: str, block_size: int) -> torch.Tens
     if granularity == "row":
         return a.amax(dim=1, keepdim=True) if cols else a.new_zeros(rows, 1)
     b = block_size
-    tr, tc = -(-rows // b), -(-cols // b)
-    padded = a.new_zeros(tr * b, tc * b)
+    rb = 1 if granularity == "group" else b
+    tr, tc = -(-rows // rb), -(-cols // b)
+    padded = a.new_zeros(tr * rb, tc * b)
     padded[:rows, :cols] = a
-    return padded.view(tr, b, tc, b).amax(dim=(1, 3))
+    return padded.view(tr, rb, tc, b).amax(dim=(1, 3))
 
 
 def expand_scale(scale: torch.Tensor, shape: torch.Size, granularity: str, block_size: int) -> torch.Tensor:
     """Broadcasts per-tile scales to one per element of a tensor of ``shape``."""
-    if granularity != "block":
+    if granularity not in ("block", "group"):
         return scale
     rows, cols = shape
-    return scale.repeat_interleave(block_size, 0)[:rows].repeat_interleave(block_size, 1)[:, :cols]
+    row_block = 1 if granularity == "group" else block_size
+    return scale.repeat_interleave(row_block, 0)[:rows].repeat_interleave(block_size, 1)[:, :cols]
 
 
 def quantize_fp8(x: torch.Tensor, dtype=torch.float8_e4m3fn, granularity: str = "tensor", block_size: int = 128):

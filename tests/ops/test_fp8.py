@@ -36,6 +36,10 @@ CASES = [
     ("block", (3, 5000), 1),
     ("block", (0, 5), 4),
     ("block", (5, 0), 4),
+    ("group", (1, 1), 128),
+    ("group", (17, 300), 128),
+    ("group", (33, 256), 64),
+    ("group", (0, 5), 4),
 ]
 CASE_IDS = [f"{g}-{'x'.join(map(str, s)) or 'scalar'}-b{b}" for g, s, b in CASES]
 
@@ -80,7 +84,7 @@ def test_dequantize_matches_reference(device, out_dtype, fp8_dtype, granularity,
 
 
 @pytest.mark.parametrize("fp8_dtype", FP8_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group", "block"])
 def test_round_trip_error_is_within_half_an_fp8_step(fp8_dtype, granularity):
     x = spread_randn((257, 300))
     q, s = quantize_fp8(x, fp8_dtype, granularity, 64)
@@ -178,7 +182,7 @@ def test_non_contiguous_input(device, granularity):
         (
             lambda: quantize_fp8(torch.ones(2, 2), granularity="column"),
             ValueError,
-            r"quantize_fp8: expected granularity to be 'tensor', 'row' or 'block', but got 'column'",
+            r"quantize_fp8: expected granularity to be 'tensor', 'row', 'group' or 'block', but got 'column'",
         ),
         (
             lambda: dequantize_fp8(torch.ones(2, 2), torch.ones(())),

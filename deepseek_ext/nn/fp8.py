@@ -1,0 +1,179 @@
+"""FP8 training and inference for ``nn.Linear``: :class:`FP8Linear` and :func:`convert_to_fp8`.
+
+Forward: activations and weights are quantised to float8_e4m3fn with current (just-in-time) scaling and multiplied
+by :func:`deepseek_ext.ops.fp8_matmul` with float32 accumulation. Backward: the output gradient is quantised to
+float8_e5m2 (more range, as gradients need) and both ``grad_input = grad_out @ W`` and
+``grad_weight = grad_out^T @ x`` go through ``fp8_matmul``. The master weight stays in its own dtype and is what the
+optimizer updates. Recipes, as in DeepSeek-V3 and torchao:
+
+* ``'tensorwise'``: one scale per tensor.
+* ``'rowwise'``: one scale per row of the left operand and per column of the right one (each operand is
+  re-quantised along the right axis for the backward products).
+* ``'blockwise'``: 1 x 128 groups for activations and gradients, 128 x 128 blocks for weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..amp.patterns import matches
+from ..ops.fp8 import fp8_matmul, quantize_fp8
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+RECIPES = ("tensorwise", "rowwise", "blockwise")
+BLOCK = 128
+
+
+def _left(x: torch.Tensor, dtype, recipe: str):
+    """Quantise x (M, K) as the left operand of a product contracting K."""
+    if recipe == "tensorwise":
+        return quantize_fp8(x, dtype, "tensor")
+    if recipe == "rowwise":
+        return quantize_fp8(x, dtype, "row")
+    return quantize_fp8(x, dtype, "group", BLOCK)
+
+
+def _right(w: torch.Tensor, dtype, recipe: str):
+    """Quantise w (K, N) as the right operand of a product contracting K: (w_fp8 (K, N), scale)."""
+    if recipe == "tensorwise":
+        return quantize_fp8(w.contiguous(), dtype, "tensor")
+    if recipe == "rowwise":  # per column of w: rows of w^T
+        q, s = quantize_fp8(w.t().contiguous(), dtype, "row")
+        return q.t(), s.t()
+    return quantize_fp8(w.contiguous(), dtype, "block", BLOCK)
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe, x_q=None):
+        xq, sx = _left(x, E4M3, recipe) if x_q is None else x_q
+        wq, sw = _right(weight.t(), E4M3, recipe)
+        y = fp8_matmul(xq, wq, sx, sw, bias, x.dtype, BLOCK)
+        ctx.save_for_backward(x, weight)
+        ctx.recipe = recipe
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        recipe = ctx.recipe
+        g = grad_out.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K)
+            gq, sg = _left(g, E5M2, recipe)
+            wq, sw = _right(weight, E4M3, recipe)
+            grad_x = fp8_matmul(gq, wq, sg, sw, None, x.dtype, BLOCK)
+        if ctx.needs_input_grad[1]:  # (N, M) @ (M, K)
+            gtq, sgt = _left(g.t().contiguous(), E5M2, recipe)
+            xq, sx = _right(x, E4M3, recipe)
+            grad_w = fp8_matmul(gtq, xq, sgt, sx, None, weight.dtype, BLOCK)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class FP8Linear(nn.Linear):
+    """``nn.Linear`` computed in FP8 (see the module docstring). Same constructor, parameters and state_dict keys as
+    ``nn.Linear``, so checkpoints load either way.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        recipe: ``'tensorwise'``, ``'rowwise'`` or ``'blockwise'``.
+        scaling: ``'current'`` (scales from each tensor as it is quantised) or ``'delayed'`` (tensorwise only: the
+            activation scale comes from the largest amax of the last ``amax_history_len`` steps, so the forward needs
+            no amax pass; the history is a non-persistent buffer).
+        amax_history_len: length of that history.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        recipe: str = "tensorwise",
+        scaling: str = "current",
+        amax_history_len: int = 16,
+    ):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup_fp8(recipe, scaling, amax_history_len)
+
+    def _setup_fp8(self, recipe: str, scaling: str, amax_history_len: int) -> None:
+        if recipe not in RECIPES:
+            raise ValueError(f"FP8Linear: recipe must be one of {RECIPES}, got {recipe!r}")
+        if scaling not in ("current", "delayed"):
+            raise ValueError(f"FP8Linear: scaling must be 'current' or 'delayed', got {scaling!r}")
+        if scaling == "delayed" and recipe != "tensorwise":
+            raise ValueError("FP8Linear: delayed scaling is implemented for the 'tensorwise' recipe")
+        self.recipe = recipe
+        self.scaling = scaling
+        self.register_buffer("amax_history", torch.zeros(amax_history_len, device=self.weight.device), persistent=False)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, recipe: str = "tensorwise", scaling: str = "current", amax_history_len: int = 16
+    ) -> FP8Linear:
+        """An FP8Linear sharing ``linear``'s parameter objects (an optimizer built on them stays valid)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new._setup_fp8(recipe, scaling, amax_history_len)
+        return new
+
+    def _delayed_quantize(self, x2d: torch.Tensor):
+        amax = x2d.detach().abs().amax().float()
+        history = self.amax_history
+        ref = torch.where(history.max() > 0, history.max(), amax)  # first step: nothing recorded yet
+        scale = ref.clamp_min(1e-12) / 448.0
+        q = (x2d.float() / scale).clamp(-448.0, 448.0).to(E4M3)
+        if self.training:
+            self.amax_history.copy_(torch.cat([amax.view(1), history[:-1]]))
+        return q, scale.reshape(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        x_q = self._delayed_quantize(x2d) if self.scaling == "delayed" else None
+        y = _FP8LinearFn.apply(x2d, self.weight, self.bias, self.recipe, x_q)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe}, scaling={self.scaling}"
+
+
+def convert_to_fp8(
+    model: nn.Module,
+    recipe: str = "tensorwise",
+    skip=(),
+    *,
+    scaling: str = "current",
+    min_features: int = 16,
+    multiple_of: int = 16,
+) -> nn.Module:
+    """Replaces every ``nn.Linear`` of ``model`` (in place, also returned) by an :class:`FP8Linear` sharing its
+    parameters, except:
+
+    * modules whose qualified name matches a pattern in ``skip`` (dot-component patterns, e.g. ``'lm_head'``);
+    * layers FP8 tensor cores cannot take: ``in_features`` or ``out_features`` below ``min_features`` or not a
+      multiple of ``multiple_of`` (16 for cuBLASLt's FP8 kernels).
+
+    Convert before building the optimizer, or keep using the same one: the parameter objects are reused.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"convert_to_fp8: recipe must be one of {RECIPES}, got {recipe!r}")
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not nn.Linear or any(matches(p, full) for p in skip):
+                continue
+            sizes = (child.in_features, child.out_features)
+            if min(sizes) < min_features or any(s % multiple_of for s in sizes):
+                continue
+            setattr(module, child_name, FP8Linear.from_linear(child, recipe=recipe, scaling=scaling))
+    return model
