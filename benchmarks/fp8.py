@@ -8,9 +8,11 @@ import functools
 import torch
 
 from benchmarks.runner import Case
-from deepseek_ext.ops import dequantize_fp8, quantize_fp8
+from deepseek_ext.ops import dequantize_fp8, fp8_matmul, quantize_fp8
 
 SHAPES = [(4096, 4096), (8192, 8192)]
+MATMUL_SHAPES = [(1, 4096, 4096), (32, 4096, 4096), (2048, 4096, 4096)]  # (M, N, K)
+QUICK_MATMUL_SHAPES = [(32, 512, 512)]
 QUICK_SHAPES = [(1024, 1024)]
 GRANULARITIES = ["tensor", "row", "block"]
 IN_DTYPES = [torch.bfloat16]
@@ -104,4 +106,59 @@ def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> 
                         baseline_name=label,
                     )
                 )
+    out += matmul_cases(device, quick)
+    return out
+
+
+def _dequantize_then_matmul(a, b, sa, sb):
+    return (dequantize_fp8(a, sa, "group") @ dequantize_fp8(b, sb, "block")).bfloat16()
+
+
+def _scaled_mm_or_raise(a, b_col, sa, sb):
+    return torch._scaled_mm(a, b_col, sa, sb, out_dtype=torch.bfloat16)
+
+
+def matmul_cases(device: str, quick: bool) -> list[Case]:
+    out = []
+    fp8 = torch.float8_e4m3fn
+    for m, n, k in QUICK_MATMUL_SHAPES if quick else MATMUL_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        a, sa = quantize_fp8(torch.randn(m, k, generator=g).to(device), fp8)
+        b, sb = quantize_fp8(torch.randn(k, n, generator=g).to(device), fp8)
+        b_col = b.t().contiguous().t()
+        ours = functools.partial(fp8_matmul, a, b, sa, sb, None, torch.bfloat16)
+        config = f"M={m} N={n} K={k} tensorwise"
+        out.append(
+            Case(
+                family="fp8",
+                op="fp8_matmul",
+                config=config,
+                ours=ours,
+                baseline=lambda a=a, b=b, sa=sa, sb=sb: ((a.float() * sa) @ (b.float() * sb)).bfloat16(),
+                baseline_name="eager dequantise (fp32) + matmul",
+            )
+        )
+        out.append(
+            Case(
+                family="fp8",
+                op="fp8_matmul",
+                config=config,
+                ours=ours,
+                baseline=functools.partial(_scaled_mm_or_raise, a, b_col, sa, sb),
+                baseline_name="torch._scaled_mm",
+            )
+        )
+        if m == 32 or quick:  # DeepSeek-V3 fine-grained scaling
+            ag, sag = quantize_fp8(torch.randn(m, k, generator=g).to(device), fp8, "group")
+            bb, sbb = quantize_fp8(torch.randn(k, n, generator=g).to(device), fp8, "block")
+            out.append(
+                Case(
+                    family="fp8",
+                    op="fp8_matmul",
+                    config=f"M={m} N={n} K={k} 1x128/128x128",
+                    ours=functools.partial(fp8_matmul, ag, bb, sag, sbb, None, torch.bfloat16),
+                    baseline=functools.partial(_dequantize_then_matmul, ag, bb, sag, sbb),
+                    baseline_name="dequantize_fp8 (fp32) + matmul",
+                )
+            )
     return out
