@@ -146,7 +146,7 @@ def _access(rank, world):
     model = ZeRO3(make_model("mlp"))
     errors = []
     try:
-        model.module[0].weight.shape
+        _ = model.module[0].weight.shape
     except RuntimeError as e:
         errors.append(str(e))
     with model.gathered_parameters():
