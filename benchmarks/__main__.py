@@ -1,4 +1,6 @@
-"""python -m benchmarks [--family fp8|data|amp|privacy] [--device cpu|cuda] [--quick] [--no-compile] [--json PATH]"""
+"""python -m benchmarks [--family NAME ...] [--device cpu|cuda] [--quick] [--no-compile] [--json PATH]
+
+Families: fp8, data, amp, privacy, distributed (all by default)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import amp, data, fp8, privacy, runner
+from benchmarks import amp, data, distributed, fp8, privacy, runner
 
-FAMILIES = {"fp8": fp8.cases, "data": data.cases, "amp": amp.cases, "privacy": privacy.cases}
+FAMILIES = {
+    "fp8": fp8.cases,
+    "data": data.cases,
+    "amp": amp.cases,
+    "privacy": privacy.cases,
+    "distributed": distributed.cases,
+}
 
 
 def main(argv=None) -> None:
