@@ -13,6 +13,11 @@ TORCH_LIBRARY(deepseek_ext, m) {
   m.def("fp8_matmul(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias=None,"
         " ScalarType? out_dtype=None, int block_size=128) -> Tensor");
 
+  // Integer quantization (deepseek_ext/ops/quant.py): weight packing and the quantized linear layer.
+  m.def("quantize_weight(Tensor w, int bits, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
+  m.def("quantized_linear(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int bits, int group_size,"
+        " int in_features, int act_bits, Tensor? bias=None, Tensor? act_scale=None, Tensor? code_sums=None) -> Tensor");
+
   // Mixed precision (deepseek_ext/ops/amp.py): one pass over every gradient that unscales it in place, flags
   // non-finite values (found_inf, as torch._amp_foreach_non_finite_check_and_unscale_) and returns the L2 norm
   // of the unscaled gradients.

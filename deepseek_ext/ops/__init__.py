@@ -9,6 +9,7 @@ from __future__ import annotations
 from .amp import unscale_check_norm_
 from .fp8 import dequantize_fp8, fp8_matmul, quantize_fp8
 from .privacy import clip_sum_noise, per_sample_sq_norms
+from .quant import quantize_weight, quantized_linear
 
 __all__ = [
     "quantize_fp8",

@@ -1,0 +1,40 @@
+// Integer weight quantization: the packed format shared by the CPU and CUDA kernels, and argument validation.
+//
+// A weight (N, K) is cut into groups of `group` consecutive input features per output row (group = the padded K for
+// per-channel scales). K is padded to Kp, a multiple of the group (and of 32); padding codes equal the group's zero
+// point, so they contribute nothing. Per (row, group): a float32 scale and an int32 zero point z in code units:
+//   w[n, k] ~= scale[n, g] * (code[n, k] - z[n, g])
+//   8 bits: int8 codes in [-127, 127] (never -128), stored (N, Kp); symmetric: z = 0.
+//   4 bits: unsigned codes 0..15 (symmetric: z = 8), two per byte, stored (N, Kp / 2): in every 16-byte run, byte
+//           j holds code[32 i + j] in its low nibble and code[32 i + 16 + j] in its high nibble, so one 16-byte load
+//           unpacks into 32 codes in order.
+// Activations with act_bits = 8 are quantised symmetrically to int8 codes in [-127, 127], per row (dynamic) or per
+// tensor (static, from calibration). The AVX2 kernel multiplies |x| (u8) by sign(x) * w (s8) with vpmaddubsw: with
+// |x| <= 127 and |w| <= 127 a pair sum stays below 2^15, so nothing saturates. Batched inputs use unsigned 7-bit
+// activation codes instead (fbgemm's reduce_range), which needs the per-group sums of the weight codes: pass them
+// as code_sums (N, G) int32, computed once per weight, or the kernel computes them on every call.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace deepseek_ext {
+namespace quant {
+
+constexpr int64_t kKAlign = 32;
+
+struct QLinearPlan {
+  int64_t m, n, k, kp, group, groups, bits, act_bits;
+};
+
+int64_t padded_k(int64_t k, int64_t group_size);
+int64_t effective_group(int64_t kp, int64_t group_size);
+
+void check_quantize_weight(const at::Tensor& w, int64_t bits, int64_t group_size);
+QLinearPlan check_quantized_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                                   const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features,
+                                   int64_t act_bits, const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& act_scale,
+                                   const std::optional<at::Tensor>& code_sums);
+
+}  // namespace quant
+}  // namespace deepseek_ext

@@ -1,0 +1,143 @@
+// AVX2 inner kernels of the quantized linear layer (formats in deepseek_ext/quant.h). Called only after a runtime
+// CPU check; the scalar code in qlinear_cpu.cpp computes the same integers.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DSX_HAVE_QLINEAR_AVX2 1
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#define DSX_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define DSX_AVX2_INL __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+namespace deepseek_ext {
+namespace quant {
+namespace avx2 {
+
+inline bool supported() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// 32 weight codes of chunk `c` of a row, as signed bytes.
+template <int Bits>
+DSX_AVX2_INL __m256i load_codes(const uint8_t* row, int64_t c) {
+  if (Bits == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c));
+  const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+  return _mm256_set_m128i(hi, lo);
+}
+
+DSX_AVX2_INL int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// For R activation rows (int8 codes, Kp each) and 4 weight rows: per group, the integer dots
+// dots[(r * 4 + c) * groups + g] = sum_{k in g} x[r][k] * code[c][k].
+template <int Bits, int R>
+DSX_AVX2_FN void dot_tile(const int8_t* const* x, const uint8_t* const* w, int64_t groups, int64_t chunks_per_group,
+                          int32_t* dots) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_si256();
+    for (int64_t ch = g * chunks_per_group; ch < (g + 1) * chunks_per_group; ++ch) {
+      __m256i xs[R], xa[R];
+      for (int r = 0; r < R; ++r) {
+        xs[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r] + 32 * ch));
+        xa[r] = _mm256_sign_epi8(xs[r], xs[r]);  // |x| as unsigned bytes
+      }
+      for (int c = 0; c < 4; ++c) {
+        const __m256i wc = load_codes<Bits>(w[c], ch);
+        for (int r = 0; r < R; ++r) {
+          // |x| * (sign(x) * w): pairs of products summed to 16 bits (|.| <= 2 * 127 * 127), then to 32 bits.
+          const __m256i p = _mm256_maddubs_epi16(xa[r], _mm256_sign_epi8(wc, xs[r]));
+          acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(p, ones));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) dots[(r * 4 + c) * groups + g] = hsum_epi32(acc[r][c]);
+  }
+}
+
+// The same tile for unsigned 7-bit activation codes (x + 64 in [1, 127]): one instruction fewer per product than
+// the sign trick, so it is the batched (GEMM) path; dots are of the shifted codes (the caller subtracts 64 * wsum).
+template <int Bits, int R>
+DSX_AVX2_FN void dot_tile_u7(const uint8_t* const* x, const uint8_t* const* w, int64_t groups, int64_t chunks_per_group,
+                             int32_t* dots) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_si256();
+    for (int64_t ch = g * chunks_per_group; ch < (g + 1) * chunks_per_group; ++ch) {
+      __m256i xs[R];
+      for (int r = 0; r < R; ++r) xs[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r] + 32 * ch));
+      for (int c = 0; c < 4; ++c) {
+        const __m256i wc = load_codes<Bits>(w[c], ch);
+        for (int r = 0; r < R; ++r) {
+          acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(xs[r], wc), ones));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) dots[(r * 4 + c) * groups + g] = hsum_epi32(acc[r][c]);
+  }
+}
+
+// One weight row decoded to float: out[k] = scale[g] * (code[k] - zero[g]) for k < kp.
+template <int Bits>
+DSX_AVX2_FN void decode_row(const uint8_t* w, int64_t groups, int64_t chunks_per_group, const float* scale,
+                            const int32_t* zero, float* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    const __m256 z = _mm256_set1_ps(static_cast<float>(zero[g]));
+    for (int64_t ch = g * chunks_per_group; ch < (g + 1) * chunks_per_group; ++ch) {
+      const __m256i codes = load_codes<Bits>(w, ch);
+      const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
+      const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+      for (int q = 0; q < 4; ++q) {
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[q]));
+        _mm256_storeu_ps(out + 32 * ch + 8 * q, _mm256_mul_ps(_mm256_sub_ps(f, z), s));
+      }
+    }
+  }
+}
+
+// Weight-only GEMV for one weight row: per group, sum_{k in g} x[k] * code[k] in float (x padded with zeros).
+template <int Bits>
+DSX_AVX2_FN void float_dots(const float* x, const uint8_t* w, int64_t groups, int64_t chunks_per_group, float* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t ch = g * chunks_per_group; ch < (g + 1) * chunks_per_group; ++ch) {
+      const __m256i codes = load_codes<Bits>(w, ch);
+      const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
+      const float* xc = x + 32 * ch;
+      // Bits == 8: codes are signed; 4: unsigned 0..15 (sign-extending is the same for those).
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(xc), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), acc);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(xc + 8), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                            acc);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(xc + 16), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), acc);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(xc + 24), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+                            acc);
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    out[g] = _mm_cvtss_f32(s);
+  }
+}
+
+}  // namespace avx2
+}  // namespace quant
+}  // namespace deepseek_ext
+
+#endif

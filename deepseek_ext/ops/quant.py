@@ -1,0 +1,89 @@
+"""Integer quantization ops: ``quantize_weight`` (packing) and ``quantized_linear``.
+
+Formats (see ``csrc/include/deepseek_ext/quant.h``): a weight ``(N, K)`` becomes per-group scales and zero points
+``(N, G)`` and codes: int8 ``(N, Kp)`` for 8 bits, two 4-bit codes per byte ``(N, Kp / 2)`` for 4 bits, with ``K``
+padded to ``Kp`` (a multiple of the group, or of 32 for per-channel scales) by zero-point codes.
+``w[n, k] ~= scale[n, g] * (code[n, k] - zero[n, g])``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._native import NATIVE_AVAILABLE, require_native
+from ..reference.quant import padded_k
+
+
+def quantize_weight(w: torch.Tensor, bits: int = 8, group_size: int = 0, symmetric: bool = True):
+    """Packs a float weight ``(out_features, in_features)``.
+
+    Args:
+        w: float32/float16/bfloat16, 2-D.
+        bits: 8 (int8 codes in [-127, 127], symmetric around 0 or asymmetric) or 4 (codes 0..15, symmetric
+            around 8 or asymmetric).
+        group_size: 0 for one scale per output channel, or 32/64/128/... input features per scale.
+        symmetric: zero point fixed (0 for 8 bits, 8 for 4 bits), or chosen per group from its range.
+
+    Returns:
+        ``(codes, scales, zeros)``: codes int8 ``(N, Kp)`` or uint8 ``(N, Kp/2)``; float32 scales and int32 zero
+        points ``(N, G)`` with ``G = Kp / group``.
+    """
+    require_native("ops.quantize_weight")
+    return torch.ops.deepseek_ext.quantize_weight.default(w, bits, group_size, symmetric)
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    act_bits: int = 8,
+    bias: torch.Tensor | None = None,
+    act_scale: torch.Tensor | None = None,
+    code_sums: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x @ dequantize(W)^T + bias`` with a packed weight.
+
+    Args:
+        x: ``(M, in_features)`` float32/float16/bfloat16 (the output has its dtype).
+        codes, scales, zeros, bits, group_size: from :func:`quantize_weight`; in_features: the unpadded K.
+        act_bits: 8 — activations are quantised to symmetric int8 (per row, or with ``act_scale``) and the products
+            are integer (int32 accumulation per group); 16 or 0 — weight-only: activations stay float.
+        bias: optional ``(N,)``.
+        act_scale: a one-element per-tensor activation scale from calibration (static quantization).
+        code_sums: per-group sums of the weight codes, ``(N, G)`` int32 (:func:`code_sums`); the batched integer
+            kernel needs them and computes them on every call when they are not given.
+    """
+    require_native("ops.quantized_linear")
+    return torch.ops.deepseek_ext.quantized_linear.default(
+        x, codes, scales, zeros, bits, group_size, in_features, act_bits, bias, act_scale, code_sums
+    )
+
+
+def code_sums(codes: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+    """Per-group sums of a packed weight's codes, ``(N, groups)`` int32 (computed once per weight)."""
+    from ..reference.quant import unpack_codes
+
+    c = unpack_codes(codes, bits)
+    return c.view(c.shape[0], groups, -1).sum(-1, dtype=torch.int32)
+
+
+if NATIVE_AVAILABLE:
+
+    @torch.library.register_fake("deepseek_ext::quantize_weight")
+    def _quantize_weight_fake(w, bits, group_size, symmetric):
+        n, k = w.shape
+        kp = padded_k(k, group_size)
+        groups = kp // (group_size if group_size > 0 else kp)
+        codes = w.new_empty((n, kp if bits == 8 else kp // 2), dtype=torch.int8 if bits == 8 else torch.uint8)
+        return codes, w.new_empty((n, groups), dtype=torch.float32), w.new_empty((n, groups), dtype=torch.int32)
+
+    @torch.library.register_fake("deepseek_ext::quantized_linear")
+    def _quantized_linear_fake(
+        x, codes, scales, zeros, bits, group_size, in_features, act_bits, bias=None, act_scale=None, code_sums=None
+    ):
+        torch._check(x.dim() == 2 and x.shape[1] == in_features, lambda: "quantized_linear: x must be (M, in_features)")
+        return x.new_empty((x.shape[0], codes.shape[0]))

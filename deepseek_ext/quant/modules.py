@@ -1,0 +1,112 @@
+"""Quantized drop-ins for nn.Linear and nn.Conv2d, holding packed weights (see deepseek_ext.ops.quant)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..ops.quant import code_sums, quantize_weight, quantized_linear
+from .config import QuantConfig
+
+
+class _QuantizedWeight(nn.Module):
+    """Packed weight buffers and the config they were made with (checked when a state_dict is loaded)."""
+
+    def _init_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig) -> None:
+        self.config = config
+        self.in_features = weight.shape[1]
+        codes, scales, zeros = quantize_weight(
+            weight.detach(), config.weight_bits, config.group_size or 0, config.symmetric
+        )
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("code_sums", code_sums(codes, config.weight_bits, scales.shape[1]))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # Static activation scale, set by Quantizer.calibrate(); a NaN placeholder until then.
+        self.register_buffer("act_scale", torch.full((), float("nan")) if config.method == "static" else None)
+
+    def get_extra_state(self):
+        return {"config": self.config.to_dict(), "in_features": self.in_features}
+
+    def set_extra_state(self, state) -> None:
+        if state["config"] != self.config.to_dict():
+            raise ValueError(
+                f"{type(self).__name__}: this state_dict was made with {state['config']}, but the module "
+                f"was built with {self.config.to_dict()}; quantize with the same QuantConfig first"
+            )
+
+    def _linear(self, x2d: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        act_scale = None
+        if c.method == "static" and c.activation_bits == 8:
+            if torch.isnan(self.act_scale):
+                raise RuntimeError(
+                    f"{type(self).__name__}: static quantization needs Quantizer.calibrate(loader) "
+                    "before the first forward"
+                )
+            act_scale = self.act_scale
+        return quantized_linear(
+            x2d,
+            self.codes,
+            self.scales,
+            self.zeros,
+            c.weight_bits,
+            c.group_size or 0,
+            self.in_features,
+            c.activation_bits or 0,
+            self.bias,
+            act_scale,
+            self.code_sums,
+        )
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+
+
+class QuantizedLinear(_QuantizedWeight):
+    """``nn.Linear`` with an 8- or 4-bit packed weight (activations per the config)."""
+
+    def __init__(self, linear: nn.Linear, config: QuantConfig):
+        super().__init__()
+        self.out_features = linear.out_features
+        self._init_weight(linear.weight, linear.bias, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._linear(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, w{c.weight_bits}"
+            f"a{c.activation_bits or 'float'}, group_size={c.group_size or 'channel'}"
+        )
+
+
+class QuantizedConv2d(_QuantizedWeight):
+    """``nn.Conv2d`` (groups=1, zero padding) as im2col into the quantized GEMM; channels_last inputs work too."""
+
+    def __init__(self, conv: nn.Conv2d, config: QuantConfig):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("QuantizedConv2d takes groups=1 convolutions with numeric zero padding")
+        self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self._init_weight(conv.weight.reshape(conv.out_channels, -1), conv.bias, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        y = self._linear(cols.transpose(1, 2).reshape(n * ho * wo, -1))
+        return y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{self.in_features // (self.kernel_size[0] * self.kernel_size[1])}, {self.out_channels}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, w{c.weight_bits}a{c.activation_bits or 'float'}"
+        )

@@ -1,0 +1,227 @@
+"""Quantizer: one call from a float model to a quantized one, plus calibration and an error/size report."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..amp.patterns import matches
+from .config import QuantConfig
+from .modules import QuantizedConv2d, QuantizedLinear, _QuantizedWeight
+
+# module type -> (can_take(module) -> reason or None, factory(module, config) -> quantized module)
+_HANDLERS: dict[type, tuple[Callable, Callable]] = {}
+
+
+def register_quantized_module(module_type: type, factory: Callable, can_take: Callable | None = None) -> None:
+    """Makes :class:`Quantizer` replace modules of exactly ``module_type`` by ``factory(module, config)``;
+    ``can_take(module)`` may return a reason to keep a particular module in float."""
+    _HANDLERS[module_type] = (can_take or (lambda m: None), factory)
+
+
+def _conv_reason(conv: nn.Conv2d):
+    if conv.groups != 1:
+        return f"groups={conv.groups} (grouped/depthwise convolution)"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"padding {conv.padding!r} / {conv.padding_mode}"
+    return None
+
+
+register_quantized_module(nn.Linear, QuantizedLinear)
+register_quantized_module(nn.Conv2d, QuantizedConv2d, _conv_reason)
+
+
+def _run(model: nn.Module, batch: Any):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def _output_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    raise TypeError(f"cannot find a tensor in the model output of type {type(out).__name__}")
+
+
+def _sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    noise = (ref.float() - test.float()).pow(2).sum().item()
+    signal = ref.float().pow(2).sum().item()
+    return float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(signal / noise)).item()
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    status: str  # "quantized" or "float: <reason>"
+    float_bytes: int
+    quantized_bytes: int
+    sqnr_db: float | None
+    rel_error: float | None
+
+
+class Quantizer:
+    """Quantizes ``model``'s Linear and Conv2d layers per ``config``; the rest is untouched.
+
+    Example:
+        >>> quantizer = Quantizer(model, QuantConfig(weight_bits=4, activation_bits=8, method="dynamic"))
+        >>> quantized_model = quantizer.quantize()
+        >>> report = quantizer.compare(quantized_model, sample_inputs)
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig | None = None):
+        self.model = model
+        self.config = config or QuantConfig()
+        self.fallbacks: dict[str, str] = {}
+        self._act_scales: dict[str, torch.Tensor] = {}
+        self._last: nn.Module | None = None
+
+    def quantize(self) -> nn.Module:
+        """A quantized copy of the model (the original is left as it was)."""
+        qmodel = copy.deepcopy(self.model)
+        self.fallbacks = {}
+        for name, module in list(qmodel.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                handler = _HANDLERS.get(type(child))
+                if handler is None:
+                    continue
+                if any(matches(p, full) for p in self.config.skip):
+                    self.fallbacks[full] = "skipped by config"
+                    continue
+                reason = handler[0](child)
+                if reason is not None:
+                    self.fallbacks[full] = reason
+                    continue
+                setattr(module, child_name, handler[1](child, self.config))
+        self._last = qmodel
+        self._apply_act_scales(qmodel)
+        return qmodel
+
+    def calibrate(self, loader, num_batches: int = 10) -> dict[str, float]:
+        """Static quantization: observes each layer's input range on the float model over ``num_batches`` batches of
+        ``loader`` and sets one activation scale per layer (on the last quantized model and on later ones)."""
+        if self.config.method != "static":
+            raise ValueError(
+                "Quantizer.calibrate(): the config uses method='dynamic', whose activation scales are "
+                "computed at run time; use QuantConfig(method='static') to calibrate"
+            )
+        amax: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name, m in self.model.named_modules():
+            if type(m) in _HANDLERS:
+
+                def observe(mod, args, name=name):
+                    a = args[0].detach().abs().amax().float()
+                    amax[name] = torch.maximum(amax[name], a) if name in amax else a
+
+                hooks.append(m.register_forward_pre_hook(observe))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(loader):
+                    if i >= num_batches:
+                        break
+                    _run(self.model, batch)
+        finally:
+            for h in hooks:
+                h.remove()
+            self.model.train(was_training)
+        self._act_scales = {k: (v.clamp_min(1e-12) / 127.0) for k, v in amax.items()}
+        if self._last is not None:
+            self._apply_act_scales(self._last)
+        return {k: v.item() for k, v in self._act_scales.items()}
+
+    def _apply_act_scales(self, qmodel: nn.Module) -> None:
+        for name, m in qmodel.named_modules():
+            if isinstance(m, _QuantizedWeight) and m.act_scale is not None and name in self._act_scales:
+                m.act_scale.copy_(self._act_scales[name])
+
+    def compare(self, quantized_model: nn.Module, sample_inputs, print_table: bool = True) -> list[LayerReport]:
+        """Per-layer output error (SQNR in dB, relative L2) and weight sizes, float vs quantized, on
+        ``sample_inputs`` (a tensor, a tuple whose first item is the input, or a dict of keyword inputs). The last
+        row is the whole model's output."""
+        float_out: dict[str, torch.Tensor] = {}
+        quant_out: dict[str, torch.Tensor] = {}
+
+        def record(store):
+            def hook(mod, args, out, name=None):
+                store[hook.names[id(mod)]] = out.detach()
+
+            hook.names = {}
+            return hook
+
+        fh, qh = record(float_out), record(quant_out)
+        handles = []
+        float_mods = dict(self.model.named_modules())
+        for name, m in quantized_model.named_modules():
+            if name in float_mods and (isinstance(m, _QuantizedWeight) or name in self.fallbacks):
+                fh.names[id(float_mods[name])] = name
+                qh.names[id(m)] = name
+                handles.append(float_mods[name].register_forward_hook(fh))
+                handles.append(m.register_forward_hook(qh))
+        try:
+            with torch.no_grad():
+                ref = _output_tensor(_run(self.model, sample_inputs))
+                out = _output_tensor(_run(quantized_model, sample_inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        rows = []
+        for name in fh.names.values():
+            fm, qm = float_mods[name], dict(quantized_model.named_modules())[name]
+            fbytes = sum(p.numel() * p.element_size() for p in fm.parameters())
+            quantized = isinstance(qm, _QuantizedWeight)
+            a, b = float_out.get(name), quant_out.get(name)
+            rel = None if a is None else ((a.float() - b.float()).norm() / a.float().norm().clamp_min(1e-30)).item()
+            rows.append(
+                LayerReport(
+                    name,
+                    type(fm).__name__,
+                    "quantized" if quantized else f"float: {self.fallbacks[name]}",
+                    fbytes,
+                    qm.weight_bytes() + (qm.bias.numel() * 4 if qm.bias is not None else 0) if quantized else fbytes,
+                    None if a is None else _sqnr_db(a, b),
+                    rel,
+                )
+            )
+        total_f = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        total_q = sum(
+            t.numel() * t.element_size()
+            for t in list(quantized_model.parameters())
+            + [b for n, b in quantized_model.named_buffers() if not n.endswith("code_sums")]
+        )
+        rows.append(
+            LayerReport(
+                "<model output>",
+                type(self.model).__name__,
+                "",
+                total_f,
+                total_q,
+                _sqnr_db(ref, out),
+                ((ref.float() - out.float()).norm() / ref.float().norm()).item(),
+            )
+        )
+        if print_table:
+            print(f"{'layer':<40} {'kind':<14} {'float KB':>9} {'quant KB':>9} {'SQNR dB':>8} {'rel err':>8}  status")
+            for r in rows:
+                sq = "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
+                re_ = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
+                print(
+                    f"{r.name:<40} {r.kind:<14} {r.float_bytes / 1024:>9.1f} {r.quantized_bytes / 1024:>9.1f} "
+                    f"{sq:>8} {re_:>8}  {r.status}"
+                )
+        return rows
