@@ -18,4 +18,6 @@ __all__ = [
     "unscale_check_norm_",
     "per_sample_sq_norms",
     "clip_sum_noise",
+    "quantize_weight",
+    "quantized_linear",
 ]
