@@ -38,38 +38,9 @@ DSX_AVX2_INL int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// For R activation rows (int8 codes, Kp each) and 4 weight rows: per group, the integer dots
-// dots[(r * 4 + c) * groups + g] = sum_{k in g} x[r][k] * code[c][k].
-template <int Bits, int R>
-DSX_AVX2_FN void dot_tile(const int8_t* const* x, const uint8_t* const* w, int64_t groups, int64_t chunks_per_group,
-                          int32_t* dots) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i acc[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_si256();
-    for (int64_t ch = g * chunks_per_group; ch < (g + 1) * chunks_per_group; ++ch) {
-      __m256i xs[R], xa[R];
-      for (int r = 0; r < R; ++r) {
-        xs[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r] + 32 * ch));
-        xa[r] = _mm256_sign_epi8(xs[r], xs[r]);  // |x| as unsigned bytes
-      }
-      for (int c = 0; c < 4; ++c) {
-        const __m256i wc = load_codes<Bits>(w[c], ch);
-        for (int r = 0; r < R; ++r) {
-          // |x| * (sign(x) * w): pairs of products summed to 16 bits (|.| <= 2 * 127 * 127), then to 32 bits.
-          const __m256i p = _mm256_maddubs_epi16(xa[r], _mm256_sign_epi8(wc, xs[r]));
-          acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(p, ones));
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 4; ++c) dots[(r * 4 + c) * groups + g] = hsum_epi32(acc[r][c]);
-  }
-}
-
-// The same tile for unsigned 7-bit activation codes (x + 64 in [1, 127]): one instruction fewer per product than
-// the sign trick, so it is the batched (GEMM) path; dots are of the shifted codes (the caller subtracts 64 * wsum).
+// For R activation rows of unsigned 7-bit codes (x + 64 in [1, 127], Kp each) and 4 weight rows: per group,
+// dots[(r * 4 + c) * groups + g] = sum_{k in g} (x[r][k] + 64) * code[c][k] (the caller subtracts 64 * code sums).
+// u8 x s8 pairs summed by vpmaddubsw stay below 2^15 (2 * 127 * 127), so nothing saturates.
 template <int Bits, int R>
 DSX_AVX2_FN void dot_tile_u7(const uint8_t* const* x, const uint8_t* const* w, int64_t groups, int64_t chunks_per_group,
                              int32_t* dots) {

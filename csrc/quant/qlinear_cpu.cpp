@@ -1,8 +1,8 @@
 // CPU kernels: quantize_weight (packing) and quantized_linear.
 //
-// act_bits = 8: activations are quantised to int8 per row (or with a calibrated per-tensor scale), and tiles of
-// 2 activation rows x 4 weight rows are reduced with integer multiply-adds (AVX2: vpmaddubsw/vpmaddwd), per group;
-// the float epilogue applies y = sx * sum_g sw * (dot_g - zw * sum_{k in g} x_code).
+// act_bits = 8: activations are quantised to 7-bit codes per row (or with a calibrated per-tensor scale), and
+// tiles of 4 weight rows x 2 activation rows are reduced with integer multiply-adds (AVX2: vpmaddubsw/vpmaddwd),
+// per group; the float epilogue applies y = sx * sum_g sw * (dot_g - zw * sum_{k in g} x_code).
 // Weight-only (act_bits 16 / 0): small batches run a fused GEMV that converts codes to float in registers; larger
 // batches decode tiles of weight rows to float and use the BLAS. Output tiles are spread over threads.
 #include <ATen/ATen.h>
@@ -21,7 +21,6 @@ namespace quant {
 namespace {
 
 constexpr int64_t kTileN = 4;
-constexpr int64_t kGemmRows = 16;  // from this batch size on, the activation-quantised path runs the 7-bit kernel
 
 bool have_avx2() {
 #ifdef DSX_HAVE_QLINEAR_AVX2
@@ -68,20 +67,8 @@ void group_sums(const int8_t* x, int64_t groups, int64_t group, int32_t* out) {
   }
 }
 
-template <int R>
-void dot_tile(const int8_t* const* x, const uint8_t* const* w, const QLinearPlan& p, int32_t* dots) {
-  const int64_t cpg = p.group / 32;
-#ifdef DSX_HAVE_QLINEAR_AVX2
-  if (avx2::supported()) {
-    if (p.bits == 8) {
-      avx2::dot_tile<8, R>(x, w, p.groups, cpg, dots);
-    } else {
-      avx2::dot_tile<4, R>(x, w, p.groups, cpg, dots);
-    }
-    return;
-  }
-#endif
-  for (int r = 0; r < R; ++r) {
+void dot_tile_scalar(const int8_t* const* x, const uint8_t* const* w, const QLinearPlan& p, int rows, int32_t* dots) {
+  for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < 4; ++c) {
       for (int64_t g = 0; g < p.groups; ++g) {
         int32_t s = 0;
@@ -124,7 +111,9 @@ void decode_row(const uint8_t* w, const QLinearPlan& p, const float* scale, cons
   }
 }
 
-// x (M, K) float -> int8 codes (M, Kp) zero-padded, with one scale per row (or the given static scale).
+// x (M, K) float -> 7-bit codes in [-63, 63] (M, Kp), zero-padded, with one scale per row (or the given static
+// scale). Seven bits let the AVX2 kernel add 64 and use unsigned bytes without saturating vpmaddubsw (fbgemm's
+// reduce_range); every batch size and every CPU uses the same codes, so results do not depend on either.
 void quantize_activations(const float* x, const QLinearPlan& p, const float* static_scale, int8_t* xq, float* sx) {
   at::parallel_for(0, p.m, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
@@ -135,12 +124,12 @@ void quantize_activations(const float* x, const QLinearPlan& p, const float* sta
       } else {
         float amax = 0.0f;
         for (int64_t k = 0; k < p.k; ++k) amax = std::max(amax, std::fabs(row[k]));
-        s = std::max(amax, 1e-12f) / 127.0f;
+        s = std::max(amax, 1e-12f) / 63.0f;
       }
       sx[m] = s;
       int8_t* q = xq + m * p.kp;
       for (int64_t k = 0; k < p.k; ++k) {
-        q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] / s), -127.0f, 127.0f));
+        q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] / s), -63.0f, 63.0f));
       }
       std::fill(q + p.k, q + p.kp, int8_t{0});
     }
@@ -226,22 +215,12 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
       quantize_activations(xf.const_data_ptr<float>(), p, st.defined() ? st.const_data_ptr<float>() : nullptr,
                            xq.data(), sx.data());
       for (int64_t m = 0; m < p.m; ++m) group_sums(xq.data() + m * p.kp, p.groups, p.group, xsum.data() + m * p.groups);
-      // Batched inputs take the unsigned 7-bit kernel: codes requantised to [-63, 63] and shifted by 64 (the
-      // reduce_range trade-off fbgemm makes on AVX2: half the activation resolution, a quarter fewer instructions).
-      const bool u7 = p.m >= kGemmRows && have_avx2();
+      const bool u7 = have_avx2();
       std::vector<uint8_t> xu;
       std::vector<int32_t> wsum;
-      if (u7) {
+      if (u7) {  // codes shifted to [1, 127] as unsigned bytes; the shift is undone with the weights' code sums
         xu.resize(xq.size());
-        for (int64_t m = 0; m < p.m; ++m) {
-          sx[m] *= 127.0f / 63.0f;
-          int8_t* q = xq.data() + m * p.kp;
-          for (int64_t k = 0; k < p.kp; ++k) {
-            q[k] = static_cast<int8_t>(std::nearbyint(static_cast<float>(q[k]) * (63.0f / 127.0f)));
-            xu[m * p.kp + k] = static_cast<uint8_t>(q[k] + 64);
-          }
-          group_sums(q, p.groups, p.group, xsum.data() + m * p.groups);
-        }
+        for (size_t i = 0; i < xq.size(); ++i) xu[i] = static_cast<uint8_t>(xq[i] + 64);
         wsum.resize(static_cast<size_t>(p.n * p.groups));
         if (code_sums.has_value()) {
           const at::Tensor cs = code_sums->cpu().contiguous();
@@ -273,11 +252,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
             dot_tile_u7(xr, w, p, rows, dots.data());
           } else {
             const int8_t* xr[2] = {xq.data() + m0 * p.kp, xq.data() + (m0 + rows - 1) * p.kp};
-            if (rows == 2) {
-              dot_tile<2>(xr, w, p, dots.data());
-            } else {
-              dot_tile<1>(xr, w, p, dots.data());
-            }
+            dot_tile_scalar(xr, w, p, rows, dots.data());
           }
           for (int r = 0; r < rows; ++r) {
             for (int c = 0; c < 4 && n0 + c < p.n; ++c) {

@@ -50,10 +50,12 @@ def quantized_linear(
     Args:
         x: ``(M, in_features)`` float32/float16/bfloat16 (the output has its dtype).
         codes, scales, zeros, bits, group_size: from :func:`quantize_weight`; in_features: the unpadded K.
-        act_bits: 8 — activations are quantised to symmetric int8 (per row, or with ``act_scale``) and the products
-            are integer (int32 accumulation per group); 16 or 0 — weight-only: activations stay float.
+        act_bits: 8 — activations are quantised to symmetric 7-bit codes in [-63, 63] (per row, or with
+            ``act_scale``; the reduce_range that keeps AVX2's u8 x s8 multiply-adds from saturating, as in fbgemm) and
+            the products are integer (int32 accumulation per group); 16 or 0 — weight-only: activations stay float.
         bias: optional ``(N,)``.
-        act_scale: a one-element per-tensor activation scale from calibration (static quantization).
+        act_scale: a one-element per-tensor activation scale from calibration (static quantization): codes are
+            ``round(x / act_scale)`` clamped to [-63, 63].
         code_sums: per-group sums of the weight codes, ``(N, G)`` int32 (:func:`code_sums`); the batched integer
             kernel needs them and computes them on every call when they are not given.
     """

@@ -140,7 +140,7 @@ class Quantizer:
             for h in hooks:
                 h.remove()
             self.model.train(was_training)
-        self._act_scales = {k: (v.clamp_min(1e-12) / 127.0) for k, v in amax.items()}
+        self._act_scales = {k: (v.clamp_min(1e-12) / 63.0) for k, v in amax.items()}  # 7-bit codes
         if self._last is not None:
             self._apply_act_scales(self._last)
         return {k: v.item() for k, v in self._act_scales.items()}

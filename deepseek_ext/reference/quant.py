@@ -30,13 +30,14 @@ def dequantize_weight(codes, scales, zeros, bits: int, group_size: int, in_featu
 
 
 def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor | None = None):
-    """Symmetric int8 codes per row (or with a per-tensor static scale) and the scales, as the kernels do."""
+    """Symmetric 7-bit codes in [-63, 63] per row (or with a per-tensor static scale) and the scales, as the kernels
+    do (the reduce_range that keeps AVX2's vpmaddubsw from saturating)."""
     x = x.float()
     if act_scale is None:
-        s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127.0
+        s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 63.0
     else:
         s = act_scale.float().reshape(1, 1).expand(x.shape[0], 1)
-    return torch.round(x / s).clamp(-127, 127), s
+    return torch.round(x / s).clamp(-63, 63), s
 
 
 def quantized_linear(
@@ -54,3 +55,29 @@ def quantized_linear(
     if bias is not None:
         y = y + bias.double()
     return y
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """Codes (unpacked, (N, Kp) int32), scales and zeros, computed as the kernels do."""
+    n, k = w.shape
+    kp = padded_k(k, group_size)
+    group = group_size if group_size > 0 else kp
+    g = torch.full((n, kp), float("nan"))
+    g[:, :k] = w.float()
+    g = g.view(n, kp // group, group)
+    finite = torch.nan_to_num(g, 0.0)
+    mn, mx = finite.amin(-1).clamp_max(0.0), finite.amax(-1).clamp_min(0.0)
+    qmax = 127.0 if bits == 8 else 7.0
+    lo_code, hi_code = (-127, 127) if bits == 8 else (0, 15)
+    if symmetric:
+        scales = torch.maximum(-mn, mx).clamp_min(1e-12) / qmax
+        zeros = torch.full(scales.shape, 0 if bits == 8 else 8, dtype=torch.int32)
+        lo, hi = zeros - int(qmax), zeros + int(qmax)
+    else:
+        scales = (mx - mn).clamp_min(1e-12) / (hi_code - lo_code)
+        zeros = torch.round(lo_code - mn / scales).clamp(lo_code, hi_code).to(torch.int32)
+        lo, hi = torch.full_like(zeros, lo_code), torch.full_like(zeros, hi_code)
+    q = torch.round(g / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)
+    q = torch.where(torch.isnan(g), zeros.unsqueeze(-1).float(), q)
+    q = torch.maximum(torch.minimum(q, hi.unsqueeze(-1).float()), lo.unsqueeze(-1).float())
+    return q.view(n, kp).to(torch.int32), scales, zeros

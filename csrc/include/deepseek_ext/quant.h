@@ -8,11 +8,11 @@
 //   4 bits: unsigned codes 0..15 (symmetric: z = 8), two per byte, stored (N, Kp / 2): in every 16-byte run, byte
 //           j holds code[32 i + j] in its low nibble and code[32 i + 16 + j] in its high nibble, so one 16-byte load
 //           unpacks into 32 codes in order.
-// Activations with act_bits = 8 are quantised symmetrically to int8 codes in [-127, 127], per row (dynamic) or per
-// tensor (static, from calibration). The AVX2 kernel multiplies |x| (u8) by sign(x) * w (s8) with vpmaddubsw: with
-// |x| <= 127 and |w| <= 127 a pair sum stays below 2^15, so nothing saturates. Batched inputs use unsigned 7-bit
-// activation codes instead (fbgemm's reduce_range), which needs the per-group sums of the weight codes: pass them
-// as code_sums (N, G) int32, computed once per weight, or the kernel computes them on every call.
+// Activations with act_bits = 8 are quantised symmetrically to 7-bit codes in [-63, 63] (the reduce_range fbgemm
+// uses on AVX2), per row (dynamic) or per tensor (static, from calibration). The AVX2 kernel shifts them to unsigned
+// [1, 127] for vpmaddubsw, whose u8 x s8 pair sums then cannot saturate, and undoes the shift with the per-group
+// sums of the weight codes: pass them as code_sums (N, G) int32, computed once per weight, or the kernel computes
+// them on every call.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,0 +1,152 @@
+"""quantize_weight and quantized_linear (deepseek_ext/ops/quant.py) against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepseek_ext.ops.quant import code_sums, quantize_weight, quantized_linear
+from deepseek_ext.reference import quant as ref
+from tests.helpers import DEVICES
+
+CONFIGS = [
+    (8, 0, True),
+    (8, 0, False),
+    (8, 32, True),
+    (8, 128, False),
+    (4, 0, True),
+    (4, 64, True),
+    (4, 128, False),
+    (4, 32, False),
+]
+SHAPES = [(1, 1, 1), (7, 17, 5), (1, 128, 17), (64, 300, 129), (16, 1000, 33), (3, 11008, 17), (7, 4096, 128)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,group,sym", CONFIGS, ids=str)
+def test_packing_matches_the_reference_and_round_trips(device, bits, group, sym):
+    w = torch.randn(19, 333) * torch.logspace(-1, 1, 333)
+    codes, scales, zeros = quantize_weight(w.to(device), bits, group, sym)
+    rc, rs, rz = ref.quantize_weight(w, bits, group, sym)
+    assert torch.equal(ref.unpack_codes(codes.cpu(), bits), rc)
+    torch.testing.assert_close(scales.cpu(), rs, rtol=0, atol=0)
+    assert torch.equal(zeros.cpu(), rz)
+    lo, hi = (-127, 127) if bits == 8 else (0, 15)
+    assert rc.min() >= lo and rc.max() <= hi
+    back = ref.dequantize_weight(codes.cpu(), scales.cpu(), zeros.cpu(), bits, group, 333)
+    step = rs.repeat_interleave(group or rc.shape[1], 1)[:, :333]
+    assert ((back - w).abs() <= step / 2 + 1e-6 * w.abs()).all()  # within half a quantisation step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,group,sym", CONFIGS, ids=str)
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=str)
+@pytest.mark.parametrize("act_bits", [8, 16, 0])
+def test_quantized_linear_matches_the_reference(device, bits, group, sym, m, k, n, act_bits):
+    g = torch.Generator().manual_seed(m + k + n)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    codes, scales, zeros = quantize_weight(w, bits, group, sym)
+    sums = code_sums(codes, bits, scales.shape[1])
+    dev = dict(device=device)
+    y = quantized_linear(
+        x.to(**dev),
+        codes.to(**dev),
+        scales.to(**dev),
+        zeros.to(**dev),
+        bits,
+        group,
+        k,
+        act_bits,
+        b.to(**dev),
+        None,
+        sums.to(**dev),
+    )
+    expected = ref.quantized_linear(x, codes, scales, zeros, bits, group, k, act_bits, b)
+    err = (y.double().cpu() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    assert err < 1e-5, f"relative error {err:.3g}"
+
+
+def test_static_scale_and_low_precision_inputs():
+    x, w = torch.randn(5, 64), torch.randn(8, 64)
+    codes, scales, zeros = quantize_weight(w, 8, 0, True)
+    s = torch.tensor(0.05)
+    y = quantized_linear(x, codes, scales, zeros, 8, 0, 64, 8, None, s)
+    torch.testing.assert_close(
+        y.double(), ref.quantized_linear(x, codes, scales, zeros, 8, 0, 64, 8, None, s), rtol=1e-5, atol=1e-5
+    )
+    yb = quantized_linear(x.bfloat16(), codes, scales, zeros, 8, 0, 64, 16)
+    assert yb.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: quantize_weight(torch.randn(4, 64), 3, 0, True), ValueError, "bits to be 8 or 4, but got 3"),
+        (lambda: quantize_weight(torch.randn(4, 64), 8, 48, True), ValueError, "multiple of 32"),
+        (lambda: quantize_weight(torch.randn(64), 8, 0, True), ValueError, "expected w to be 2-D"),
+        (
+            lambda: quantized_linear(torch.randn(2, 63), *quantize_weight(torch.randn(4, 64), 8, 0, True), 8, 0, 64, 8),
+            ValueError,
+            "x has 63 features but the layer takes 64",
+        ),
+        (
+            lambda: quantized_linear(torch.randn(2, 64), *quantize_weight(torch.randn(4, 64), 8, 0, True), 4, 0, 64, 8),
+            TypeError,
+            "expected codes to have dtype torch.uint8",
+        ),
+        (
+            lambda: quantized_linear(
+                torch.randn(2, 64), *quantize_weight(torch.randn(4, 64), 8, 32, True), 8, 0, 64, 8
+            ),
+            ValueError,
+            r"expected scales and zeros of shape \[4, 1\]",
+        ),
+        (
+            lambda: quantized_linear(
+                torch.randn(2, 64),
+                *quantize_weight(torch.randn(4, 64), 8, 0, True),
+                8,
+                0,
+                64,
+                16,
+                None,
+                torch.tensor(0.1),
+            ),
+            ValueError,
+            "only applies with act_bits=8",
+        ),
+        (
+            lambda: quantized_linear(torch.randn(2, 64), *quantize_weight(torch.randn(4, 64), 8, 0, True), 8, 0, 64, 4),
+            ValueError,
+            "act_bits to be 8, or 16 / 0",
+        ),
+    ],
+)
+def test_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    w = torch.randn(24, 96, device=device)
+    torch.library.opcheck(torch.ops.deepseek_ext.quantize_weight.default, (w, 4, 32, True))
+    codes, scales, zeros = quantize_weight(w, 4, 32, True)
+    for act_bits in (8, 16):
+        torch.library.opcheck(
+            torch.ops.deepseek_ext.quantized_linear.default,
+            (
+                torch.randn(20, 96, device=device),
+                codes,
+                scales,
+                zeros,
+                4,
+                32,
+                96,
+                act_bits,
+                torch.randn(24, device=device),
+                None,
+                None,
+            ),
+        )

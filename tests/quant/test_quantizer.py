@@ -1,0 +1,142 @@
+"""QuantConfig, Quantizer and the quantized modules (deepseek_ext/quant)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from deepseek_ext.quant import QuantConfig, QuantizedConv2d, QuantizedLinear, Quantizer
+from tests.helpers import resnet18
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.argmax(1) == b.argmax(1)).float().mean().item()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(weight_bits=8, activation_bits=8),
+        QuantConfig(weight_bits=4, activation_bits=8, method="dynamic", group_size=64),
+        QuantConfig(weight_bits=4, activation_bits=None, group_size=32),
+    ],
+    ids=["w8a8", "w4a8", "w4-weight-only"],
+)
+def test_resnet18_end_to_end(config):
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    quantizer = Quantizer(model, config)
+    qmodel = quantizer.quantize()
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    convs = [m for m in qmodel.modules() if isinstance(m, QuantizedConv2d)]
+    assert len(convs) == 20 and isinstance(qmodel.fc, QuantizedLinear)
+    assert isinstance(qmodel.bn1, nn.BatchNorm2d)  # the rest is untouched
+    rows = quantizer.compare(qmodel, x, print_table=False)
+    total = rows[-1]
+    print(
+        f"{config}: output SQNR {total.sqnr_db:.1f} dB, size {total.float_bytes / 2**20:.1f} -> "
+        f"{total.quantized_bytes / 2**20:.1f} MiB, top-1 agreement {agreement(ref, out):.2f}"
+    )
+    assert total.sqnr_db > (20 if config.weight_bits == 8 else 10)
+    assert total.quantized_bytes < total.float_bytes / (3 if config.weight_bits == 8 else 5)
+    # Batch 1 and channels_last inputs give the same results.
+    with torch.no_grad():
+        one = qmodel(x[:1])
+        cl = qmodel(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(one, out[:1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cl, out, rtol=1e-4, atol=1e-4)
+
+
+def test_skip_patterns_and_grouped_conv_fallback_are_reported():
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(3, 8, 3, padding=1))
+    model.add_module("dw", nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc", nn.Linear(8, 4))
+    quantizer = Quantizer(model, QuantConfig(skip=["conv1"]))
+    qmodel = quantizer.quantize()
+    assert type(qmodel.conv1) is nn.Conv2d and type(qmodel.dw) is nn.Conv2d and isinstance(qmodel.fc, QuantizedLinear)
+    assert quantizer.fallbacks == {"conv1": "skipped by config", "dw": "groups=8 (grouped/depthwise convolution)"}
+    rows = {r.name: r for r in quantizer.compare(qmodel, torch.randn(2, 3, 8, 8), print_table=False)}
+    assert rows["dw"].status.startswith("float: groups=8") and rows["fc"].status == "quantized"
+
+
+def test_bert_from_config_quantized_end_to_end():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    qmodel = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8)).quantize()
+    ids = torch.randint(0, 100, (4, 16))
+    with torch.no_grad():
+        ref, out = model(input_ids=ids).logits, qmodel(input_ids=ids).logits
+    assert ((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_state_dict_round_trip_and_config_mismatch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    config = QuantConfig(weight_bits=4, activation_bits=8, group_size=32)
+    qmodel = Quantizer(model, config).quantize()
+    buf = io.BytesIO()
+    torch.save(qmodel.state_dict(), buf)
+    buf.seek(0)
+    fresh = Quantizer(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)), config).quantize()
+    fresh.load_state_dict(torch.load(buf, weights_only=False))
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), qmodel(x))
+    other = Quantizer(model, QuantConfig(weight_bits=4, activation_bits=16, group_size=32)).quantize()
+    with pytest.raises(ValueError, match="made with .* quantize with the same QuantConfig"):
+        other.load_state_dict(qmodel.state_dict())
+
+
+def test_static_calibration():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    quantizer = Quantizer(model, QuantConfig(method="static"))
+    qmodel = quantizer.quantize()
+    with pytest.raises(RuntimeError, match="needs Quantizer.calibrate"):
+        qmodel(torch.randn(2, 16))
+    data = [(torch.randn(8, 16), torch.zeros(8)) for _ in range(4)]
+    scales = quantizer.calibrate(data, num_batches=3)
+    assert set(scales) == {"0", "2"}
+    x = torch.randn(8, 16)
+    assert ((qmodel(x) - model(x)).norm() / model(x).norm()) < 0.05
+    with pytest.raises(ValueError, match="method='dynamic'"):
+        Quantizer(model, QuantConfig()).calibrate(data)
+
+
+def test_torch_compile_of_a_quantized_model():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    qmodel = Quantizer(model, QuantConfig(weight_bits=4, group_size=32)).quantize()
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(torch.compile(qmodel, fullgraph=True)(x), qmodel(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(weight_bits=2), "weight_bits must be 8 or 4"),
+        (dict(activation_bits=4), "activation_bits must be 8, 16 or None"),
+        (dict(method="qat"), "method must be 'dynamic' or 'static'"),
+        (dict(group_size=48), "positive multiple of 32"),
+        (dict(method="static", activation_bits=None), "needs activation_bits=8"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(**kwargs)
