@@ -1,6 +1,6 @@
 """python -m benchmarks [--family NAME ...] [--device cpu|cuda] [--quick] [--no-compile] [--json PATH]
 
-Families: fp8, data, amp, privacy, distributed (all by default)."""
+Families: fp8, data, amp, privacy, distributed, quant (all by default)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import amp, data, distributed, fp8, privacy, runner
+from benchmarks import amp, data, distributed, fp8, privacy, quant, runner
 
 FAMILIES = {
     "fp8": fp8.cases,
@@ -17,6 +17,7 @@ FAMILIES = {
     "amp": amp.cases,
     "privacy": privacy.cases,
     "distributed": distributed.cases,
+    "quant": quant.cases,
 }
 
 

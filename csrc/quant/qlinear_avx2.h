@@ -64,6 +64,44 @@ DSX_AVX2_FN void dot_tile_u7(const uint8_t* const* x, const uint8_t* const* w, i
   }
 }
 
+// Largest |x| of a row.
+DSX_AVX2_FN inline float row_amax(const float* x, int64_t k) {
+  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 m = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + i), mask));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float out = 0.0f;
+  for (float v : lanes) out = out > v ? out : v;
+  for (; i < k; ++i) out = out > __builtin_fabsf(x[i]) ? out : __builtin_fabsf(x[i]);
+  return out;
+}
+
+// q[i] = clamp(nearbyint(x[i] / s), -63, 63) and u[i] = q[i] + 64 for i < k rounded down to 8; returns the count.
+// A true division and round-to-nearest-even, as the scalar code.
+DSX_AVX2_FN inline int64_t quantize_row7(const float* x, int64_t k, float s, int8_t* q, uint8_t* u) {
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-63.0f), hi = _mm256_set1_ps(63.0f);
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    const __m256i c = _mm256_cvtps_epi32(v);
+    const __m128i c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    const __m128i c8 = _mm_packs_epi16(c16, c16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), c8);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(u + i), _mm_add_epi8(c8, _mm_set1_epi8(64)));
+  }
+  return i;
+}
+
+// A row of 4-bit codes unpacked to one byte per code (kp codes).
+DSX_AVX2_FN inline void unpack4(const uint8_t* row, int64_t kp, uint8_t* out) {
+  for (int64_t c = 0; c < kp / 32; ++c) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * c), load_codes<4>(row, c));
+  }
+}
+
 // One weight row decoded to float: out[k] = scale[g] * (code[k] - zero[g]) for k < kp.
 template <int Bits>
 DSX_AVX2_FN void decode_row(const uint8_t* w, int64_t groups, int64_t chunks_per_group, const float* scale,

@@ -67,6 +67,16 @@ void group_sums(const int8_t* x, int64_t groups, int64_t group, int32_t* out) {
   }
 }
 
+void unpack_row4(const uint8_t* row, int64_t kp, uint8_t* out) {
+#ifdef DSX_HAVE_QLINEAR_AVX2
+  if (avx2::supported()) {
+    avx2::unpack4(row, kp, out);
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < kp; ++k) out[k] = static_cast<uint8_t>(code_at(row, k, 4));
+}
+
 void dot_tile_scalar(const int8_t* const* x, const uint8_t* const* w, const QLinearPlan& p, int rows, int32_t* dots) {
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < 4; ++c) {
@@ -114,7 +124,9 @@ void decode_row(const uint8_t* w, const QLinearPlan& p, const float* scale, cons
 // x (M, K) float -> 7-bit codes in [-63, 63] (M, Kp), zero-padded, with one scale per row (or the given static
 // scale). Seven bits let the AVX2 kernel add 64 and use unsigned bytes without saturating vpmaddubsw (fbgemm's
 // reduce_range); every batch size and every CPU uses the same codes, so results do not depend on either.
-void quantize_activations(const float* x, const QLinearPlan& p, const float* static_scale, int8_t* xq, float* sx) {
+void quantize_activations(const float* x, const QLinearPlan& p, const float* static_scale, int8_t* xq, uint8_t* xu,
+                          float* sx, int32_t* xsum) {
+  const bool simd = have_avx2();
   at::parallel_for(0, p.m, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const float* row = x + m * p.k;
@@ -123,15 +135,28 @@ void quantize_activations(const float* x, const QLinearPlan& p, const float* sta
         s = *static_scale;
       } else {
         float amax = 0.0f;
-        for (int64_t k = 0; k < p.k; ++k) amax = std::max(amax, std::fabs(row[k]));
+#ifdef DSX_HAVE_QLINEAR_AVX2
+        if (simd) amax = avx2::row_amax(row, p.k);
+#endif
+        if (!simd) {
+          for (int64_t k = 0; k < p.k; ++k) amax = std::max(amax, std::fabs(row[k]));
+        }
         s = std::max(amax, 1e-12f) / 63.0f;
       }
       sx[m] = s;
       int8_t* q = xq + m * p.kp;
-      for (int64_t k = 0; k < p.k; ++k) {
+      uint8_t* u = xu + m * p.kp;
+      int64_t k = 0;
+#ifdef DSX_HAVE_QLINEAR_AVX2
+      if (simd) k = avx2::quantize_row7(row, p.k, s, q, u);
+#endif
+      for (; k < p.k; ++k) {
         q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] / s), -63.0f, 63.0f));
+        u[k] = static_cast<uint8_t>(q[k] + 64);
       }
       std::fill(q + p.k, q + p.kp, int8_t{0});
+      std::fill(u + p.k, u + p.kp, uint8_t{64});
+      group_sums(q, p.groups, p.group, xsum + m * p.groups);
     }
   });
 }
@@ -209,18 +234,15 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
   if (p.m > 0 && p.n > 0) {
     if (p.act_bits == 8) {
       std::vector<int8_t> xq(static_cast<size_t>(p.m * p.kp));
+      std::vector<uint8_t> xu(static_cast<size_t>(p.m * p.kp));  // codes + 64, for the unsigned AVX2 kernel
       std::vector<float> sx(static_cast<size_t>(p.m));
       std::vector<int32_t> xsum(static_cast<size_t>(p.m * p.groups));
       const at::Tensor st = act_scale.has_value() ? act_scale->to(at::kFloat).cpu() : at::Tensor();
       quantize_activations(xf.const_data_ptr<float>(), p, st.defined() ? st.const_data_ptr<float>() : nullptr,
-                           xq.data(), sx.data());
-      for (int64_t m = 0; m < p.m; ++m) group_sums(xq.data() + m * p.kp, p.groups, p.group, xsum.data() + m * p.groups);
+                           xq.data(), xu.data(), sx.data(), xsum.data());
       const bool u7 = have_avx2();
-      std::vector<uint8_t> xu;
       std::vector<int32_t> wsum;
-      if (u7) {  // codes shifted to [1, 127] as unsigned bytes; the shift is undone with the weights' code sums
-        xu.resize(xq.size());
-        for (size_t i = 0; i < xq.size(); ++i) xu[i] = static_cast<uint8_t>(xq[i] + 64);
+      if (u7) {  // the +64 shift of the activation codes is undone with the weights' per-group code sums
         wsum.resize(static_cast<size_t>(p.n * p.groups));
         if (code_sums.has_value()) {
           const at::Tensor cs = code_sums->cpu().contiguous();
@@ -237,37 +259,75 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
           });
         }
       }
-      const int64_t tiles_n = (p.n + kTileN - 1) / kTileN, tiles_m = (p.m + 1) / 2;
-      at::parallel_for(0, tiles_n * tiles_m, 1, [&](int64_t begin, int64_t end) {
-        std::vector<int32_t> dots(static_cast<size_t>(2 * 4 * p.groups));
-        for (int64_t t = begin; t < end; ++t) {
-          // Weight tiles outer, activation rows inner: each 4-row weight tile is read from memory once and the
-          // (small) activation block stays in cache.
-          const int64_t n0 = (t / tiles_m) * kTileN, m0 = (t % tiles_m) * 2;
-          const int rows = std::min<int64_t>(2, p.m - m0);
-          const uint8_t* w[4];
-          for (int c = 0; c < 4; ++c) w[c] = wp + std::min(n0 + c, p.n - 1) * row_bytes;  // edge tiles repeat a row
-          if (u7) {
-            const uint8_t* xr[2] = {xu.data() + m0 * p.kp, xu.data() + (m0 + rows - 1) * p.kp};
-            dot_tile_u7(xr, w, p, rows, dots.data());
-          } else {
-            const int8_t* xr[2] = {xq.data() + m0 * p.kp, xq.data() + (m0 + rows - 1) * p.kp};
-            dot_tile_scalar(xr, w, p, rows, dots.data());
-          }
-          for (int r = 0; r < rows; ++r) {
-            for (int c = 0; c < 4 && n0 + c < p.n; ++c) {
-              const int64_t n = n0 + c;
-              float acc = 0.0f;
-              for (int64_t g = 0; g < p.groups; ++g) {
-                int32_t d = dots[(r * 4 + c) * p.groups + g] - zw[n * p.groups + g] * xsum[(m0 + r) * p.groups + g];
-                if (u7) d -= 64 * wsum[n * p.groups + g];
-                acc += sw[n * p.groups + g] * static_cast<float>(d);
-              }
-              op[(m0 + r) * p.n + n] = acc * sx[m0 + r];
+      const int64_t tiles_n = (p.n + kTileN - 1) / kTileN, pairs = (p.m + 1) / 2;
+      // Loop order by what fits in cache: a small weight (convolutions: few output channels, short K) stays in cache
+      // while activation rows stream past once (rows outer); a large one is streamed once while the activation
+      // block stays in cache (weight tiles outer). 4-bit weights are unpacked to one byte per code first when several
+      // activation rows will reuse them.
+      const bool small_weight = p.n * p.kp <= (int64_t{1} << 19);
+      const bool unpack = u7 && p.bits == 4 && p.m > 2;
+      QLinearPlan p8 = p;
+      p8.bits = 8;
+      const QLinearPlan& pk = unpack ? p8 : p;
+      std::vector<uint8_t> unpacked(unpack && small_weight ? static_cast<size_t>(p.n * p.kp) : 0);
+      if (!unpacked.empty()) {
+        at::parallel_for(0, p.n, 16, [&](int64_t b, int64_t e) {
+          for (int64_t n = b; n < e; ++n) unpack_row4(wp + n * row_bytes, p.kp, unpacked.data() + n * p.kp);
+        });
+      }
+      auto weight_row = [&](int64_t n) {
+        n = std::min(n, p.n - 1);  // edge tiles repeat the last row
+        return unpacked.empty() ? wp + n * row_bytes : unpacked.data() + n * p.kp;
+      };
+      auto tile = [&](int64_t n0, const uint8_t* const* w, int64_t m0, int32_t* dots) {
+        const int rows = std::min<int64_t>(2, p.m - m0);
+        if (u7) {
+          const uint8_t* xr[2] = {xu.data() + m0 * p.kp, xu.data() + (m0 + rows - 1) * p.kp};
+          dot_tile_u7(xr, w, pk, rows, dots);
+        } else {
+          const int8_t* xr[2] = {xq.data() + m0 * p.kp, xq.data() + (m0 + rows - 1) * p.kp};
+          dot_tile_scalar(xr, w, p, rows, dots);
+        }
+        for (int r = 0; r < rows; ++r) {
+          for (int c = 0; c < 4 && n0 + c < p.n; ++c) {
+            const int64_t n = n0 + c;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < p.groups; ++g) {
+              int32_t d = dots[(r * 4 + c) * p.groups + g] - zw[n * p.groups + g] * xsum[(m0 + r) * p.groups + g];
+              if (u7) d -= 64 * wsum[n * p.groups + g];
+              acc += sw[n * p.groups + g] * static_cast<float>(d);
             }
+            op[(m0 + r) * p.n + n] = acc * sx[m0 + r];
           }
         }
-      });
+      };
+      if (small_weight) {
+        at::parallel_for(0, pairs, 4, [&](int64_t begin, int64_t end) {
+          std::vector<int32_t> dots(static_cast<size_t>(2 * 4 * p.groups));
+          for (int64_t pr = begin; pr < end; ++pr) {
+            for (int64_t n0 = 0; n0 < p.n; n0 += kTileN) {
+              const uint8_t* w[4] = {weight_row(n0), weight_row(n0 + 1), weight_row(n0 + 2), weight_row(n0 + 3)};
+              tile(n0, w, pr * 2, dots.data());
+            }
+          }
+        });
+      } else {
+        at::parallel_for(0, tiles_n, 1, [&](int64_t begin, int64_t end) {
+          std::vector<int32_t> dots(static_cast<size_t>(2 * 4 * p.groups));
+          std::vector<uint8_t> bytes(unpack ? static_cast<size_t>(4 * p.kp) : 0);
+          for (int64_t tn = begin; tn < end; ++tn) {
+            const int64_t n0 = tn * kTileN;
+            const uint8_t* w[4] = {weight_row(n0), weight_row(n0 + 1), weight_row(n0 + 2), weight_row(n0 + 3)};
+            if (unpack) {
+              for (int c = 0; c < 4; ++c) {
+                unpack_row4(w[c], p.kp, bytes.data() + c * p.kp);
+                w[c] = bytes.data() + c * p.kp;
+              }
+            }
+            for (int64_t m0 = 0; m0 < p.m; m0 += 2) tile(n0, w, m0, dots.data());
+          }
+        });
+      }
     } else if (p.m < 8) {  // weight-only, small batch: fused GEMV, codes converted in registers
       std::vector<float> xpad(static_cast<size_t>(p.m * p.kp), 0.0f);
       std::vector<float> xgs(static_cast<size_t>(p.m * p.groups), 0.0f);

@@ -86,7 +86,10 @@ class QuantizedLinear(_QuantizedWeight):
 
 
 class QuantizedConv2d(_QuantizedWeight):
-    """``nn.Conv2d`` (groups=1, zero padding) as im2col into the quantized GEMM; channels_last inputs work too."""
+    """``nn.Conv2d`` (groups=1, zero padding) as an im2col GEMM over the quantized weight. The input is read in
+    channels-last order (a view when it already is channels_last, as this module's own output is), patches are
+    gathered once with (kh, kw, c) ordering matching the packed weight, and 1x1 stride-1 convolutions need no
+    gathering at all."""
 
     def __init__(self, conv: nn.Conv2d, config: QuantConfig):
         super().__init__()
@@ -94,15 +97,25 @@ class QuantizedConv2d(_QuantizedWeight):
             raise ValueError("QuantizedConv2d takes groups=1 convolutions with numeric zero padding")
         self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self._init_weight(conv.weight.reshape(conv.out_channels, -1), conv.bias, config)
+        # (Cout, Cin, kh, kw) -> (Cout, kh * kw * Cin): the patch order of forward()
+        self._init_weight(conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        y = self._linear(cols.transpose(1, 2).reshape(n * ho * wo, -1))
-        return y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        xl = x.permute(0, 2, 3, 1)  # (N, H, W, C)
+        if kh == kw == 1 and ph == pw == 0:
+            cols = xl[:, ::sh, ::sw].reshape(n * ho * wo, c)
+        else:
+            if ph or pw:
+                xl = F.pad(xl, (0, 0, pw, pw, ph, ph))
+            patches = xl.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)  # (N, Ho, Wo, C, KH, KW)
+            patches = patches[..., ::dh, ::dw]
+            cols = patches.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * c)
+        y = self._linear(cols)
+        return y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # channels_last memory
 
     def extra_repr(self) -> str:
         c = self.config
