@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_weight_cuda(const at::Te
     codes = q.to(at::kChar);
   } else {
     const at::Tensor c = q.to(at::kByte).view({n, kp / 32, 2, 16});
-    codes = (c.select(2, 0) | (c.select(2, 1) << 4)).reshape({n, kp / 2});
+    codes = (c.select(2, 0) | c.select(2, 1).mul(16)).reshape({n, kp / 2});  // high nibble: code * 16
   }
   return {codes.contiguous(), scales.contiguous(), zeros.contiguous()};
 }
