@@ -27,4 +27,20 @@ TORCH_LIBRARY(deepseek_ext, m) {
   // (sum_i factors[i] * grads[i] + noise) * scale in one read of the per-sample gradients.
   m.def("per_sample_sq_norms(Tensor grads) -> Tensor");
   m.def("clip_sum_noise(Tensor grads, Tensor factors, Tensor? noise=None, float scale=1.0) -> Tensor");
+
+  // Fused attention (deepseek_ext/ops/attention.py): flash-style forward returning the output and the per-row
+  // log-sum-exp (float32) the recomputing backward reads. Dropout draws from Philox keyed by `seed` (a one-element
+  // int64 CPU tensor), so the backward regenerates the mask. csrc/include/deepseek_ext/attention.h has the layout.
+  m.def("fused_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0,"
+        " bool is_causal=False, float scale=1.0, Tensor? seed=None) -> (Tensor, Tensor)");
+  m.def("fused_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? attn_mask=None, float dropout_p=0.0, bool is_causal=False, float scale=1.0, Tensor? seed=None)"
+        " -> (Tensor, Tensor, Tensor)");
+  // Packed variable-length sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D), cu_seqlens_* (batch + 1,) int32/int64;
+  // causal masking bottom-right aligned; max_seqlen_* < 0 means "compute from cu_seqlens".
+  m.def("fused_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+        " int max_seqlen_q=-1, int max_seqlen_k=-1, bool is_causal=False, float scale=1.0) -> (Tensor, Tensor)");
+  m.def("fused_attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q=-1, int max_seqlen_k=-1,"
+        " bool is_causal=False, float scale=1.0) -> (Tensor, Tensor, Tensor)");
 }

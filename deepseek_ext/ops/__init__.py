@@ -7,6 +7,7 @@ kernel for ``torch.compile`` and, where gradients make sense, its autograd formu
 from __future__ import annotations
 
 from .amp import unscale_check_norm_
+from .attention import fused_attention, fused_attention_varlen
 from .fp8 import dequantize_fp8, fp8_matmul, quantize_fp8
 from .privacy import clip_sum_noise, per_sample_sq_norms
 from .quant import quantize_weight, quantized_linear
@@ -20,4 +21,6 @@ __all__ = [
     "clip_sum_noise",
     "quantize_weight",
     "quantized_linear",
+    "fused_attention",
+    "fused_attention_varlen",
 ]

@@ -1,0 +1,576 @@
+// CPU kernels of fused attention: flash-style forward and recomputing backward.
+//
+// Forward: one work item per (batch, query head, block of kBlockQ queries). The query block is converted to the
+// compute type (float32; float64 for float64 inputs) and pre-scaled by scale * log2(e); key blocks of kBlockK rows
+// stream past it. Each key block is packed (K transposed, V padded), S = Q K^T is computed by a register-tiled
+// micro-kernel, masked, and folded into the running row maximum / row sum / output with exp2 (online softmax); the
+// full score matrix never exists. Memory beyond the output is a few tiles per thread.
+//
+// Backward: one work item per (batch, key/value head), covering every query head of its group, so dK and dV
+// accumulate without races. Q, dO and the dQ accumulator of the group are packed once per item; for every key
+// block and query block P is recomputed from the saved log-sum-exp and the five products of the FlashAttention-2
+// backward run on tiles. Dropout masks are regenerated from the Philox seed, never stored.
+//
+// The micro-kernel uses GCC vector extensions; DSX_CPU_CLONES compiles the per-item functions for AVX2/FMA and
+// for baseline x86-64 and picks one at load time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "deepseek_ext/attention.h"
+#include "deepseek_ext/cpu.h"
+
+namespace deepseek_ext {
+namespace attention {
+namespace {
+
+#define DSX_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kBlockQ = 72;   // query rows per tile (a multiple of the micro-kernel's 6 rows)
+constexpr int64_t kBlockK = 128;  // key rows per tile
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+template <typename T>
+using vec_t = std::conditional_t<std::is_same_v<T, float>, v8f, v4d>;
+template <typename T>
+constexpr int64_t kVL = 32 / sizeof(T);  // lanes per vector
+template <typename T>
+constexpr int64_t kNR = 2 * kVL<T>;  // micro-kernel columns (two vectors)
+
+template <typename T>
+DSX_INLINE vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+DSX_INLINE void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[MR x NR] (+)= A[MR x K] * B[K x NR]. A(r, k) is A[r * lda + k], or A[k * lda + r] when TransA.
+template <typename T, int MR, bool TransA>
+DSX_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                             bool accumulate) {
+  using V = vec_t<T>;
+  constexpr int64_t VL = kVL<T>;
+  V c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = accumulate ? vload(C + r * ldc) : V{};
+    c1[r] = accumulate ? vload(C + r * ldc + VL) : V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const V b0 = vload(B + k * ldb), b1 = vload(B + k * ldb + VL);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const T a = TransA ? A[k * lda + r] : A[r * lda + k];
+      c0[r] += a * b0;
+      c1[r] += a * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    vstore(C + r * ldc, c0[r]);
+    vstore(C + r * ldc + VL, c1[r]);
+  }
+}
+
+// C[M x N] (+)= op(A)[M x K] * B[K x N]; N a multiple of kNR, B and C rows padded to it.
+template <typename T, bool TransA = false>
+DSX_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                     int64_t ldc, bool accumulate) {
+  constexpr int64_t NR = kNR<T>;
+  auto a_at = [&](int64_t m0) { return TransA ? A + m0 : A + m0 * lda; };
+  for (int64_t n0 = 0; n0 < N; n0 += NR) {
+    int64_t m0 = 0;
+    for (; m0 + 6 <= M; m0 += 6) micro_kernel<T, 6, TransA>(K, a_at(m0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
+    T* c = C + m0 * ldc + n0;
+    switch (M - m0) {
+      case 5: micro_kernel<T, 5, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
+      case 4: micro_kernel<T, 4, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
+      case 3: micro_kernel<T, 3, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
+      case 2: micro_kernel<T, 2, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
+      case 1: micro_kernel<T, 1, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+// x[j] = 2^(x[j] - shift) for j < n (n a multiple of the vector length); returns the sum. Arguments below -125
+// (and -inf) give exactly 0: they are below 2^-125 of the row's largest term, which is 1.
+DSX_INLINE float exp2_sum(float* x, int64_t n, float shift) {
+  v8f acc{};
+  for (int64_t j = 0; j < n; j += 8) {
+    v8f t = vload(x + j) - shift;
+    const v8i dead = t < -125.0f;
+    t = dead ? v8f{} - 125.0f : t;
+    // 2^t = 2^k * 2^f with k = round(t), f in [-1/2, 1/2]: degree-6 Taylor polynomial (relative error < 2e-7).
+    const v8f th = t + 0.5f;
+    v8i k = __builtin_convertvector(th, v8i);
+    k += (__builtin_convertvector(k, v8f) > th);  // truncation rounded a negative value up: subtract one
+    const v8f f = t - __builtin_convertvector(k, v8f);
+    v8f p = f * 1.5403530393381606e-4f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    v8i bits;
+    std::memcpy(&bits, &p, sizeof(bits));
+    bits += k << 23;
+    v8f r;
+    std::memcpy(&r, &bits, sizeof(r));
+    r = dead ? v8f{} : r;
+    vstore(x + j, r);
+    acc += r;
+  }
+  float s = 0;
+  for (int i = 0; i < 8; ++i) s += acc[i];
+  return s;
+}
+
+DSX_INLINE double exp2_sum(double* x, int64_t n, double shift) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp2(x[j] - shift));
+  return s;
+}
+
+// Per-row view of a call: the (batch, head) pair's sequence offsets, lengths and causal offset.
+struct Seq {
+  int64_t q0, nq, k0, nk, causal_off;
+};
+
+DSX_INLINE Seq sequence(const Geometry& g, int64_t b) {
+  Seq s{0, g.seq_q, 0, g.seq_k, 0};
+  if (g.cu_q != nullptr) s = Seq{g.cu_q[b], g.cu_q[b + 1] - g.cu_q[b], g.cu_k[b], g.cu_k[b + 1] - g.cu_k[b], 0};
+  s.causal_off = g.bottom_right ? s.nk - s.nq : 0;
+  return s;
+}
+
+// Number of keys row i may see in a causal call (all of them otherwise), clamped to [0, nk].
+DSX_INLINE int64_t visible_keys(const Geometry& g, const Seq& s, int64_t i) {
+  if (!g.causal) return s.nk;
+  return std::clamp<int64_t>(i + s.causal_off + 1, 0, s.nk);
+}
+
+// Masks row i of a score tile holding keys kb .. kb + nk (scores in log2 units); columns from nk to ncols are
+// padding and become -inf too.
+template <typename T>
+DSX_INLINE void mask_row(const Geometry& g, const Seq& s, int64_t b, int64_t h, int64_t i, int64_t kb, int64_t nk,
+                         int64_t ncols, T* row) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t limit = std::clamp<int64_t>(visible_keys(g, s, i) - kb, 0, nk);
+  for (int64_t j = limit; j < ncols; ++j) row[j] = kNegInf;
+  if (g.mask == nullptr) return;
+  const int64_t off = b * g.mask_b + h * g.mask_h + i * g.mask_i + kb * g.mask_j;
+  if (g.mask_is_bool) {
+    const bool* m = static_cast<const bool*>(g.mask) + off;
+    for (int64_t j = 0; j < limit; ++j) row[j] = m[j * g.mask_j] ? row[j] : kNegInf;
+  } else {
+    const T* m = static_cast<const T*>(g.mask) + off;
+    const T l2e = static_cast<T>(kLog2e);
+    for (int64_t j = 0; j < limit; ++j) row[j] += l2e * m[j * g.mask_j];
+  }
+}
+
+// Multiplies row i of a probability tile by the dropout mask (kept / (1 - p), dropped 0).
+template <typename T>
+DSX_INLINE void dropout_row(const Geometry& g, const Seq& s, int64_t b, int64_t h, int64_t i, int64_t kb, int64_t nk,
+                            T* row) {
+  const uint32_t threshold = dropout_threshold(g.dropout_p);
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - g.dropout_p));
+  for (int64_t j0 = 0; j0 < nk; j0 += 4) {
+    const int64_t jg = kb + j0;  // kb is a multiple of 4, so one Philox block serves four keys
+    const auto r = rng::philox(g.seed, static_cast<uint64_t>(b * g.heads_q + h),
+                               static_cast<uint64_t>(i * ((s.nk + 3) / 4) + (jg >> 2)));
+    for (int64_t u = 0; u < 4 && j0 + u < nk; ++u) row[j0 + u] *= r.v[u] >= threshold ? keep_scale : T(0);
+  }
+}
+
+template <typename S, typename T>
+DSX_INLINE void load_row(const S* src, int64_t n, T mul, T* dst) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d]) * mul;
+}
+
+template <typename S, typename T>
+struct ForwardWork {
+  const Geometry& g;
+  const S *q, *k, *v;
+  S* o;
+  T* lse;  // float32, or float64 for float64 inputs
+};
+
+// One (batch, query head, query block) of the forward pass. Buffers: Q tile, K^T tile, V tile, S tile, O tile.
+template <typename S, typename T>
+DSX_CPU_CLONES void forward_item(const ForwardWork<S, T>& w, int64_t b, int64_t h, int64_t qb, std::vector<T>& buf) {
+  const Geometry& g = w.g;
+  const Seq s = sequence(g, b);
+  const int64_t i0 = qb * kBlockQ;
+  if (i0 >= s.nq) return;
+  const int64_t nq = std::min(kBlockQ, s.nq - i0);
+  const int64_t D = g.head_dim, Dv = g.head_dim_v, Dvp = round_up(Dv, kNR<T>), BKp = round_up(kBlockK, kNR<T>);
+  const int64_t hk = h / (g.heads_q / g.heads_kv);
+  buf.resize(kBlockQ * D + D * BKp + kBlockK * Dvp + kBlockQ * BKp + kBlockQ * Dvp + 2 * kBlockQ);
+  T* qt = buf.data();
+  T* kt = qt + kBlockQ * D;
+  T* vt = kt + D * BKp;
+  T* st = vt + kBlockK * Dvp;
+  T* ot = st + kBlockQ * BKp;
+  T* row_max = ot + kBlockQ * Dvp;
+  T* row_sum = row_max + kBlockQ;
+
+  const S* qh = w.q + b * g.q.b + h * g.q.h + (s.q0 + i0) * g.q.s;
+  const S* kh = w.k + b * g.k.b + hk * g.k.h + s.k0 * g.k.s;
+  const S* vh = w.v + b * g.v.b + hk * g.v.h + s.k0 * g.v.s;
+  const T qmul = static_cast<T>(g.scale * kLog2e);
+  for (int64_t r = 0; r < nq; ++r) load_row(qh + r * g.q.s, D, qmul, qt + r * D);
+  std::fill(ot, ot + nq * Dvp, T(0));
+  std::fill(row_max, row_max + nq, -std::numeric_limits<T>::infinity());
+  std::fill(row_sum, row_sum + nq, T(0));
+
+  const int64_t kend = visible_keys(g, s, i0 + nq - 1);
+  for (int64_t kb = 0; kb < kend; kb += kBlockK) {
+    const int64_t nk = std::min(kBlockK, kend - kb), nkp = round_up(nk, kNR<T>);
+    for (int64_t j = 0; j < nk; ++j) {
+      const S* kr = kh + (kb + j) * g.k.s;
+      for (int64_t d = 0; d < D; ++d) kt[d * nkp + j] = static_cast<T>(kr[d]);
+      load_row(vh + (kb + j) * g.v.s, Dv, T(1), vt + j * Dvp);
+      std::fill(vt + j * Dvp + Dv, vt + (j + 1) * Dvp, T(0));
+    }
+    for (int64_t d = 0; d < D; ++d) std::fill(kt + d * nkp + nk, kt + (d + 1) * nkp, T(0));
+    gemm<T>(nq, nkp, D, qt, D, kt, nkp, st, nkp, false);
+    for (int64_t r = 0; r < nq; ++r) {
+      T* row = st + r * nkp;
+      const int64_t i = i0 + r;
+      mask_row(g, s, b, h, i, kb, nk, nkp, row);
+      T mx = row_max[r];
+      for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j]);
+      if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet: the row's P is zero
+        std::fill(row, row + nkp, T(0));
+        continue;
+      }
+      const T alpha = std::exp2(row_max[r] - mx);
+      row_sum[r] = row_sum[r] * alpha + exp2_sum(row, nkp, mx);
+      row_max[r] = mx;
+      if (alpha != T(1)) {
+        T* orow = ot + r * Dvp;
+        for (int64_t d = 0; d < Dvp; ++d) orow[d] *= alpha;
+      }
+      if (g.dropout_p > 0) dropout_row(g, s, b, h, i, kb, nk, row);
+    }
+    gemm<T>(nq, Dvp, nk, st, nkp, vt, Dvp, ot, Dvp, true);
+  }
+
+  S* oh = w.o + b * g.o.b + h * g.o.h + (s.q0 + i0) * g.o.s;
+  T* lh = w.lse + b * g.lse.b + h * g.lse.h + (s.q0 + i0) * g.lse.s;
+  for (int64_t r = 0; r < nq; ++r) {
+    const T l = row_sum[r];
+    const T inv = l > T(0) ? T(1) / l : T(0);
+    for (int64_t d = 0; d < Dv; ++d) oh[r * g.o.s + d] = static_cast<S>(ot[r * Dvp + d] * inv);
+    lh[r * g.lse.s] = l > T(0) ? (row_max[r] + std::log2(l)) * static_cast<T>(kLn2) : std::numeric_limits<T>::infinity();
+  }
+}
+
+template <typename S, typename T>
+void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+             at::Tensor& lse) {
+  const ForwardWork<S, T> w{g, q.const_data_ptr<S>(), k.const_data_ptr<S>(), v.const_data_ptr<S>(),
+                            out.mutable_data_ptr<S>(), lse.mutable_data_ptr<T>()};
+  const int64_t nqb = (g.seq_q + kBlockQ - 1) / kBlockQ;
+  const int64_t items = g.batch * g.heads_q * nqb;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf;
+    for (int64_t it = begin; it < end; ++it) {
+      // Query blocks vary fastest so that neighbouring items share their keys in cache.
+      forward_item<S, T>(w, it / (g.heads_q * nqb), (it / nqb) % g.heads_q, it % nqb, buf);
+    }
+  });
+}
+
+template <typename S, typename T>
+struct BackwardWork {
+  const Geometry& g;
+  const S *q, *k, *v, *o, *dout;
+  const T* lse;
+  Strides dout_s;
+  S *dq, *dk, *dv;
+  Strides dq_s, dk_s, dv_s;
+};
+
+// One (batch, key/value head) of the backward pass, for every query head of its group.
+template <typename S, typename T>
+DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_t hk, std::vector<T>& buf) {
+  const Geometry& g = w.g;
+  const Seq s = sequence(g, b);
+  const int64_t G = g.heads_q / g.heads_kv;
+  const int64_t D = g.head_dim, Dv = g.head_dim_v;
+  const int64_t Dp = round_up(D, kNR<T>), Dvp = round_up(Dv, kNR<T>), BKp = round_up(kBlockK, kNR<T>);
+  const int64_t nq_all = s.nq, nk_all = s.nk;
+  S* dkh = w.dk + b * w.dk_s.b + hk * w.dk_s.h + s.k0 * w.dk_s.s;
+  S* dvh = w.dv + b * w.dv_s.b + hk * w.dv_s.h + s.k0 * w.dv_s.s;
+  if (nk_all == 0 || nq_all == 0) {
+    for (int64_t j = 0; j < nk_all; ++j) {
+      std::fill(dkh + j * w.dk_s.s, dkh + j * w.dk_s.s + D, S(0));
+      std::fill(dvh + j * w.dv_s.s, dvh + j * w.dv_s.s + Dv, S(0));
+    }
+    for (int64_t gi = 0; gi < G; ++gi) {
+      S* dqh = w.dq + b * w.dq_s.b + (hk * G + gi) * w.dq_s.h + s.q0 * w.dq_s.s;
+      for (int64_t i = 0; i < nq_all; ++i) std::fill(dqh + i * w.dq_s.s, dqh + i * w.dq_s.s + D, S(0));
+    }
+    return;
+  }
+  // Per group: Q (nq x Dp), dO (nq x Dvp), dQ accumulator (nq x Dp), lse in log2 units, D_i = rowsum(dO * O).
+  const int64_t per_head = nq_all * (2 * Dp + Dvp + 2);
+  buf.resize(G * per_head + 2 * nk_all * std::max(Dp, Dvp) + D * BKp + Dv * BKp + kBlockK * Dp +
+             3 * kBlockQ * BKp);
+  T* heads = buf.data();
+  T* dk_acc = heads + G * per_head;
+  T* dv_acc = dk_acc + nk_all * Dp;
+  T* kt = dv_acc + nk_all * Dvp;
+  T* vtt = kt + D * BKp;
+  T* kp = vtt + Dv * BKp;
+  T* pt = kp + kBlockK * Dp;
+  T* dpt = pt + kBlockQ * BKp;
+  T* pd = dpt + kBlockQ * BKp;  // dropped-out P
+  std::fill(dk_acc, dk_acc + nk_all * Dp + nk_all * Dvp, T(0));
+  const T l2e = static_cast<T>(kLog2e), sl2 = static_cast<T>(g.scale * kLog2e);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t h = hk * G + gi;
+    T* qp = heads + gi * per_head;
+    T* dop = qp + nq_all * Dp;
+    T* dqa = dop + nq_all * Dvp;
+    T* lse2 = dqa + nq_all * Dp;
+    T* di = lse2 + nq_all;
+    const S* qh = w.q + b * g.q.b + h * g.q.h + s.q0 * g.q.s;
+    const S* oh = w.o + b * g.o.b + h * g.o.h + s.q0 * g.o.s;
+    const S* doh = w.dout + b * w.dout_s.b + h * w.dout_s.h + s.q0 * w.dout_s.s;
+    const T* lh = w.lse + b * g.lse.b + h * g.lse.h + s.q0 * g.lse.s;
+    std::fill(dqa, dqa + nq_all * Dp, T(0));
+    for (int64_t i = 0; i < nq_all; ++i) {
+      load_row(qh + i * g.q.s, D, T(1), qp + i * Dp);
+      std::fill(qp + i * Dp + D, qp + (i + 1) * Dp, T(0));
+      load_row(doh + i * w.dout_s.s, Dv, T(1), dop + i * Dvp);
+      std::fill(dop + i * Dvp + Dv, dop + (i + 1) * Dvp, T(0));
+      T acc = 0;
+      for (int64_t d = 0; d < Dv; ++d) acc += dop[i * Dvp + d] * static_cast<T>(oh[i * g.o.s + d]);
+      di[i] = acc;
+      lse2[i] = static_cast<T>(lh[i * g.lse.s]) * l2e;
+    }
+  }
+
+  for (int64_t kb = 0; kb < nk_all; kb += kBlockK) {
+    const int64_t nk = std::min(kBlockK, nk_all - kb), nkp = round_up(nk, kNR<T>);
+    for (int64_t j = 0; j < nk; ++j) {
+      const S* kr = w.k + b * g.k.b + hk * g.k.h + (s.k0 + kb + j) * g.k.s;
+      const S* vr = w.v + b * g.v.b + hk * g.v.h + (s.k0 + kb + j) * g.v.s;
+      for (int64_t d = 0; d < D; ++d) kt[d * nkp + j] = kp[j * Dp + d] = static_cast<T>(kr[d]);
+      std::fill(kp + j * Dp + D, kp + (j + 1) * Dp, T(0));
+      for (int64_t d = 0; d < Dv; ++d) vtt[d * nkp + j] = static_cast<T>(vr[d]);
+    }
+    for (int64_t d = 0; d < D; ++d) std::fill(kt + d * nkp + nk, kt + (d + 1) * nkp, T(0));
+    for (int64_t d = 0; d < Dv; ++d) std::fill(vtt + d * nkp + nk, vtt + (d + 1) * nkp, T(0));
+    // First query that sees this key block (causal): key kb is visible from row kb - causal_off on.
+    const int64_t ifirst = g.causal ? std::clamp<int64_t>(kb - s.causal_off, 0, nq_all) : 0;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const int64_t h = hk * G + gi;
+      T* qp = heads + gi * per_head;
+      T* dop = qp + nq_all * Dp;
+      T* dqa = dop + nq_all * Dvp;
+      T* lse2 = dqa + nq_all * Dp;
+      T* di = lse2 + nq_all;
+      for (int64_t i0 = ifirst / kBlockQ * kBlockQ; i0 < nq_all; i0 += kBlockQ) {
+        const int64_t nq = std::min(kBlockQ, nq_all - i0);
+        // P = exp2(S * scale * log2e + mask - lse2)
+        gemm<T>(nq, nkp, D, qp + i0 * Dp, Dp, kt, nkp, pt, nkp, false);
+        bool any = false;
+        for (int64_t r = 0; r < nq; ++r) {
+          T* row = pt + r * nkp;
+          const int64_t i = i0 + r;
+          for (int64_t j = 0; j < nkp; ++j) row[j] *= sl2;
+          mask_row(g, s, b, h, i, kb, nk, nkp, row);
+          if (std::isinf(lse2[i])) {  // a fully masked row: no gradient flows through it
+            std::fill(row, row + nkp, T(0));
+          } else {
+            exp2_sum(row, nkp, lse2[i]);
+            any = true;
+          }
+        }
+        if (!any) continue;
+        const bool drop = g.dropout_p > 0;
+        if (drop) {
+          for (int64_t r = 0; r < nq; ++r) {
+            std::copy(pt + r * nkp, pt + (r + 1) * nkp, pd + r * nkp);
+            dropout_row(g, s, b, h, i0 + r, kb, nk, pd + r * nkp);
+          }
+        }
+        // dV += P_dropped^T dO
+        gemm<T, true>(nk, Dvp, nq, drop ? pd : pt, nkp, dop + i0 * Dvp, Dvp, dv_acc + kb * Dvp, Dvp, true);
+        // dP = dO V^T (then through dropout); dS = P * (dP - D_i)
+        gemm<T>(nq, nkp, Dv, dop + i0 * Dvp, Dvp, vtt, nkp, dpt, nkp, false);
+        for (int64_t r = 0; r < nq; ++r) {
+          T* dp = dpt + r * nkp;
+          const T* p = pt + r * nkp;
+          if (drop) {
+            const T* q_drop = pd + r * nkp;
+            // The dropout factor of each key is P_dropped / P where P > 0 (P == 0 makes dS zero either way).
+            for (int64_t j = 0; j < nkp; ++j) dp[j] = p[j] > T(0) ? dp[j] * (q_drop[j] / p[j]) : T(0);
+          }
+          const T dii = di[i0 + r];
+          for (int64_t j = 0; j < nkp; ++j) dp[j] = p[j] * (dp[j] - dii);
+        }
+        // dQ += dS K ; dK += dS^T Q  (scale applied at the end)
+        gemm<T>(nq, Dp, nk, dpt, nkp, kp, Dp, dqa + i0 * Dp, Dp, true);
+        gemm<T, true>(nk, Dp, nq, dpt, nkp, qp + i0 * Dp, Dp, dk_acc + kb * Dp, Dp, true);
+      }
+    }
+  }
+
+  const T sc = static_cast<T>(g.scale);
+  for (int64_t j = 0; j < nk_all; ++j) {
+    for (int64_t d = 0; d < D; ++d) dkh[j * w.dk_s.s + d] = static_cast<S>(dk_acc[j * Dp + d] * sc);
+    for (int64_t d = 0; d < Dv; ++d) dvh[j * w.dv_s.s + d] = static_cast<S>(dv_acc[j * Dvp + d]);
+  }
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const T* dqa = heads + gi * per_head + nq_all * (Dp + Dvp);
+    S* dqh = w.dq + b * w.dq_s.b + (hk * G + gi) * w.dq_s.h + s.q0 * w.dq_s.s;
+    for (int64_t i = 0; i < nq_all; ++i) {
+      for (int64_t d = 0; d < D; ++d) dqh[i * w.dq_s.s + d] = static_cast<S>(dqa[i * Dp + d] * sc);
+    }
+  }
+}
+
+Strides strides_of(const at::Tensor& t, bool varlen) {
+  return varlen ? Strides{0, t.stride(1), t.stride(0)} : Strides{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+template <typename S, typename T>
+void backward(const Geometry& g, bool varlen, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+              at::Tensor& dv) {
+  const BackwardWork<S, T> w{g,
+                             q.const_data_ptr<S>(),
+                             k.const_data_ptr<S>(),
+                             v.const_data_ptr<S>(),
+                             out.const_data_ptr<S>(),
+                             dout.const_data_ptr<S>(),
+                             lse.const_data_ptr<T>(),
+                             strides_of(dout, varlen),
+                             dq.mutable_data_ptr<S>(),
+                             dk.mutable_data_ptr<S>(),
+                             dv.mutable_data_ptr<S>(),
+                             strides_of(dq, varlen),
+                             strides_of(dk, varlen),
+                             strides_of(dv, varlen)};
+  at::parallel_for(0, g.batch * g.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf;
+    for (int64_t it = begin; it < end; ++it) backward_item<S, T>(w, it / g.heads_kv, it % g.heads_kv, buf);
+  });
+}
+
+#define DSX_DISPATCH_ATTENTION(TYPE, NAME, ...)                                                             \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                                 \
+                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+std::tuple<at::Tensor, at::Tensor> run_forward(const Geometry& g, bool varlen, const at::Tensor& q,
+                                               const at::Tensor& k, const at::Tensor& v) {
+  at::Tensor out = at::empty(out_sizes(q, v, varlen), q.options());
+  at::Tensor lse = at::empty(lse_sizes(q, varlen), q.options().dtype(lse_dtype(q.scalar_type())));
+  if (out.numel() == 0) {
+    lse.fill_(std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  DSX_DISPATCH_ATTENTION(q.scalar_type(), "fused_attention_cpu", [&] {
+    forward<scalar_t, compute_t<scalar_t>>(g, q, k, v, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Geometry& g, bool varlen, const at::Tensor& dout,
+                                                            const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& out,
+                                                            const at::Tensor& lse) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (q.numel() + k.numel() + v.numel() == 0) return {dq, dk, dv};
+  const at::Tensor d_out = dout.scalar_type() == q.scalar_type() ? dout.contiguous() : dout.to(q.scalar_type()).contiguous();
+  const at::Tensor o = out.contiguous();
+  const at::Tensor l = lse.contiguous();
+  Geometry gg = g;
+  gg.o = strides_of(o, varlen);
+  gg.lse = varlen ? Strides{0, l.stride(0), l.stride(1)} : Strides{l.stride(0), l.stride(1), l.stride(2)};
+  DSX_DISPATCH_ATTENTION(q.scalar_type(), "fused_attention_backward_cpu", [&] {
+    backward<scalar_t, compute_t<scalar_t>>(gg, varlen, d_out, q, k, v, o, l, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fused_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v,
+                                                           const std::optional<at::Tensor>& attn_mask,
+                                                           double dropout_p, bool is_causal, double scale,
+                                                           const std::optional<at::Tensor>& seed) {
+  const Dense d = prepare_dense("fused_attention_fwd", q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
+  return run_forward(d.geo, false, d.q, d.k, d.v);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    double scale, const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "fused_attention_bwd";
+  const Dense d = prepare_dense(op, q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
+  check_backward(op, grad_out, out, lse, q, v, false);
+  return run_backward(d.geo, false, grad_out, d.q, d.k, d.v, out, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                                  const at::Tensor& cu_seqlens_k,
+                                                                  int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                                  bool is_causal, double scale) {
+  const Varlen r = prepare_varlen("fused_attention_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, is_causal, scale);
+  return run_forward(r.geo, true, r.q, r.k, r.v);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool is_causal, double scale) {
+  constexpr const char* op = "fused_attention_varlen_bwd";
+  const Varlen r = prepare_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+                                  scale);
+  check_backward(op, grad_out, out, lse, q, v, true);
+  return run_backward(r.geo, true, grad_out, r.q, r.k, r.v, out, lse);
+}
+
+}  // namespace attention
+}  // namespace deepseek_ext
+
+TORCH_LIBRARY_IMPL(deepseek_ext, CPU, m) {
+  m.impl("fused_attention_fwd", &deepseek_ext::attention::fused_attention_fwd_cpu);
+  m.impl("fused_attention_bwd", &deepseek_ext::attention::fused_attention_bwd_cpu);
+  m.impl("fused_attention_varlen_fwd", &deepseek_ext::attention::fused_attention_varlen_fwd_cpu);
+  m.impl("fused_attention_varlen_bwd", &deepseek_ext::attention::fused_attention_varlen_bwd_cpu);
+}

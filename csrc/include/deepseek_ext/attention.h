@@ -1,0 +1,101 @@
+// Fused attention: the host-side rules shared by the CPU and CUDA kernels, and the geometry both kernels read.
+//
+// Dense:  q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), out (B, Hq, Sq, Dv), lse (B, Hq, Sq) float32 (float64 for
+// float64 inputs).
+// Varlen: q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv), sequence b spanning rows cu_q[b]..cu_q[b+1] of q and
+//         cu_k[b]..cu_k[b+1] of k/v; out (Tq, Hq, Dv), lse (Hq, Tq) float32 (FlashAttention's layout).
+// lse is the natural log-sum-exp of each row's scaled, masked scores (+inf for a row with every key masked, whose
+// output is zero). Causal masking keeps key j for query i when j <= i + offset, offset 0 (top-left, SDPA's
+// convention) for the dense op and Sk_b - Sq_b (bottom-right, FlashAttention's) for the varlen op.
+// Dropout keeps score (b, h, i, j) when the Philox draw for it is at or above p * 2^32 (see dropout_bits), so the
+// backward pass and either device regenerate the same mask from the seed.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "deepseek_ext/philox.h"
+
+namespace deepseek_ext {
+namespace attention {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// Element strides of a (batch, head, seq, dim) view with a unit dim stride; varlen tensors have stride_b = 0.
+struct Strides {
+  int64_t b = 0, h = 0, s = 0;
+};
+
+struct Geometry {
+  int64_t batch = 0, heads_q = 0, heads_kv = 0, head_dim = 0, head_dim_v = 0;
+  int64_t seq_q = 0, seq_k = 0;            // dense lengths, or the varlen maxima
+  const int64_t* cu_q = nullptr;           // varlen offsets (batch + 1 entries), host memory for CPU kernels
+  const int64_t* cu_k = nullptr;
+  bool causal = false, bottom_right = false;
+  double scale = 1.0, dropout_p = 0.0;
+  uint64_t seed = 0;
+  // Additive float (float32) or boolean mask, expanded to (B, Hq, Sq, Sk) strides; null when there is none.
+  const void* mask = nullptr;
+  bool mask_is_bool = false;
+  int64_t mask_b = 0, mask_h = 0, mask_i = 0, mask_j = 0;
+  Strides q, k, v, o, lse;
+};
+
+// The tensors of a dense call, checked and in the layout the kernels take (unit stride on the last dim; the mask
+// converted to bool or float32 and expanded without copying).
+struct Dense {
+  at::Tensor q, k, v, mask;
+  Geometry geo;
+};
+
+// Checks every argument of fused_attention_fwd / _bwd (op names the caller in messages) and fills the geometry,
+// strides of out and lse included (for contiguous out / lse tensors the caller allocates).
+Dense prepare_dense(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
+                    const std::optional<at::Tensor>& seed);
+
+struct Varlen {
+  at::Tensor q, k, v, cu_q, cu_k;  // cu_* as int64 on the CPU (the CPU kernel reads them on the host)
+  Geometry geo;
+};
+
+Varlen prepare_varlen(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                      int64_t max_seqlen_k, bool is_causal, double scale);
+
+// Checks grad_out / out / lse of a backward call against the geometry of its forward.
+void check_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                    const at::Tensor& q, const at::Tensor& v, bool varlen);
+
+// lse is float32, or float64 for float64 inputs (so that float64 gradients are exact to float64 rounding).
+inline at::ScalarType lse_dtype(at::ScalarType q) { return q == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Output sizes: out and lse.
+std::vector<int64_t> out_sizes(const at::Tensor& q, const at::Tensor& v, bool varlen);
+std::vector<int64_t> lse_sizes(const at::Tensor& q, bool varlen);
+
+// Strides of contiguous out (..., Dv) and lse tensors in the geometry's (batch, head, seq) terms.
+void set_output_strides(Geometry& g, bool varlen, int64_t total_q);
+
+// 32 random bits for score (b, h, i, j) of a call: one Philox block covers four neighbouring keys of a row.
+#if defined(__CUDACC__)
+__host__ __device__ __forceinline__
+#else
+inline
+#endif
+    uint32_t
+    dropout_bits(uint64_t seed, int64_t b, int64_t heads, int64_t h, int64_t i, int64_t j, int64_t seq_k) {
+  const uint64_t stream = static_cast<uint64_t>(b * heads + h);
+  const uint64_t position = static_cast<uint64_t>(i * ((seq_k + 3) / 4) + (j >> 2));
+  return rng::philox(seed, stream, position).v[j & 3];
+}
+
+inline uint32_t dropout_threshold(double p) {
+  const double t = p * 4294967296.0;
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+}
+
+}  // namespace attention
+}  // namespace deepseek_ext

@@ -1,0 +1,236 @@
+"""Fused attention: :func:`fused_attention` (a drop-in for ``F.scaled_dot_product_attention``) and
+:func:`fused_attention_varlen` (packed variable-length sequences).
+
+Both run flash-style kernels: the score matrix is processed in tiles with an online softmax and never stored,
+so memory grows linearly with sequence length, forward and backward. The backward recomputes the probabilities
+from the per-row log-sum-exp the forward saved; dropout masks are regenerated from a Philox seed drawn from
+PyTorch's default generator (so ``torch.manual_seed`` makes runs reproducible).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .._native import NATIVE_AVAILABLE, require_native
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _draw_seed(dropout_p: float) -> torch.Tensor | None:
+    if dropout_p <= 0.0:
+        return None
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def _fallback_reason(q, k, v, attn_mask) -> str | None:
+    """Why the kernels cannot run this call (and SDPA should), or None."""
+    if q.size(-1) > MAX_HEAD_DIM or v.size(-1) > MAX_HEAD_DIM:
+        return f"head dim {max(q.size(-1), v.size(-1))} is above {MAX_HEAD_DIM}"
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "attn_mask requires grad (the fused kernels do not differentiate the mask)"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"device {q.device.type}"
+    return None
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, with the arguments and result of
+    ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        q: ``(batch, heads_q, seq_q, head_dim)`` (or ``(heads_q, seq_q, head_dim)``), float32/float16/bfloat16/
+            float64; any strides.
+        k: ``(batch, heads_kv, seq_k, head_dim)``.
+        v: ``(batch, heads_kv, seq_k, head_dim_v)``.
+        attn_mask: boolean (True = attend) or additive float mask broadcastable to ``(batch, heads_q, seq_q,
+            seq_k)``. Exclusive with ``is_causal``.
+        dropout_p: probability of dropping an attention weight (apply only in training, as with SDPA).
+        is_causal: query ``i`` attends keys ``j <= i`` (top-left alignment, as SDPA).
+        scale: score scale, ``1 / sqrt(head_dim)`` by default.
+        enable_gqa: allow ``heads_q`` to be a multiple of ``heads_kv`` (grouped-query attention).
+
+    Returns:
+        ``(batch, heads_q, seq_q, head_dim_v)`` in ``q``'s dtype. Rows whose keys are all masked give zeros.
+        Gradients flow to q, k and v (not to ``attn_mask``: a mask that requires grad routes the call to SDPA).
+
+    Head dims above 256 and other cases outside the kernels fall back to SDPA with a one-time warning.
+
+    Example:
+        >>> q = k = v = torch.randn(2, 8, 128, 64)
+        >>> out = fused_attention(q, k, v, is_causal=True)
+    """
+    require_native("ops.fused_attention")
+    unbatched = q.dim() == 3
+    if unbatched:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "fused_attention: expected query, key and value of shape (batch, heads, seq, head_dim) or "
+            f"(heads, seq, head_dim), but got {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if q.size(1) != k.size(1) and not enable_gqa:
+        raise ValueError(
+            f"fused_attention: query has {q.size(1)} heads and key/value {k.size(1)}; pass enable_gqa=True for "
+            "grouped-query attention (as with scaled_dot_product_attention)"
+        )
+    reason = _fallback_reason(q, k, v, attn_mask)
+    if reason is not None:
+        _warn_once(
+            reason,
+            f"deepseek_ext.fused_attention: {reason}; falling back to torch.nn.functional."
+            "scaled_dot_product_attention for such calls",
+        )
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    else:
+        sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+        out, _ = torch.ops.deepseek_ext.fused_attention_fwd.default(
+            q, k, v, attn_mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p)
+        )
+    return out.squeeze(0) if unbatched else out
+
+
+def fused_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences (FlashAttention's ``flash_attn_varlen_func`` layout).
+
+    Args:
+        q: ``(total_q, heads_q, head_dim)``: the queries of every sequence, one after another.
+        k: ``(total_k, heads_kv, head_dim)``; ``v``: ``(total_k, heads_kv, head_dim_v)``. ``heads_q`` must be a
+            multiple of ``heads_kv``.
+        cu_seqlens_q / cu_seqlens_k: ``(batch + 1,)`` int32 or int64 offsets: sequence ``b`` is rows
+            ``cu[b]:cu[b + 1]``. Zero-length sequences are allowed.
+        max_seqlen_q / max_seqlen_k: longest sequences (computed from ``cu_seqlens`` when omitted).
+        is_causal: causal mask aligned bottom-right (query ``i`` of a sequence with ``n_q`` queries and ``n_k``
+            keys attends keys ``j <= i + n_k - n_q``), as FlashAttention.
+        scale: ``1 / sqrt(head_dim)`` by default.
+
+    Returns:
+        ``(total_q, heads_q, head_dim_v)`` in ``q``'s dtype; differentiable in q, k, v.
+
+    Example:
+        >>> cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+        >>> q = k = v = torch.randn(12, 4, 64)
+        >>> out = fused_attention_varlen(q, k, v, cu, cu, is_causal=True)
+    """
+    require_native("ops.fused_attention_varlen")
+    sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    out, _ = torch.ops.deepseek_ext.fused_attention_varlen_fwd.default(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        -1 if max_seqlen_q is None else int(max_seqlen_q),
+        -1 if max_seqlen_k is None else int(max_seqlen_k),
+        bool(is_causal),
+        sc,
+    )
+    return out
+
+
+if NATIVE_AVAILABLE:
+
+    def _lse_dtype(q):
+        return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def _check_fake(op, q, k, v, dims):
+        torch._check(
+            q.dim() == dims and k.dim() == dims and v.dim() == dims,
+            lambda: f"{op}: expected query, key and value with {dims} dimensions",
+        )
+        torch._check(q.dtype in _DTYPES, lambda: f"{op}: unsupported dtype {q.dtype}")
+        torch._check(k.dtype == q.dtype and v.dtype == q.dtype, lambda: f"{op}: query, key, value dtypes differ")
+
+    @torch.library.register_fake("deepseek_ext::fused_attention_fwd")
+    def _fwd_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=1.0, seed=None):
+        _check_fake("fused_attention_fwd", q, k, v, 4)
+        out = q.new_empty((q.size(0), q.size(1), q.size(2), v.size(3)))
+        return out, q.new_empty((q.size(0), q.size(1), q.size(2)), dtype=_lse_dtype(q))
+
+    @torch.library.register_fake("deepseek_ext::fused_attention_bwd")
+    def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask=None, dropout_p=0.0, is_causal=False, scale=1.0, seed=None):
+        return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+            k, memory_format=torch.contiguous_format
+        ), torch.empty_like(v, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("deepseek_ext::fused_attention_varlen_fwd")
+    def _varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q=-1, max_k=-1, is_causal=False, scale=1.0):
+        _check_fake("fused_attention_varlen_fwd", q, k, v, 3)
+        out = q.new_empty((q.size(0), q.size(1), v.size(2)))
+        return out, q.new_empty((q.size(1), q.size(0)), dtype=_lse_dtype(q))
+
+    @torch.library.register_fake("deepseek_ext::fused_attention_varlen_bwd")
+    def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q=-1, max_k=-1, is_causal=False, scale=1.0):
+        return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+            k, memory_format=torch.contiguous_format
+        ), torch.empty_like(v, memory_format=torch.contiguous_format)
+
+    # Autograd: the forward saves q, k, v, the output and the log-sum-exp (no score matrix); the lse output is
+    # not differentiable (its incoming gradient is ignored).
+    def _fwd_setup(ctx, inputs, output):
+        q, k, v, attn_mask, dropout_p, is_causal, scale, seed = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
+        ctx.args = (float(dropout_p), bool(is_causal), float(scale))
+        ctx.mark_non_differentiable(lse)
+
+    def _fwd_backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+        dropout_p, is_causal, scale = ctx.args
+        dq, dk, dv = torch.ops.deepseek_ext.fused_attention_bwd.default(
+            grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+    torch.library.register_autograd("deepseek_ext::fused_attention_fwd", _fwd_backward, setup_context=_fwd_setup)
+
+    def _varlen_setup(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (int(max_q), int(max_k), bool(is_causal), float(scale))
+        ctx.mark_non_differentiable(lse)
+
+    def _varlen_backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, is_causal, scale = ctx.args
+        dq, dk, dv = torch.ops.deepseek_ext.fused_attention_varlen_bwd.default(
+            grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, is_causal, scale
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "deepseek_ext::fused_attention_varlen_fwd", _varlen_backward, setup_context=_varlen_setup
+    )
