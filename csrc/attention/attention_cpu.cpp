@@ -214,70 +214,100 @@ struct ForwardWork {
   T* lse;  // float32, or float64 for float64 inputs
 };
 
-// One (batch, query head, query block) of the forward pass. Buffers: Q tile, K^T tile, V tile, S tile, O tile.
+// Largest of row[0..n) (n a multiple of the vector length), at least `init`.
+DSX_INLINE float row_max_of(const float* row, int64_t n, float init) {
+  v8f m = v8f{} + init;
+  for (int64_t j = 0; j < n; j += 8) {
+    const v8f x = vload(row + j);
+    m = x > m ? x : m;
+  }
+  float r = init;
+  for (int i = 0; i < 8; ++i) r = std::max(r, m[i]);
+  return r;
+}
+
+DSX_INLINE double row_max_of(const double* row, int64_t n, double init) {
+  double r = init;
+  for (int64_t j = 0; j < n; ++j) r = std::max(r, row[j]);
+  return r;
+}
+
+// Query blocks [qb_begin, qb_end) of one (batch, query head). Every key block is packed once (K transposed, V
+// padded) and then meets each query block of the range, which keeps its own output tile, row maxima and sums.
 template <typename S, typename T>
-DSX_CPU_CLONES void forward_item(const ForwardWork<S, T>& w, int64_t b, int64_t h, int64_t qb, std::vector<T>& buf) {
+DSX_CPU_CLONES void forward_item(const ForwardWork<S, T>& w, int64_t b, int64_t h, int64_t qb_begin, int64_t qb_end,
+                                 std::vector<T>& buf) {
   const Geometry& g = w.g;
   const Seq s = sequence(g, b);
-  const int64_t i0 = qb * kBlockQ;
-  if (i0 >= s.nq) return;
-  const int64_t nq = std::min(kBlockQ, s.nq - i0);
+  qb_end = std::min(qb_end, (s.nq + kBlockQ - 1) / kBlockQ);
+  if (qb_begin >= qb_end) return;
+  const int64_t row0 = qb_begin * kBlockQ, rows = std::min(qb_end * kBlockQ, s.nq) - row0;
   const int64_t D = g.head_dim, Dv = g.head_dim_v, Dvp = round_up(Dv, kNR<T>), BKp = round_up(kBlockK, kNR<T>);
   const int64_t hk = h / (g.heads_q / g.heads_kv);
-  buf.resize(kBlockQ * D + D * BKp + kBlockK * Dvp + kBlockQ * BKp + kBlockQ * Dvp + 2 * kBlockQ);
+  buf.resize(rows * D + rows * Dvp + 2 * rows + D * BKp + kBlockK * Dvp + kBlockQ * BKp);
   T* qt = buf.data();
-  T* kt = qt + kBlockQ * D;
+  T* ot = qt + rows * D;
+  T* row_max = ot + rows * Dvp;
+  T* row_sum = row_max + rows;
+  T* kt = row_sum + rows;
   T* vt = kt + D * BKp;
   T* st = vt + kBlockK * Dvp;
-  T* ot = st + kBlockQ * BKp;
-  T* row_max = ot + kBlockQ * Dvp;
-  T* row_sum = row_max + kBlockQ;
 
-  const S* qh = w.q + b * g.q.b + h * g.q.h + (s.q0 + i0) * g.q.s;
+  const S* qh = w.q + b * g.q.b + h * g.q.h + (s.q0 + row0) * g.q.s;
   const S* kh = w.k + b * g.k.b + hk * g.k.h + s.k0 * g.k.s;
   const S* vh = w.v + b * g.v.b + hk * g.v.h + s.k0 * g.v.s;
   const T qmul = static_cast<T>(g.scale * kLog2e);
-  for (int64_t r = 0; r < nq; ++r) load_row(qh + r * g.q.s, D, qmul, qt + r * D);
-  std::fill(ot, ot + nq * Dvp, T(0));
-  std::fill(row_max, row_max + nq, -std::numeric_limits<T>::infinity());
-  std::fill(row_sum, row_sum + nq, T(0));
+  for (int64_t r = 0; r < rows; ++r) load_row(qh + r * g.q.s, D, qmul, qt + r * D);
+  std::fill(ot, ot + rows * Dvp, T(0));
+  std::fill(row_max, row_max + rows, -std::numeric_limits<T>::infinity());
+  std::fill(row_sum, row_sum + rows, T(0));
 
-  const int64_t kend = visible_keys(g, s, i0 + nq - 1);
+  const int64_t kend = visible_keys(g, s, row0 + rows - 1);
   for (int64_t kb = 0; kb < kend; kb += kBlockK) {
     const int64_t nk = std::min(kBlockK, kend - kb), nkp = round_up(nk, kNR<T>);
+    // K^T in 16-dim strips, so the strided writes stay within a few cache lines.
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int64_t d1 = std::min(D, d0 + 16);
+      for (int64_t j = 0; j < nk; ++j) {
+        const S* kr = kh + (kb + j) * g.k.s;
+        for (int64_t d = d0; d < d1; ++d) kt[d * nkp + j] = static_cast<T>(kr[d]);
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) std::fill(kt + d * nkp + nk, kt + (d + 1) * nkp, T(0));
     for (int64_t j = 0; j < nk; ++j) {
-      const S* kr = kh + (kb + j) * g.k.s;
-      for (int64_t d = 0; d < D; ++d) kt[d * nkp + j] = static_cast<T>(kr[d]);
       load_row(vh + (kb + j) * g.v.s, Dv, T(1), vt + j * Dvp);
       std::fill(vt + j * Dvp + Dv, vt + (j + 1) * Dvp, T(0));
     }
-    for (int64_t d = 0; d < D; ++d) std::fill(kt + d * nkp + nk, kt + (d + 1) * nkp, T(0));
-    gemm<T>(nq, nkp, D, qt, D, kt, nkp, st, nkp, false);
-    for (int64_t r = 0; r < nq; ++r) {
-      T* row = st + r * nkp;
-      const int64_t i = i0 + r;
-      mask_row(g, s, b, h, i, kb, nk, nkp, row);
-      T mx = row_max[r];
-      for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j]);
-      if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet: the row's P is zero
-        std::fill(row, row + nkp, T(0));
-        continue;
+    for (int64_t i0 = 0; i0 < rows; i0 += kBlockQ) {
+      const int64_t nq = std::min(kBlockQ, rows - i0);
+      const int64_t vis = visible_keys(g, s, row0 + i0 + nq - 1);
+      if (vis <= kb) continue;  // causal: this key block is entirely in the future of these queries
+      gemm<T>(nq, nkp, D, qt + i0 * D, D, kt, nkp, st, nkp, false);
+      for (int64_t r = 0; r < nq; ++r) {
+        T* row = st + r * nkp;
+        const int64_t i = row0 + i0 + r, ri = i0 + r;
+        mask_row(g, s, b, h, i, kb, nk, nkp, row);
+        const T mx = row_max_of(row, nkp, row_max[ri]);
+        if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet: the row's P is zero
+          std::fill(row, row + nkp, T(0));
+          continue;
+        }
+        const T alpha = std::exp2(row_max[ri] - mx);
+        row_sum[ri] = row_sum[ri] * alpha + exp2_sum(row, nkp, mx);
+        row_max[ri] = mx;
+        if (alpha != T(1)) {
+          T* orow = ot + ri * Dvp;
+          for (int64_t d = 0; d < Dvp; ++d) orow[d] *= alpha;
+        }
+        if (g.dropout_p > 0) dropout_row(g, s, b, h, i, kb, nk, row);
       }
-      const T alpha = std::exp2(row_max[r] - mx);
-      row_sum[r] = row_sum[r] * alpha + exp2_sum(row, nkp, mx);
-      row_max[r] = mx;
-      if (alpha != T(1)) {
-        T* orow = ot + r * Dvp;
-        for (int64_t d = 0; d < Dvp; ++d) orow[d] *= alpha;
-      }
-      if (g.dropout_p > 0) dropout_row(g, s, b, h, i, kb, nk, row);
+      gemm<T>(nq, Dvp, nk, st, nkp, vt, Dvp, ot + i0 * Dvp, Dvp, true);
     }
-    gemm<T>(nq, Dvp, nk, st, nkp, vt, Dvp, ot, Dvp, true);
   }
 
-  S* oh = w.o + b * g.o.b + h * g.o.h + (s.q0 + i0) * g.o.s;
-  T* lh = w.lse + b * g.lse.b + h * g.lse.h + (s.q0 + i0) * g.lse.s;
-  for (int64_t r = 0; r < nq; ++r) {
+  S* oh = w.o + b * g.o.b + h * g.o.h + (s.q0 + row0) * g.o.s;
+  T* lh = w.lse + b * g.lse.b + h * g.lse.h + (s.q0 + row0) * g.lse.s;
+  for (int64_t r = 0; r < rows; ++r) {
     const T l = row_sum[r];
     const T inv = l > T(0) ? T(1) / l : T(0);
     for (int64_t d = 0; d < Dv; ++d) oh[r * g.o.s + d] = static_cast<S>(ot[r * Dvp + d] * inv);
@@ -290,13 +320,18 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
              at::Tensor& lse) {
   const ForwardWork<S, T> w{g, q.const_data_ptr<S>(), k.const_data_ptr<S>(), v.const_data_ptr<S>(),
                             out.mutable_data_ptr<S>(), lse.mutable_data_ptr<T>()};
+  // Work items: (batch, head, chunk of query blocks). Chunks are as long as possible (each key block is packed
+  // once per chunk) while leaving at least four items per thread to balance causal and ragged work.
   const int64_t nqb = (g.seq_q + kBlockQ - 1) / kBlockQ;
-  const int64_t items = g.batch * g.heads_q * nqb;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads = g.batch * g.heads_q;
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t chunks = std::clamp<int64_t>((want + heads - 1) / heads, 1, std::max<int64_t>(nqb, 1));
+  const int64_t per_chunk = (nqb + chunks - 1) / chunks;
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf;
     for (int64_t it = begin; it < end; ++it) {
-      // Query blocks vary fastest so that neighbouring items share their keys in cache.
-      forward_item<S, T>(w, it / (g.heads_q * nqb), (it / nqb) % g.heads_q, it % nqb, buf);
+      const int64_t bh = it / chunks, c = it % chunks;
+      forward_item<S, T>(w, bh / g.heads_q, bh % g.heads_q, c * per_chunk, (c + 1) * per_chunk, buf);
     }
   });
 }
