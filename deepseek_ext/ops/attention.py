@@ -216,6 +216,20 @@ if NATIVE_AVAILABLE:
 
     torch.library.register_autograd("deepseek_ext::fused_attention_fwd", _fwd_backward, setup_context=_fwd_setup)
 
+    # The backward ops are not differentiable themselves: differentiating a gradient (double backward) through
+    # them is a clear error instead of PyTorch's silent "not registered" fallback.
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            "deepseek_ext fused attention: double backward (differentiating the attention gradients) is not "
+            "supported; use torch.nn.functional.scaled_dot_product_attention for it"
+        )
+
+    def _no_setup(ctx, inputs, output):
+        pass
+
+    for _name in ("fused_attention_bwd", "fused_attention_varlen_bwd"):
+        torch.library.register_autograd(f"deepseek_ext::{_name}", _no_double_backward, setup_context=_no_setup)
+
     def _varlen_setup(ctx, inputs, output):
         q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale = inputs
         out, lse = output
