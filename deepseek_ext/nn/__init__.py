@@ -1,7 +1,9 @@
-"""Drop-in modules: :class:`FP8Linear` and :func:`convert_to_fp8`."""
+"""Drop-in modules: :class:`FP8Linear` / :func:`convert_to_fp8`, and fused attention for models:
+:func:`use_fused_attention` / :class:`FusedMultiheadAttention`."""
 
 from __future__ import annotations
 
+from .attention import FusedMultiheadAttention, use_fused_attention
 from .fp8 import FP8Linear, convert_to_fp8
 
-__all__ = ["FP8Linear", "convert_to_fp8"]
+__all__ = ["FP8Linear", "convert_to_fp8", "FusedMultiheadAttention", "use_fused_attention"]

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from .._native import NATIVE_AVAILABLE, require_native
 
 MAX_HEAD_DIM = 256
+# SDPA as PyTorch defines it, captured before deepseek_ext.nn.use_fused_attention() can patch the name.
+_SDPA = F.scaled_dot_product_attention
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _warned: set[str] = set()
 
@@ -101,7 +103,7 @@ def fused_attention(
             f"deepseek_ext.fused_attention: {reason}; falling back to torch.nn.functional."
             "scaled_dot_product_attention for such calls",
         )
-        out = F.scaled_dot_product_attention(
+        out = _SDPA(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
     else:
@@ -181,9 +183,11 @@ if NATIVE_AVAILABLE:
 
     @torch.library.register_fake("deepseek_ext::fused_attention_bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask=None, dropout_p=0.0, is_causal=False, scale=1.0, seed=None):
-        return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
-            k, memory_format=torch.contiguous_format
-        ), torch.empty_like(v, memory_format=torch.contiguous_format)
+        return (
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+        )
 
     @torch.library.register_fake("deepseek_ext::fused_attention_varlen_fwd")
     def _varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q=-1, max_k=-1, is_causal=False, scale=1.0):
@@ -193,9 +197,11 @@ if NATIVE_AVAILABLE:
 
     @torch.library.register_fake("deepseek_ext::fused_attention_varlen_bwd")
     def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q=-1, max_k=-1, is_causal=False, scale=1.0):
-        return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
-            k, memory_format=torch.contiguous_format
-        ), torch.empty_like(v, memory_format=torch.contiguous_format)
+        return (
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+        )
 
     # Autograd: the forward saves q, k, v, the output and the log-sum-exp (no score matrix); the lse output is
     # not differentiable (its incoming gradient is ignored).

@@ -68,7 +68,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal=False, scale
         if ks.size(0) == 0:
             continue  # no keys: zeros
         o = attention(
-            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), is_causal=is_causal, scale=scale,
+            qs.transpose(0, 1),
+            ks.transpose(0, 1),
+            vs.transpose(0, 1),
+            is_causal=is_causal,
+            scale=scale,
             bottom_right=True,
         )
         out[cq[b] : cq[b + 1]] = o.transpose(0, 1)

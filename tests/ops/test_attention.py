@@ -72,8 +72,17 @@ def test_forward_dims_heads_masks(device, dtype, d, heads, mask):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 32), (3, 8, 2, 17, 257, 64), (1, 4, 1, 257, 128, 80),
-                                   (2, 2, 2, 128, 17, 256), (1, 1, 1, 300, 300, 33)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 1, 1, 1, 1, 32),
+        (3, 8, 2, 17, 257, 64),
+        (1, 4, 1, 257, 128, 80),
+        (2, 2, 2, 128, 17, 256),
+        (1, 1, 1, 300, 300, 33),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("mask", [None, "bool", "additive", "causal"])
 def test_backward_matches_reference(device, dtype, shape, mask):
     b, hq, hkv, sq, sk, d = shape
@@ -128,8 +137,11 @@ def test_matches_sdpa_and_non_contiguous_inputs(dtype):
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     _check(got, want, TOL[dtype] * 2)
     # unbatched (heads, seq, dim) as SDPA accepts, and a default scale override
-    _check(fused_attention(q[0], k[0], v[0], scale=0.3), F.scaled_dot_product_attention(
-        q[0].float(), k[0].float(), v[0].float(), scale=0.3), TOL[dtype] * 2)
+    _check(
+        fused_attention(q[0], k[0], v[0], scale=0.3),
+        F.scaled_dot_product_attention(q[0].float(), k[0].float(), v[0].float(), scale=0.3),
+        TOL[dtype] * 2,
+    )
 
 
 def _dropout_mask(q, k, p, seed):
@@ -174,8 +186,11 @@ def _varlen_case(lens_q, lens_k, hq, hkv, d, dtype, cu_dtype=torch.int32, requir
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("lens", [([5, 0, 17, 1], [5, 0, 17, 1]), ([3, 100, 7], [10, 100, 300]),
-                                  ([1], [1]), ([0, 0], [4, 0]), ([257], [129])], ids=str)
+@pytest.mark.parametrize(
+    "lens",
+    [([5, 0, 17, 1], [5, 0, 17, 1]), ([3, 100, 7], [10, 100, 300]), ([1], [1]), ([0, 0], [4, 0]), ([257], [129])],
+    ids=str,
+)
 def test_varlen_matches_reference(dtype, causal, lens):
     q, k, v, cu_q, cu_k = _varlen_case(*lens, 4, 2, 48, dtype, requires_grad=True)
     out = fused_attention_varlen(q, k, v, cu_q, cu_k, is_causal=causal)
@@ -227,46 +242,99 @@ def _op(*args, **kw):
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda: fused_attention(torch.randn(2, 4, 8), torch.randn(2, 4, 8, 1), torch.randn(2, 4, 8, 1)),
-         ValueError, r"expected query, key and value of shape \(batch, heads, seq, head_dim\)"),
-        (lambda: fused_attention(torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
-         ValueError, "pass enable_gqa=True"),
-        (lambda: _op(torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
-         ValueError, r"query heads \(3\) to be a multiple of key/value heads \(2\)"),
-        (lambda: _op(torch.randn(2, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
-         ValueError, "one batch size, but got 2, 1 and 1"),
-        (lambda: _op(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 16)),
-         ValueError, r"expected key with the head dim of query \(16\), but got 8"),
-        (lambda: _op(torch.randn(1, 2, 8, 300), torch.randn(1, 2, 8, 300), torch.randn(1, 2, 8, 300)),
-         ValueError, "head dims from 1 to 256 are supported, but got 300"),
-        (lambda: _op(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).half(), torch.randn(1, 2, 8, 16)),
-         TypeError, "one dtype, but got torch.float32, torch.float16 and torch.float32"),
-        (lambda: _op(*(torch.ones(1, 2, 8, 16, dtype=torch.int32),) * 3),
-         TypeError, "expected query to have dtype torch.float32"),
-        (lambda: _op(*(torch.randn(1, 2, 8, 16),) * 3, torch.ones(8, 9, dtype=torch.bool)),
-         ValueError, r"attn_mask broadcastable to \(batch, heads, seq_q, seq_k\) = \(1, 2, 8, 8\)"),
-        (lambda: _op(*(torch.randn(1, 2, 8, 16),) * 3, torch.ones(8, 8, dtype=torch.int64)),
-         TypeError, "expected attn_mask of dtype torch.bool"),
-        (lambda: _op(*(torch.randn(1, 2, 8, 16),) * 3, torch.ones(8, 8, dtype=torch.bool), 0.0, True),
-         ValueError, "attn_mask and is_causal=True are exclusive"),
+        (
+            lambda: fused_attention(torch.randn(2, 4, 8), torch.randn(2, 4, 8, 1), torch.randn(2, 4, 8, 1)),
+            ValueError,
+            r"expected query, key and value of shape \(batch, heads, seq, head_dim\)",
+        ),
+        (
+            lambda: fused_attention(torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
+            ValueError,
+            "pass enable_gqa=True",
+        ),
+        (
+            lambda: _op(torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
+            ValueError,
+            r"query heads \(3\) to be a multiple of key/value heads \(2\)",
+        ),
+        (
+            lambda: _op(torch.randn(2, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
+            ValueError,
+            "one batch size, but got 2, 1 and 1",
+        ),
+        (
+            lambda: _op(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 16)),
+            ValueError,
+            r"expected key with the head dim of query \(16\), but got 8",
+        ),
+        (
+            lambda: _op(torch.randn(1, 2, 8, 300), torch.randn(1, 2, 8, 300), torch.randn(1, 2, 8, 300)),
+            ValueError,
+            "head dims from 1 to 256 are supported, but got 300",
+        ),
+        (
+            lambda: _op(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).half(), torch.randn(1, 2, 8, 16)),
+            TypeError,
+            "one dtype, but got torch.float32, torch.float16 and torch.float32",
+        ),
+        (
+            lambda: _op(*(torch.ones(1, 2, 8, 16, dtype=torch.int32),) * 3),
+            TypeError,
+            "expected query to have dtype torch.float32",
+        ),
+        (
+            lambda: _op(*(torch.randn(1, 2, 8, 16),) * 3, torch.ones(8, 9, dtype=torch.bool)),
+            ValueError,
+            r"attn_mask broadcastable to \(batch, heads, seq_q, seq_k\) = \(1, 2, 8, 8\)",
+        ),
+        (
+            lambda: _op(*(torch.randn(1, 2, 8, 16),) * 3, torch.ones(8, 8, dtype=torch.int64)),
+            TypeError,
+            "expected attn_mask of dtype torch.bool",
+        ),
+        (
+            lambda: _op(*(torch.randn(1, 2, 8, 16),) * 3, torch.ones(8, 8, dtype=torch.bool), 0.0, True),
+            ValueError,
+            "attn_mask and is_causal=True are exclusive",
+        ),
         (lambda: _op(*(torch.randn(1, 2, 8, 16),) * 3, None, 1.0), ValueError, r"dropout_p in \[0, 1\)"),
         (lambda: _op(*(torch.randn(1, 2, 8, 16),) * 3, None, 0.5), ValueError, "needs seed"),
-        (lambda: fused_attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([0, 3]), torch.tensor([0, 5])),
-         ValueError, r"cu_seqlens_q to end at the number of tokens \(5\), but it ends at 3"),
-        (lambda: fused_attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([0, 4, 3, 5]),
-                                        torch.tensor([0, 1, 2, 5])),
-         ValueError, r"cu_seqlens_q to be non-decreasing, but entry 2 \(3\) is below entry 1 \(4\)"),
-        (lambda: fused_attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([1, 5]), torch.tensor([0, 5])),
-         ValueError, "cu_seqlens_q to start at 0"),
-        (lambda: fused_attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([0, 5]),
-                                        torch.tensor([0, 2, 5])),
-         ValueError, "one batch size, but got 1 and 2"),
-        (lambda: fused_attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([0.0, 5.0]),
-                                        torch.tensor([0, 5])),
-         TypeError, "expected cu_seqlens_q to have dtype torch.int32 or torch.int64"),
-        (lambda: fused_attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([0, 5]), torch.tensor([0, 5]),
-                                        max_seqlen_q=3),
-         ValueError, r"max_seqlen_q \(3\) is below the longest query sequence"),
+        (
+            lambda: fused_attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([0, 3]), torch.tensor([0, 5])),
+            ValueError,
+            r"cu_seqlens_q to end at the number of tokens \(5\), but it ends at 3",
+        ),
+        (
+            lambda: fused_attention_varlen(
+                *(torch.randn(5, 2, 8),) * 3, torch.tensor([0, 4, 3, 5]), torch.tensor([0, 1, 2, 5])
+            ),
+            ValueError,
+            r"cu_seqlens_q to be non-decreasing, but entry 2 \(3\) is below entry 1 \(4\)",
+        ),
+        (
+            lambda: fused_attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([1, 5]), torch.tensor([0, 5])),
+            ValueError,
+            "cu_seqlens_q to start at 0",
+        ),
+        (
+            lambda: fused_attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([0, 5]), torch.tensor([0, 2, 5])),
+            ValueError,
+            "one batch size, but got 1 and 2",
+        ),
+        (
+            lambda: fused_attention_varlen(
+                *(torch.randn(5, 2, 8),) * 3, torch.tensor([0.0, 5.0]), torch.tensor([0, 5])
+            ),
+            TypeError,
+            "expected cu_seqlens_q to have dtype torch.int32 or torch.int64",
+        ),
+        (
+            lambda: fused_attention_varlen(
+                *(torch.randn(5, 2, 8),) * 3, torch.tensor([0, 5]), torch.tensor([0, 5]), max_seqlen_q=3
+            ),
+            ValueError,
+            r"max_seqlen_q \(3\) is below the longest query sequence",
+        ),
     ],
 )
 def test_errors(call, error, match):
