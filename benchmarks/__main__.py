@@ -1,6 +1,6 @@
 """python -m benchmarks [--family NAME ...] [--device cpu|cuda] [--quick] [--no-compile] [--json PATH]
 
-Families: fp8, data, amp, privacy, distributed, quant (all by default)."""
+Families: fp8, attention, data, amp, privacy, distributed, quant (all by default)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import amp, data, distributed, fp8, privacy, quant, runner
+from benchmarks import amp, attention, data, distributed, fp8, privacy, quant, runner
 
 FAMILIES = {
     "fp8": fp8.cases,
+    "attention": attention.cases,
     "data": data.cases,
     "amp": amp.cases,
     "privacy": privacy.cases,

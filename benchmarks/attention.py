@@ -1,0 +1,165 @@
+"""Fused attention against torch.nn.functional.scaled_dot_product_attention (SDPA).
+
+On CPU PyTorch picks its own flash-attention CPU kernel for these inputs; on CUDA the baseline is pinned to SDPA's
+flash backend and the table's extra columns give TFLOP/s. Shapes: batch 4, 8 heads, head dim 64 and 128, sequence
+512 / 1024 / 4096, causal and not, float32 and bfloat16, forward and forward + backward. Peak memory at sequence
+8192 is measured in fresh subprocesses (growth of the peak resident set over the inputs, CPU; peak allocated
+bytes, CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.runner import Case
+from deepseek_ext.ops import fused_attention
+
+BATCH, HEADS = 4, 8
+
+
+def _flops(seq: int, dim: int, causal: bool, backward: bool) -> float:
+    f = 4.0 * BATCH * HEADS * seq * seq * dim * (0.5 if causal else 1.0)
+    return f * (3.5 if backward else 1.0)  # backward: 5 matmuls of the forward's 2, plus the recomputed QK^T
+
+
+def _sdpa_context(device: str):
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    return contextlib.nullcontext()
+
+
+def _make(impl: str, device: str, seq: int, dim: int, dtype: torch.dtype, causal: bool, backward: bool):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(BATCH, HEADS, seq, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_(backward)
+        for _ in range(3)
+    )
+    grad = torch.randn(BATCH, HEADS, seq, dim, generator=gen).to(device=device, dtype=dtype)
+
+    def attend():
+        if impl == "ours":
+            return fused_attention(q, k, v, is_causal=causal)
+        with _sdpa_context(device):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def step():
+        out = attend()
+        if backward:
+            out.backward(grad)
+            q.grad = k.grad = v.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return step
+
+
+def _check(device, seq, dim, dtype, causal):
+    def run():
+        ours = _make("ours", device, seq, dim, dtype, causal, False)().float()
+        peer = _make("sdpa", device, seq, dim, dtype, causal, False)().float()
+        tol = 2e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(ours, peer, rtol=tol, atol=tol)
+
+    return run
+
+
+def peak_memory(impl: str, device: str, seq: int, dim: int, dtype: str, causal: bool, backward: bool) -> dict:
+    """Runs one configuration in a fresh process; returns its peak memory growth (MB) and the call's time (s)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.attention",
+        impl,
+        device,
+        str(seq),
+        str(dim),
+        dtype,
+        str(int(causal)),
+        str(int(backward)),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> list[Case]:
+    seqs = [256] if quick else [512, 1024, 4096]
+    dims = [64] if quick else [64, 128]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    out = []
+    for dtype, dim, seq, causal, backward in (
+        (dt, d, s, c, b) for b in (False, True) for dt in dtypes for d in dims for s in seqs for c in (False, True)
+    ):
+        name = "fwd+bwd" if backward else "forward"
+        config = f"{name} s{seq} d{dim} {'causal' if causal else 'full'} {str(dtype)[6:]}"
+        extra = {"flop": _flops(seq, dim, causal, backward)}
+        out.append(
+            Case(
+                family="attention",
+                op="fused_attention",
+                config=config,
+                ours=_make("ours", device, seq, dim, dtype, causal, backward),
+                baseline=_make("sdpa", device, seq, dim, dtype, causal, backward),
+                baseline_name="SDPA (flash backend)" if device == "cuda" else "SDPA (PyTorch's CPU flash kernel)",
+                check=None if backward else _check(device, min(seq, 512), dim, dtype, causal),
+                min_run_time=0.2 if seq >= 4096 else None,
+                extra=extra,
+            )
+        )
+    seq_mem = 1024 if quick else 8192
+    for backward in (False, True):
+        ours = peak_memory("ours", device, seq_mem, 64, "float32", True, backward)
+        peer = peak_memory("sdpa", device, seq_mem, 64, "float32", True, backward)
+        name = "fwd+bwd" if backward else "forward"
+        out.append(
+            Case(
+                family="attention",
+                op="attention memory",
+                config=f"{name} s{seq_mem} d64 causal float32",
+                ours=None,
+                baseline=None,
+                baseline_name=f"SDPA; peak memory +{ours['peak_mb']:.0f} MB (ours) vs +{peer['peak_mb']:.0f} MB",
+                ours_s=ours["seconds"],
+                baseline_s=peer["seconds"],
+                extra={"ours_peak_mb": ours["peak_mb"], "peer_peak_mb": peer["peak_mb"]},
+            )
+        )
+    return out
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+if __name__ == "__main__":  # worker for peak_memory
+    impl, dev, seq_s, dim_s, dtype_s, causal_s, backward_s = sys.argv[1:8]
+    args = (getattr(torch, dtype_s), causal_s == "1", backward_s == "1")
+    _make(impl, dev, 128, int(dim_s), *args)()  # warm-up: libraries, thread pools and allocator caches
+    step = _make(impl, dev, int(seq_s), int(dim_s), *args)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mb()
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    if dev == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    print(json.dumps({"peak_mb": peak, "seconds": seconds}))
