@@ -35,47 +35,5 @@ def all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-class _BasicBlock(torch.nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        nn = torch.nn
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-class ResNet18(torch.nn.Module):
-    """torchvision's ResNet-18 architecture (random weights), defined here: PyPI's torchvision does not import
-    beside the CPU torch build."""
-
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        nn = torch.nn
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.pool = nn.MaxPool2d(3, 2, 1)
-        layers, cin = [], 64
-        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            layers.append(nn.Sequential(_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)))
-            cin = cout
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def resnet18(num_classes: int = 1000) -> ResNet18:
-    return ResNet18(num_classes)
+# ResNet-18 (torchvision's architecture, random weights) lives with the examples, which use it for latency.
+from examples._common import ResNet18, resnet18  # noqa: E402,F401

@@ -16,7 +16,14 @@ def _split(name: str) -> list[str]:
 
 
 def matches(pattern: str, module_name: str) -> bool:
-    """Whether ``pattern`` matches the module called ``module_name`` (see the module docstring)."""
+    """Whether ``pattern`` matches the module called ``module_name`` (see the module docstring).
+
+    Example:
+        >>> matches('layer.0', 'bert.encoder.layer.0.attention')
+        True
+        >>> matches('layer.0', 'bert.encoder.layer.01')
+        False
+    """
     parts = _split(pattern)
     names = _split(module_name)
     if not parts:

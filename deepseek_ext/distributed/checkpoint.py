@@ -65,7 +65,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def verify(step_dir: Path) -> dict | None:
-    """The manifest of a complete checkpoint whose files all match their checksums, else None."""
+    """The manifest of a complete checkpoint whose files all match their checksums, else None.
+
+    Example:
+        >>> manifest = verify(Path('ckpt/step_999'))   # None when a file is missing or its checksum differs
+    """
     manifest_path = step_dir / "manifest.json"
     if not manifest_path.exists():
         return None
@@ -98,6 +102,13 @@ class CheckpointManager:
         directory: where ``step_<N>/`` folders go (shared by all ranks).
         every: ``maybe_save(step, ...)`` saves when ``(step + 1) % every == 0``.
         keep: how many verified checkpoints to keep; older ones are deleted only after a newer one verifies.
+
+    Example:
+        >>> ckpt = CheckpointManager('ckpt/', every=1000, keep=3)
+        >>> start = ckpt.restore(model, optimizer)
+        >>> for step in range(start, steps):
+        ...     train_step()
+        ...     ckpt.maybe_save(step, model, optimizer)
     """
 
     def __init__(self, directory: str | os.PathLike, every: int = 1000, keep: int = 3):
@@ -231,7 +242,12 @@ class CheckpointManager:
 
 
 def consolidate(step_dir: str | os.PathLike) -> dict:
-    """One ordinary state_dict from a sharded checkpoint folder, without a distributed job (verifies checksums)."""
+    """One ordinary state_dict from a sharded checkpoint folder, without a distributed job (verifies checksums).
+
+    Example:
+        >>> state = consolidate('ckpt/step_999')   # one ordinary state_dict, no process group needed
+        >>> model.load_state_dict(state)
+    """
     step_dir = Path(step_dir)
     manifest = verify(step_dir)
     if manifest is None:

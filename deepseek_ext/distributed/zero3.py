@@ -94,6 +94,11 @@ class ZeRO3(nn.Module):
 
     ``model.parameters()`` yields the local shards; build the optimizer after wrapping. Outside forward/backward
     the original parameters are not whole: use :meth:`gathered_parameters` or :meth:`full_state_dict`.
+
+    Example:
+        >>> dist.init_process_group('gloo')                 # under torchrun
+        >>> model = ZeRO3(model, prefetch=1)
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     """
 
     def __init__(

@@ -85,6 +85,10 @@ class FP8Linear(nn.Linear):
             activation scale comes from the largest amax of the last ``amax_history_len`` steps, so the forward needs
             no amax pass; the history is a non-persistent buffer).
         amax_history_len: length of that history.
+
+    Example:
+        >>> layer = FP8Linear(1024, 1024)           # or FP8Linear.from_linear(nn.Linear(1024, 1024))
+        >>> y = layer(torch.randn(16, 1024))
     """
 
     def __init__(
@@ -163,6 +167,9 @@ def convert_to_fp8(
       multiple of ``multiple_of`` (16 for cuBLASLt's FP8 kernels).
 
     Convert before building the optimizer, or keep using the same one: the parameter objects are reused.
+
+    Example:
+        >>> model = convert_to_fp8(model, recipe='rowwise', skip=['lm_head'])
     """
     if recipe not in RECIPES:
         raise ValueError(f"convert_to_fp8: recipe must be one of {RECIPES}, got {recipe!r}")

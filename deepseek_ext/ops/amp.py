@@ -23,6 +23,11 @@ def unscale_check_norm_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_
     Returns:
         The L2 norm of all unscaled gradients together, a float32 0-d tensor on ``inv_scale``'s device (inf or
         NaN when ``found_inf`` was set).
+
+    Example:
+        >>> grads = [p.grad for p in model.parameters() if p.grad is not None]
+        >>> found_inf = torch.zeros(1)
+        >>> norm = unscale_check_norm_(grads, found_inf, torch.tensor([1 / 65536.0]))
     """
     require_native("ops.unscale_check_norm_")
     return torch.ops.deepseek_ext.unscale_check_norm_.default(grads, found_inf, inv_scale)

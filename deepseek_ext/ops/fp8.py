@@ -84,6 +84,10 @@ def dequantize_fp8(
 
     Returns:
         A contiguous tensor of ``x``'s shape and ``out_dtype``.
+
+    Example:
+        >>> q, s = quantize_fp8(torch.randn(256, 256), torch.float8_e4m3fn, 'block', 128)
+        >>> x = dequantize_fp8(q, s, 'block', 128, out_dtype=torch.bfloat16)   # (256, 256) bf16
     """
     require_native("ops.dequantize_fp8")
     return torch.ops.deepseek_ext.dequantize_fp8.default(x, scale, granularity, block_size, out_dtype)
@@ -116,6 +120,11 @@ def fp8_matmul(
     Any M, N, K are accepted (no padding is needed: partial groups and blocks at the edges use their own scales).
     Scales must be finite. CPU: a tiled GEMM that dequantises tiles on the fly (no full-size dequantised copy);
     CUDA: cuBLASLt FP8 through ``torch._scaled_mm`` where shapes and the GPU allow, else dequantise and multiply.
+
+    Example:
+        >>> a, sa = quantize_fp8(torch.randn(64, 512), torch.float8_e4m3fn, 'row')          # sa: (64, 1)
+        >>> b, sb = quantize_fp8(torch.randn(256, 512), torch.float8_e4m3fn, 'row')         # sb: (256, 1)
+        >>> y = fp8_matmul(a, b.t(), sa, sb.t(), out_dtype=torch.bfloat16)                # (64, 256)
     """
     require_native("ops.fp8_matmul")
     return torch.ops.deepseek_ext.fp8_matmul.default(a, b, scale_a, scale_b, bias, out_dtype, block_size)

@@ -15,6 +15,10 @@ def per_sample_sq_norms(grads: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(N,)`` float32 (float64 for float64 input), accumulated in float32 or better.
+
+    Example:
+        >>> g = torch.randn(32, 10, 5)              # 32 per-sample gradients of a (10, 5) weight
+        >>> norms = per_sample_sq_norms(g).sqrt()     # (32,)
     """
     require_native("ops.per_sample_sq_norms")
     return torch.ops.deepseek_ext.per_sample_sq_norms.default(grads)
@@ -33,6 +37,11 @@ def clip_sum_noise(
 
     Returns:
         A tensor of ``shape`` and ``grads``' dtype (accumulated in float32, float64 for float64 input).
+
+    Example:
+        >>> g = torch.randn(32, 10, 5)
+        >>> factors = (1.0 / (per_sample_sq_norms(g).sqrt() + 1e-6)).clamp(max=1.0)
+        >>> noisy = clip_sum_noise(g, factors, torch.randn(10, 5) * 0.5, scale=1 / 32)   # (10, 5)
     """
     require_native("ops.clip_sum_noise")
     return torch.ops.deepseek_ext.clip_sum_noise.default(grads, factors, noise, scale)

@@ -27,6 +27,10 @@ def quantize_weight(w: torch.Tensor, bits: int = 8, group_size: int = 0, symmetr
     Returns:
         ``(codes, scales, zeros)``: codes int8 ``(N, Kp)`` or uint8 ``(N, Kp/2)``; float32 scales and int32 zero
         points ``(N, G)`` with ``G = Kp / group``.
+
+    Example:
+        >>> w = torch.randn(256, 512)
+        >>> codes, scales, zeros = quantize_weight(w, bits=4, group_size=128, symmetric=True)
     """
     require_native("ops.quantize_weight")
     return torch.ops.deepseek_ext.quantize_weight.default(w, bits, group_size, symmetric)
@@ -58,6 +62,10 @@ def quantized_linear(
             ``round(x / act_scale)`` clamped to [-63, 63].
         code_sums: per-group sums of the weight codes, ``(N, G)`` int32 (:func:`code_sums`); the batched integer
             kernel needs them and computes them on every call when they are not given.
+
+    Example:
+        >>> codes, scales, zeros = quantize_weight(w, 8, 0, True)              # w: (out, in)
+        >>> y = quantized_linear(x, codes, scales, zeros, 8, 0, w.shape[1], act_bits=8, bias=b)
     """
     require_native("ops.quantized_linear")
     return torch.ops.deepseek_ext.quantized_linear.default(

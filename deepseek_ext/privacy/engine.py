@@ -21,13 +21,25 @@ CLIP_EPS = 1e-6  # clip factor min(1, C / (||g_i|| + CLIP_EPS))
 
 
 class PrivacyBudgetExceeded(RuntimeError):
-    """The next step would spend more than the target epsilon; the model was not changed."""
+    """The next step would spend more than the target epsilon; the model was not changed.
+
+    Example:
+        >>> try:
+        ...     optimizer.step()
+        ... except PrivacyBudgetExceeded:
+        ...     break
+    """
 
 
 # ---------------------------------------------------------------------------------------------- Poisson sampling
 class PoissonBatchSampler(Sampler[list[int]]):
     """Each batch holds every example independently with probability ``sample_rate`` (so batches vary in size and
-    may be empty); ``len`` is ``round(1 / sample_rate)`` batches per epoch."""
+    may be empty); ``len`` is ``round(1 / sample_rate)`` batches per epoch.
+
+    Example:
+        >>> sampler = PoissonBatchSampler(num_samples=len(dataset), sample_rate=0.01)
+        >>> loader = DataLoader(dataset, batch_sampler=sampler)   # each example joins a batch with probability 0.01
+    """
 
     def __init__(
         self, num_samples: int, sample_rate: float, generator: torch.Generator | None = None, secure_rng: bool = False
@@ -110,7 +122,13 @@ def make_poisson(loader: DataLoader, sample_rate: float, generator, secure_rng: 
 class DPOptimizer(torch.optim.Optimizer):
     """Wraps an optimizer: ``step()`` replaces the gradients by clipped, summed, noised and averaged per-sample
     gradients, then steps the wrapped optimizer. It is a ``torch.optim.Optimizer`` (LR schedulers accept it) whose
-    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's."""
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's.
+
+    Example:
+        >>> optimizer = DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=0.5).wrap(
+        ...     optimizer, model=model, data_loader=loader)     # a DPOptimizer
+        >>> optimizer.step()                                 # clip, sum, noise, then the wrapped step
+    """
 
     def __init__(
         self,

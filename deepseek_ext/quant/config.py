@@ -17,6 +17,9 @@ class QuantConfig:
         group_size: None for one scale per output channel, or 32/64/128/... input features per scale.
         symmetric: weights symmetric around zero, or with a per-group zero point.
         skip: module-name patterns to keep in float (dot-component patterns, e.g. ``'conv1'``, ``'fc'``).
+
+    Example:
+        >>> config = QuantConfig(weight_bits=4, activation_bits=8, method='dynamic', group_size=128)
     """
 
     weight_bits: int = 8

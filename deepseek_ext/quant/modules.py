@@ -66,7 +66,12 @@ class _QuantizedWeight(nn.Module):
 
 
 class QuantizedLinear(_QuantizedWeight):
-    """``nn.Linear`` with an 8- or 4-bit packed weight (activations per the config)."""
+    """``nn.Linear`` with an 8- or 4-bit packed weight (activations per the config).
+
+    Example:
+        >>> qlinear = QuantizedLinear(nn.Linear(512, 256), QuantConfig(weight_bits=8, activation_bits=8))
+        >>> y = qlinear(torch.randn(4, 512))   # (4, 256) float32
+    """
 
     def __init__(self, linear: nn.Linear, config: QuantConfig):
         super().__init__()
@@ -89,7 +94,12 @@ class QuantizedConv2d(_QuantizedWeight):
     """``nn.Conv2d`` (groups=1, zero padding) as an im2col GEMM over the quantized weight. The input is read in
     channels-last order (a view when it already is channels_last, as this module's own output is), patches are
     gathered once with (kh, kw, c) ordering matching the packed weight, and 1x1 stride-1 convolutions need no
-    gathering at all."""
+    gathering at all.
+
+    Example:
+        >>> qconv = QuantizedConv2d(nn.Conv2d(3, 16, 3, padding=1), QuantConfig(weight_bits=4))
+        >>> y = qconv(torch.randn(1, 3, 32, 32))   # (1, 16, 32, 32)
+    """
 
     def __init__(self, conv: nn.Conv2d, config: QuantConfig):
         super().__init__()

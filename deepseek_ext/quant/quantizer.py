@@ -19,7 +19,11 @@ _HANDLERS: dict[type, tuple[Callable, Callable]] = {}
 
 def register_quantized_module(module_type: type, factory: Callable, can_take: Callable | None = None) -> None:
     """Makes :class:`Quantizer` replace modules of exactly ``module_type`` by ``factory(module, config)``;
-    ``can_take(module)`` may return a reason to keep a particular module in float."""
+    ``can_take(module)`` may return a reason to keep a particular module in float.
+
+    Example:
+        >>> register_quantized_module(MyLinear, QuantizedLinear)   # factory(module, config) -> quantized module
+    """
     _HANDLERS[module_type] = (can_take or (lambda m: None), factory)
 
 
@@ -63,6 +67,14 @@ def _sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
 
 @dataclass
 class LayerReport:
+    """One layer's row of :meth:`Quantizer.compare`: its name, kind, status (``'quantized'`` or ``'float: <reason>'``),
+    float and packed sizes in bytes, and the output's SQNR (dB) and relative error against the float layer.
+
+    Example:
+        >>> for row in quantizer.compare(quantized_model, sample_inputs, print_table=False):
+        ...     print(row.name, row.status, row.sqnr_db)
+    """
+
     name: str
     kind: str
     status: str  # "quantized" or "float: <reason>"
