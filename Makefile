@@ -1,6 +1,7 @@
 # deepseek-ext developer commands (README.md). `make test` is exactly what CI runs (.ci/run).
 #
-#   make demo    set up .venv (torch 2.13.0 CPU + tools), build the extension, run the main job
+#   make demo    set up .venv (torch 2.13.0 CPU + tools), build the extension, run the tour (examples/tour.py:
+#                every example in quick mode, the benchmark report, demo-output/)
 #   make test    set up the same way, then every test: ruff, pytest, GoogleTest (CTest), nvcc compile check of
 #                kernels/, and a real `pip install --no-build-isolation .` into a scratch directory
 #
@@ -16,7 +17,7 @@ export PATH := $(BIN):$(PATH)
 .PHONY: demo test build pytest cpp-test cuda-check install-check bench lint clean
 
 demo: build
-	$(PY) -m benchmarks
+	$(PY) examples/tour.py
 
 test: build
 	$(MAKE) --no-print-directory lint
@@ -57,4 +58,4 @@ lint: $(DEPS)
 	$(PY) -m ruff check deepseek_ext tests benchmarks examples setup.py
 
 clean:
-	rm -rf build deepseek_ext/_C*.so
+	rm -rf build deepseek_ext/_C*.so demo-output

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.runner import Case
+from benchmarks.runner import Case, peak_rss_mb, reset_peak_rss
 from deepseek_ext.ops import fused_attention
 
 BATCH, HEADS = 4, 8
@@ -38,22 +37,33 @@ def _sdpa_context(device: str):
     return contextlib.nullcontext()
 
 
+_inputs_cache: dict = {}
+
+
+def _inputs(device: str, seq: int, dim: int, dtype: torch.dtype, backward: bool):
+    """q, k, v and an output gradient; one set alive at a time (cases run one after another), so a full run does not
+    hold the inputs of every case at once."""
+    key = (device, seq, dim, dtype, backward)
+    if key not in _inputs_cache:
+        _inputs_cache.clear()
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (
+            torch.randn(BATCH, HEADS, seq, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_(backward)
+            for _ in range(3)
+        )
+        grad = torch.randn(BATCH, HEADS, seq, dim, generator=gen).to(device=device, dtype=dtype)
+        _inputs_cache[key] = (q, k, v, grad)
+    return _inputs_cache[key]
+
+
 def _make(impl: str, device: str, seq: int, dim: int, dtype: torch.dtype, causal: bool, backward: bool):
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (
-        torch.randn(BATCH, HEADS, seq, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_(backward)
-        for _ in range(3)
-    )
-    grad = torch.randn(BATCH, HEADS, seq, dim, generator=gen).to(device=device, dtype=dtype)
-
-    def attend():
-        if impl == "ours":
-            return fused_attention(q, k, v, is_causal=causal)
-        with _sdpa_context(device):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
     def step():
-        out = attend()
+        q, k, v, grad = _inputs(device, seq, dim, dtype, backward)
+        if impl == "ours":
+            out = fused_attention(q, k, v, is_causal=causal)
+        else:
+            with _sdpa_context(device):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         if backward:
             out.backward(grad)
             q.grad = k.grad = v.grad = None
@@ -139,27 +149,24 @@ def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> 
     return out
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 if __name__ == "__main__":  # worker for peak_memory
     impl, dev, seq_s, dim_s, dtype_s, causal_s, backward_s = sys.argv[1:8]
     args = (getattr(torch, dtype_s), causal_s == "1", backward_s == "1")
     _make(impl, dev, 128, int(dim_s), *args)()  # warm-up: libraries, thread pools and allocator caches
     step = _make(impl, dev, int(seq_s), int(dim_s), *args)
+    _inputs(dev, int(seq_s), int(dim_s), args[0], args[2])  # inputs are not part of the measured growth
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_mb()
+        reset_peak_rss()
+        base = peak_rss_mb()
     start = time.perf_counter()
     step()
     seconds = time.perf_counter() - start
     if dev == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        peak = peak_rss_mb() - base
     print(json.dumps({"peak_mb": peak, "seconds": seconds}))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import socket
 import statistics
 import sys
@@ -19,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from benchmarks.runner import Case
+from benchmarks.runner import Case, peak_rss_mb
 
 WORLD = 2
 FULL = dict(vocab=8000, d=768, layers=4, heads=12, seq=128, batch=2, steps=3)
@@ -106,7 +105,7 @@ def _job(rank: int, port: int, mode: str, cfg: dict, out_dir: str) -> None:
     result = {
         "step_s": statistics.median(t for t, _ in times),
         "comm_share": statistics.median(c / t for t, c in times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "params_m": params / 1e6,
     }
     (Path(out_dir) / f"{mode}_{rank}.json").write_text(json.dumps(result))

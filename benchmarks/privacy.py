@@ -8,7 +8,6 @@ Peak memory is each configuration's peak resident set size, measured in a fresh 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from benchmarks import runner
 from benchmarks.runner import Case
 
 BATCH = 256
@@ -168,4 +168,4 @@ if __name__ == "__main__":  # worker for peak_rss_mb
     fn = make_step(model_name, run_mode)
     for _ in range(3):
         fn()
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": runner.peak_rss_mb()}))

@@ -35,6 +35,28 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (VmHWM: it belongs to the address space, so unlike
+    ``ru_maxrss`` it does not inherit the parent's peak across fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource  # not Linux: the closest portable figure
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Resets the peak RSS to the current RSS (Linux: /proc/self/clear_refs); False where that is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def median_seconds(fn: Callable[[], Any], min_run_time: float) -> float:
     fn()  # warm-up (first-call allocations, lazy initialisation, compilation)
     # Timer defaults to one thread; measure with the threads the process really has, as users run.

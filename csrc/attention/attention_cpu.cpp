@@ -320,12 +320,15 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
              at::Tensor& lse) {
   const ForwardWork<S, T> w{g, q.const_data_ptr<S>(), k.const_data_ptr<S>(), v.const_data_ptr<S>(),
                             out.mutable_data_ptr<S>(), lse.mutable_data_ptr<T>()};
-  // Work items: (batch, head, chunk of query blocks). Chunks are as long as possible (each key block is packed
-  // once per chunk) while leaving at least four items per thread to balance causal and ragged work.
+  // Work items: (batch, head, chunk of query blocks). Chunks are long (each key block is packed once per chunk) but
+  // at most kMaxChunkBlocks blocks, which bounds the per-thread buffers, and there are at least four items per
+  // thread to balance causal and ragged work.
+  constexpr int64_t kMaxChunkBlocks = 16;
   const int64_t nqb = (g.seq_q + kBlockQ - 1) / kBlockQ;
   const int64_t heads = g.batch * g.heads_q;
-  const int64_t want = 4 * at::get_num_threads();
-  const int64_t chunks = std::clamp<int64_t>((want + heads - 1) / heads, 1, std::max<int64_t>(nqb, 1));
+  const int64_t want = std::max((4 * at::get_num_threads() + heads - 1) / heads,
+                                (nqb + kMaxChunkBlocks - 1) / kMaxChunkBlocks);
+  const int64_t chunks = std::clamp<int64_t>(want, 1, std::max<int64_t>(nqb, 1));
   const int64_t per_chunk = (nqb + chunks - 1) / chunks;
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf;
