@@ -86,14 +86,15 @@ def launch(args: list[str]) -> int:
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a local rendezvous on a free port
         "--nproc_per_node=2",
-        "--master_port=0",
         "--max_restarts=0",
         __file__,
         *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).returncode
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    return proc.returncode
 
 
 def story(steps: int, every: int, out: Path) -> dict:
@@ -102,7 +103,7 @@ def story(steps: int, every: int, out: Path) -> dict:
 
     work = out / "zero3"
     shutil.rmtree(work, ignore_errors=True)
-    crash_at = steps // 2 + every // 2  # between two checkpoints
+    crash_at = steps // 2 + every // 2 + 1  # between two checkpoints: the steps since the last one are redone
     rc_crash = launch(
         [
             "--steps",

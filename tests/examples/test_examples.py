@@ -55,7 +55,7 @@ def test_private_training(tmp_path):
     r = run_example("private_training", tmp_path)
     assert abs(r["dp"]["attack_auc"] - 0.5) < abs(r["plain"]["attack_auc"] - 0.5)
     assert r["dp"]["epsilon_spent"] <= 1.0 + 1e-6
-    assert r["dp"]["test_auc"] > 0.8 and r["plain"]["test_auc"] > 0.9
+    assert r["dp"]["test_auc"] > 0.7 and r["plain"]["test_auc"] > 0.95  # stated utility bounds at epsilon = 1
     assert (tmp_path / "private_training_epsilon.png").exists()
 
 
