@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from deepseek_ext.privacy import DifferentialPrivacy
 
-
 MEMBERS = 200
 
 

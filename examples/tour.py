@@ -203,6 +203,14 @@ def main(argv=None) -> None:
         "| " + " | ".join("---" for _ in header) + " |",
     ]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    bench = out / "benchmarks.json"
+    if bench.exists():
+        md += ["", "## Benchmarks (speed-up = baseline time / ours; above 1 means ours is faster)", ""]
+        md += ["| op | config | ours ms | baseline ms | speed-up | baseline |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in json.loads(bench.read_text())["results"]:
+            base = "-" if r["baseline_ms"] is None else f"{r['baseline_ms']:.3f}"
+            up = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+            md.append(f"| {r['op']} | {r['config']} | {r['ours_ms']:.3f} | {base} | {up} | {r['baseline']} |")
     md += [
         "",
         "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in sorted(out.glob("*.png"))),
