@@ -35,5 +35,22 @@ def all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-# ResNet-18 (torchvision's architecture, random weights) lives with the examples, which use it for latency.
-from examples._common import ResNet18, resnet18  # noqa: E402,F401
+# ResNet-18 (torchvision's architecture, random weights) lives with the examples, which use it for latency. Loaded by
+# path: `examples` is not a package of this project (and some PyPI packages install a top-level one).
+def _load_examples_common():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "deepseek_ext_examples_common"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "examples" / "_common.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+ResNet18 = _load_examples_common().ResNet18
+resnet18 = _load_examples_common().resnet18

@@ -349,6 +349,22 @@ struct BackwardWork {
   Strides dq_s, dk_s, dv_s;
 };
 
+// One query head's part of the backward buffer: Q and dO packed, the dQ accumulator, lse in log2 units and
+// D_i = rowsum(dO * O).
+template <typename T>
+struct HeadBuffers {
+  T *q, *dout, *dq, *lse2, *delta;
+};
+
+template <typename T>
+DSX_INLINE HeadBuffers<T> head_buffers(T* heads, int64_t gi, int64_t nq, int64_t Dp, int64_t Dvp) {
+  T* q = heads + gi * nq * (2 * Dp + Dvp + 2);
+  T* dout = q + nq * Dp;
+  T* dq = dout + nq * Dvp;
+  T* lse2 = dq + nq * Dp;
+  return {q, dout, dq, lse2, lse2 + nq};
+}
+
 // One (batch, key/value head) of the backward pass, for every query head of its group.
 template <typename S, typename T>
 DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_t hk, std::vector<T>& buf) {
@@ -388,11 +404,7 @@ DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_
   const T l2e = static_cast<T>(kLog2e), sl2 = static_cast<T>(g.scale * kLog2e);
   for (int64_t gi = 0; gi < G; ++gi) {
     const int64_t h = hk * G + gi;
-    T* qp = heads + gi * per_head;
-    T* dop = qp + nq_all * Dp;
-    T* dqa = dop + nq_all * Dvp;
-    T* lse2 = dqa + nq_all * Dp;
-    T* di = lse2 + nq_all;
+    const auto [qp, dop, dqa, lse2, di] = head_buffers(heads, gi, nq_all, Dp, Dvp);
     const S* qh = w.q + b * g.q.b + h * g.q.h + s.q0 * g.q.s;
     const S* oh = w.o + b * g.o.b + h * g.o.h + s.q0 * g.o.s;
     const S* doh = w.dout + b * w.dout_s.b + h * w.dout_s.h + s.q0 * w.dout_s.s;
@@ -425,11 +437,7 @@ DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_
     const int64_t ifirst = g.causal ? std::clamp<int64_t>(kb - s.causal_off, 0, nq_all) : 0;
     for (int64_t gi = 0; gi < G; ++gi) {
       const int64_t h = hk * G + gi;
-      T* qp = heads + gi * per_head;
-      T* dop = qp + nq_all * Dp;
-      T* dqa = dop + nq_all * Dvp;
-      T* lse2 = dqa + nq_all * Dp;
-      T* di = lse2 + nq_all;
+      const auto [qp, dop, dqa, lse2, di] = head_buffers(heads, gi, nq_all, Dp, Dvp);
       for (int64_t i0 = ifirst / kBlockQ * kBlockQ; i0 < nq_all; i0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, nq_all - i0);
         // P = exp2(S * scale * log2e + mask - lse2)
@@ -483,7 +491,7 @@ DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_
     for (int64_t d = 0; d < Dv; ++d) dvh[j * w.dv_s.s + d] = static_cast<S>(dv_acc[j * Dvp + d]);
   }
   for (int64_t gi = 0; gi < G; ++gi) {
-    const T* dqa = heads + gi * per_head + nq_all * (Dp + Dvp);
+    const T* dqa = head_buffers(heads, gi, nq_all, Dp, Dvp).dq;
     S* dqh = w.dq + b * w.dq_s.b + (hk * G + gi) * w.dq_s.h + s.q0 * w.dq_s.s;
     for (int64_t i = 0; i < nq_all; ++i) {
       for (int64_t d = 0; d < D; ++d) dqh[i * w.dq_s.s + d] = static_cast<S>(dqa[i * Dp + d] * sc);
@@ -561,54 +569,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Geometry& g, b
   return {dq, dk, dv};
 }
 
+struct CpuBackend {
+  static std::tuple<at::Tensor, at::Tensor> forward(const Geometry& g, bool varlen, const at::Tensor& q,
+                                                    const at::Tensor& k, const at::Tensor& v) {
+    return run_forward(g, varlen, q, k, v);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Geometry& g, bool varlen,
+                                                                 const at::Tensor& dout, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& out, const at::Tensor& lse) {
+    return run_backward(g, varlen, dout, q, k, v, out, lse);
+  }
+  static int offsets(Varlen&) { return 0; }  // the checks already hold cu_seqlens in host memory
+};
+
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor> fused_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v,
-                                                           const std::optional<at::Tensor>& attn_mask,
-                                                           double dropout_p, bool is_causal, double scale,
-                                                           const std::optional<at::Tensor>& seed) {
-  const Dense d = prepare_dense("fused_attention_fwd", q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
-  return run_forward(d.geo, false, d.q, d.k, d.v);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    double scale, const std::optional<at::Tensor>& seed) {
-  constexpr const char* op = "fused_attention_bwd";
-  const Dense d = prepare_dense(op, q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
-  check_backward(op, grad_out, out, lse, q, v, false);
-  return run_backward(d.geo, false, grad_out, d.q, d.k, d.v, out, lse);
-}
-
-std::tuple<at::Tensor, at::Tensor> fused_attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                  const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                                                                  const at::Tensor& cu_seqlens_k,
-                                                                  int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                                                  bool is_causal, double scale) {
-  const Varlen r = prepare_varlen("fused_attention_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, is_causal, scale);
-  return run_forward(r.geo, true, r.q, r.k, r.v);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_varlen_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, bool is_causal, double scale) {
-  constexpr const char* op = "fused_attention_varlen_bwd";
-  const Varlen r = prepare_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
-                                  scale);
-  check_backward(op, grad_out, out, lse, q, v, true);
-  return run_backward(r.geo, true, grad_out, r.q, r.k, r.v, out, lse);
-}
-
 }  // namespace attention
 }  // namespace deepseek_ext
 
-TORCH_LIBRARY_IMPL(deepseek_ext, CPU, m) {
-  m.impl("fused_attention_fwd", &deepseek_ext::attention::fused_attention_fwd_cpu);
-  m.impl("fused_attention_bwd", &deepseek_ext::attention::fused_attention_bwd_cpu);
-  m.impl("fused_attention_varlen_fwd", &deepseek_ext::attention::fused_attention_varlen_fwd_cpu);
-  m.impl("fused_attention_varlen_bwd", &deepseek_ext::attention::fused_attention_varlen_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(deepseek_ext, CPU, m) { DSX_REGISTER_ATTENTION(m, deepseek_ext::attention::CpuBackend); }

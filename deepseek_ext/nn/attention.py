@@ -20,23 +20,14 @@ _original_sdpa = _attention._SDPA
 def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """``F.scaled_dot_product_attention`` routed to :func:`deepseek_ext.ops.fused_attention` (SDPA itself for
     inputs the kernels do not take: other ranks, nested tensors, devices other than CPU/CUDA)."""
-    if (
+    unsupported = (
         query.dim() not in (3, 4)
         or query.dim() != key.dim()
         or query.is_nested
         or query.device.type not in ("cpu", "cuda")
-    ):
-        return _original_sdpa(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-        )
-    return _attention.fused_attention(
+    )
+    attend = _original_sdpa if unsupported else _attention.fused_attention
+    return attend(
         query,
         key,
         value,

@@ -71,6 +71,21 @@ __device__ __forceinline__ A dropout_factor(const Geometry& g, const DevSeq& s, 
   return r >= threshold ? static_cast<A>(1.0 / (1.0 - g.dropout_p)) : A(0);
 }
 
+// The warp-per-row kernels: this warp's lane, its row (query or key, by blockIdx.x), batch (blockIdx.z), head
+// (blockIdx.y) and the batch's sequence.
+struct WarpRow {
+  int lane;
+  int64_t row, b, h;
+  DevSeq s;
+};
+
+__device__ __forceinline__ WarpRow warp_row(const Geometry& g) {
+  const int64_t b = blockIdx.z;
+  return WarpRow{static_cast<int>(threadIdx.x % kWarp),
+                 static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp, b, blockIdx.y,
+                 dev_sequence(g, b)};
+}
+
 template <typename A>
 __device__ __forceinline__ A warp_sum(A x) {
 #pragma unroll
@@ -85,10 +100,10 @@ __global__ void forward_rows_kernel(Geometry g, const T* __restrict__ q, const T
                                     const T* __restrict__ v, T* __restrict__ o, acc_t<T>* __restrict__ lse,
                                     uint32_t threshold) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  const int64_t b = blockIdx.z, h = blockIdx.y;
-  const DevSeq s = dev_sequence(g, b);
+  const WarpRow w = warp_row(g);
+  const int lane = w.lane;
+  const int64_t row = w.row, b = w.b, h = w.h;
+  const DevSeq s = w.s;
   if (row >= s.nq) return;
   const int64_t hk = h / (g.heads_q / g.heads_kv);
   const T* qr = q + b * g.q.b + h * g.q.h + (s.q0 + row) * g.q.s;
@@ -335,10 +350,10 @@ template <typename T>
 __global__ void delta_kernel(Geometry g, const T* __restrict__ o, const T* __restrict__ dout, Strides ds,
                              acc_t<T>* __restrict__ delta) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  const int64_t b = blockIdx.z, h = blockIdx.y;
-  const DevSeq s = dev_sequence(g, b);
+  const WarpRow w = warp_row(g);
+  const int lane = w.lane;
+  const int64_t row = w.row, b = w.b, h = w.h;
+  const DevSeq s = w.s;
   if (row >= s.nq) return;
   const T* orow = o + b * g.o.b + h * g.o.h + (s.q0 + row) * g.o.s;
   const T* drow = dout + b * ds.b + h * ds.h + (s.q0 + row) * ds.s;
@@ -373,10 +388,10 @@ __global__ void dkdv_kernel(Geometry g, const T* __restrict__ q, const T* __rest
                             const acc_t<T>* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, Strides dks,
                             Strides dvs, uint32_t threshold) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  const int64_t b = blockIdx.z, hk = blockIdx.y;
-  const DevSeq s = dev_sequence(g, b);
+  const WarpRow w = warp_row(g);
+  const int lane = w.lane;
+  const int64_t j = w.row, b = w.b, hk = w.h;
+  const DevSeq s = w.s;
   if (j >= s.nk) return;
   const int64_t G = g.heads_q / g.heads_kv;
   const T* kr = k + b * g.k.b + hk * g.k.h + (s.k0 + j) * g.k.s;
@@ -428,10 +443,10 @@ __global__ void dq_kernel(Geometry g, const T* __restrict__ q, const T* __restri
                           const T* __restrict__ dout, Strides ds, const acc_t<T>* __restrict__ lse,
                           const acc_t<T>* __restrict__ delta, T* __restrict__ dq, Strides dqs, uint32_t threshold) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  const int64_t b = blockIdx.z, h = blockIdx.y;
-  const DevSeq s = dev_sequence(g, b);
+  const WarpRow w = warp_row(g);
+  const int lane = w.lane;
+  const int64_t i = w.row, b = w.b, h = w.h;
+  const DevSeq s = w.s;
   if (i >= s.nq) return;
   const int64_t hk = h / (g.heads_q / g.heads_kv);
   const T* qr = q + b * g.q.b + h * g.q.h + (s.q0 + i) * g.q.s;
@@ -586,56 +601,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(Geometry g, bool var
   return {dq, dk, dv};
 }
 
+struct CudaBackend {
+  static std::tuple<at::Tensor, at::Tensor> forward(const Geometry& g, bool varlen, const at::Tensor& q,
+                                                    const at::Tensor& k, const at::Tensor& v) {
+    return run_forward(g, varlen, q, k, v);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Geometry& g, bool varlen,
+                                                                 const at::Tensor& dout, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& out, const at::Tensor& lse) {
+    return run_backward(g, varlen, dout, q, k, v, out, lse);
+  }
+  static DeviceOffsets offsets(Varlen& r) { return to_device(r.geo, r.cu_q, r.cu_k, r.q.device()); }
+};
+
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor> fused_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                            const at::Tensor& v,
-                                                            const std::optional<at::Tensor>& attn_mask,
-                                                            double dropout_p, bool is_causal, double scale,
-                                                            const std::optional<at::Tensor>& seed) {
-  const Dense d = prepare_dense("fused_attention_fwd", q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
-  return run_forward(d.geo, false, d.q, d.k, d.v);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-    double scale, const std::optional<at::Tensor>& seed) {
-  constexpr const char* op = "fused_attention_bwd";
-  const Dense d = prepare_dense(op, q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
-  check_backward(op, grad_out, out, lse, q, v, false);
-  return run_backward(d.geo, false, grad_out, d.q, d.k, d.v, out, lse);
-}
-
-std::tuple<at::Tensor, at::Tensor> fused_attention_varlen_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                                   const at::Tensor& v,
-                                                                   const at::Tensor& cu_seqlens_q,
-                                                                   const at::Tensor& cu_seqlens_k,
-                                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                                                   bool is_causal, double scale) {
-  Varlen r = prepare_varlen("fused_attention_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k, is_causal, scale);
-  const DeviceOffsets keep = to_device(r.geo, r.cu_q, r.cu_k, q.device());
-  return run_forward(r.geo, true, r.q, r.k, r.v);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_varlen_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, bool is_causal, double scale) {
-  constexpr const char* op = "fused_attention_varlen_bwd";
-  Varlen r = prepare_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale);
-  check_backward(op, grad_out, out, lse, q, v, true);
-  const DeviceOffsets keep = to_device(r.geo, r.cu_q, r.cu_k, q.device());
-  return run_backward(r.geo, true, grad_out, r.q, r.k, r.v, out, lse);
-}
-
 }  // namespace attention
 }  // namespace deepseek_ext
 
-TORCH_LIBRARY_IMPL(deepseek_ext, CUDA, m) {
-  m.impl("fused_attention_fwd", &deepseek_ext::attention::fused_attention_fwd_cuda);
-  m.impl("fused_attention_bwd", &deepseek_ext::attention::fused_attention_bwd_cuda);
-  m.impl("fused_attention_varlen_fwd", &deepseek_ext::attention::fused_attention_varlen_fwd_cuda);
-  m.impl("fused_attention_varlen_bwd", &deepseek_ext::attention::fused_attention_varlen_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(deepseek_ext, CUDA, m) { DSX_REGISTER_ATTENTION(m, deepseek_ext::attention::CudaBackend); }

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 #include "deepseek_ext/philox.h"
 
@@ -78,6 +79,60 @@ std::vector<int64_t> lse_sizes(const at::Tensor& q, bool varlen);
 
 // Strides of contiguous out (..., Dv) and lse tensors in the geometry's (batch, head, seq) terms.
 void set_output_strides(Geometry& g, bool varlen, int64_t total_q);
+
+// The four operator entry points, the same for every backend: check the arguments, then run the backend's kernels.
+// Backend::forward(Geometry, varlen, q, k, v) -> (out, lse); Backend::backward(Geometry, varlen, grad_out, q, k, v,
+// out, lse) -> (dq, dk, dv); Backend::offsets(Varlen&) points the geometry at cu_seqlens the kernels can read
+// and returns whatever must stay alive while they run.
+template <typename Backend>
+struct Entry {
+  static std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                                                bool is_causal, double scale, const std::optional<at::Tensor>& seed) {
+    const Dense d = prepare_dense("fused_attention_fwd", q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
+    return Backend::forward(d.geo, false, d.q, d.k, d.v);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                                            const at::Tensor& k, const at::Tensor& v,
+                                                            const at::Tensor& out, const at::Tensor& lse,
+                                                            const std::optional<at::Tensor>& attn_mask,
+                                                            double dropout_p, bool is_causal, double scale,
+                                                            const std::optional<at::Tensor>& seed) {
+    constexpr const char* op = "fused_attention_bwd";
+    const Dense d = prepare_dense(op, q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
+    check_backward(op, grad_out, out, lse, q, v, false);
+    return Backend::backward(d.geo, false, grad_out, d.q, d.k, d.v, out, lse);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                       int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal,
+                                                       double scale) {
+    Varlen r = prepare_varlen("fused_attention_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, is_causal, scale);
+    const auto keep = Backend::offsets(r);
+    return Backend::forward(r.geo, true, r.q, r.k, r.v);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+      int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal, double scale) {
+    constexpr const char* op = "fused_attention_varlen_bwd";
+    Varlen r = prepare_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale);
+    check_backward(op, grad_out, out, lse, q, v, true);
+    const auto keep = Backend::offsets(r);
+    return Backend::backward(r.geo, true, grad_out, r.q, r.k, r.v, out, lse);
+  }
+};
+
+// Registers a backend's kernels under the four schemas (inside TORCH_LIBRARY_IMPL).
+#define DSX_REGISTER_ATTENTION(m, Backend)                                              \
+  m.impl("fused_attention_fwd", &deepseek_ext::attention::Entry<Backend>::fwd);               \
+  m.impl("fused_attention_bwd", &deepseek_ext::attention::Entry<Backend>::bwd);               \
+  m.impl("fused_attention_varlen_fwd", &deepseek_ext::attention::Entry<Backend>::varlen_fwd); \
+  m.impl("fused_attention_varlen_bwd", &deepseek_ext::attention::Entry<Backend>::varlen_bwd)
 
 // 32 random bits for score (b, h, i, j) of a call: one Philox block covers four neighbouring keys of a row.
 #if defined(__CUDACC__)
