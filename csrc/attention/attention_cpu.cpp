@@ -316,7 +316,7 @@ DSX_CPU_CLONES void forward_item(const ForwardWork<S, T>& w, int64_t b, int64_t 
 }
 
 template <typename S, typename T>
-void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+void forward_all(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
              at::Tensor& lse) {
   const ForwardWork<S, T> w{g, q.const_data_ptr<S>(), k.const_data_ptr<S>(), v.const_data_ptr<S>(),
                             out.mutable_data_ptr<S>(), lse.mutable_data_ptr<T>()};
@@ -504,7 +504,7 @@ Strides strides_of(const at::Tensor& t, bool varlen) {
 }
 
 template <typename S, typename T>
-void backward(const Geometry& g, bool varlen, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+void backward_all(const Geometry& g, bool varlen, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
               at::Tensor& dv) {
   const BackwardWork<S, T> w{g,
@@ -535,7 +535,18 @@ void backward(const Geometry& g, bool varlen, const at::Tensor& dout, const at::
 template <typename S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-std::tuple<at::Tensor, at::Tensor> run_forward(const Geometry& g, bool varlen, const at::Tensor& q,
+// The backend the shared entry points (Entry<CpuBackend> in attention.h) run.
+struct CpuBackend {
+  static std::tuple<at::Tensor, at::Tensor> forward(const Geometry& g, bool varlen, const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v);
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Geometry& g, bool varlen, const at::Tensor& grad_out,
+                                                                 const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& out,
+                                                                 const at::Tensor& lse);
+  static int offsets(Varlen&) { return 0; }  // the checks already hold cu_seqlens in host memory
+};
+
+std::tuple<at::Tensor, at::Tensor> CpuBackend::forward(const Geometry& g, bool varlen, const at::Tensor& q,
                                                const at::Tensor& k, const at::Tensor& v) {
   at::Tensor out = at::empty(out_sizes(q, v, varlen), q.options());
   at::Tensor lse = at::empty(lse_sizes(q, varlen), q.options().dtype(lse_dtype(q.scalar_type())));
@@ -544,12 +555,12 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Geometry& g, bool varlen, c
     return {out, lse};
   }
   DSX_DISPATCH_ATTENTION(q.scalar_type(), "fused_attention_cpu", [&] {
-    forward<scalar_t, compute_t<scalar_t>>(g, q, k, v, out, lse);
+    forward_all<scalar_t, compute_t<scalar_t>>(g, q, k, v, out, lse);
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Geometry& g, bool varlen, const at::Tensor& dout,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuBackend::backward(const Geometry& g, bool varlen, const at::Tensor& dout,
                                                             const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& out,
                                                             const at::Tensor& lse) {
@@ -564,24 +575,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Geometry& g, b
   gg.o = strides_of(o, varlen);
   gg.lse = varlen ? Strides{0, l.stride(0), l.stride(1)} : Strides{l.stride(0), l.stride(1), l.stride(2)};
   DSX_DISPATCH_ATTENTION(q.scalar_type(), "fused_attention_backward_cpu", [&] {
-    backward<scalar_t, compute_t<scalar_t>>(gg, varlen, d_out, q, k, v, o, l, dq, dk, dv);
+    backward_all<scalar_t, compute_t<scalar_t>>(gg, varlen, d_out, q, k, v, o, l, dq, dk, dv);
   });
   return {dq, dk, dv};
 }
 
-struct CpuBackend {
-  static std::tuple<at::Tensor, at::Tensor> forward(const Geometry& g, bool varlen, const at::Tensor& q,
-                                                    const at::Tensor& k, const at::Tensor& v) {
-    return run_forward(g, varlen, q, k, v);
-  }
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Geometry& g, bool varlen,
-                                                                 const at::Tensor& dout, const at::Tensor& q,
-                                                                 const at::Tensor& k, const at::Tensor& v,
-                                                                 const at::Tensor& out, const at::Tensor& lse) {
-    return run_backward(g, varlen, dout, q, k, v, out, lse);
-  }
-  static int offsets(Varlen&) { return 0; }  // the checks already hold cu_seqlens in host memory
-};
 
 }  // namespace
 }  // namespace attention

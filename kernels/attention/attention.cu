@@ -513,7 +513,18 @@ DeviceOffsets to_device(Geometry& g, const at::Tensor& cu_q, const at::Tensor& c
   return d;
 }
 
-std::tuple<at::Tensor, at::Tensor> run_forward(Geometry g, bool varlen, const at::Tensor& q, const at::Tensor& k,
+// The backend the shared entry points (Entry<CudaBackend> in attention.h) run.
+struct CudaBackend {
+  static std::tuple<at::Tensor, at::Tensor> forward(Geometry g, bool varlen, const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v);
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(Geometry g, bool varlen, const at::Tensor& grad_out,
+                                                                 const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& out,
+                                                                 const at::Tensor& lse);
+  static DeviceOffsets offsets(Varlen& r) { return to_device(r.geo, r.cu_q, r.cu_k, r.q.device()); }
+};
+
+std::tuple<at::Tensor, at::Tensor> CudaBackend::forward(Geometry g, bool varlen, const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v) {
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty(out_sizes(q, v, varlen), q.options());
@@ -560,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Geometry g, bool varlen, const at
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(Geometry g, bool varlen, const at::Tensor& grad_out,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> CudaBackend::backward(Geometry g, bool varlen, const at::Tensor& grad_out,
                                                             const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& out,
                                                             const at::Tensor& lse) {
@@ -601,19 +612,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(Geometry g, bool var
   return {dq, dk, dv};
 }
 
-struct CudaBackend {
-  static std::tuple<at::Tensor, at::Tensor> forward(const Geometry& g, bool varlen, const at::Tensor& q,
-                                                    const at::Tensor& k, const at::Tensor& v) {
-    return run_forward(g, varlen, q, k, v);
-  }
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Geometry& g, bool varlen,
-                                                                 const at::Tensor& dout, const at::Tensor& q,
-                                                                 const at::Tensor& k, const at::Tensor& v,
-                                                                 const at::Tensor& out, const at::Tensor& lse) {
-    return run_backward(g, varlen, dout, q, k, v, out, lse);
-  }
-  static DeviceOffsets offsets(Varlen& r) { return to_device(r.geo, r.cu_q, r.cu_k, r.q.device()); }
-};
 
 }  // namespace
 }  // namespace attention
