@@ -4,8 +4,9 @@
 // F16C converts eight halves to floats in one instruction. Called only after a runtime CPU check.
 #pragma once
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DSX_HAVE_FP8_DECODE_AVX2 1
+#include "deepseek_ext/cpu.h"
+
+#ifdef DSX_HAVE_AVX2
 
 #include <immintrin.h>
 
@@ -17,14 +18,9 @@ namespace deepseek_ext {
 namespace fp8 {
 namespace avx2 {
 
-inline bool decode_supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return ok;
-}
-
 // d[i] = decode(s[i]) * scale for i < n rounded down to a multiple of 8; returns that count.
 template <Format F>
-__attribute__((target("avx2,fma,f16c"))) int64_t decode_span(const uint8_t* s, float* d, int64_t n, float scale) {
+DSX_AVX2_FN int64_t decode_span(const uint8_t* s, float* d, int64_t n, float scale) {
   const __m256 vscale = _mm256_set1_ps(scale);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {

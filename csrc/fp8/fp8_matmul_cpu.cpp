@@ -24,8 +24,8 @@ constexpr int64_t kTileN = 512;
 // d[0:n] = decode(s[0:n]) * scale, vectorised where the CPU allows.
 void decode_span(const uint8_t* s, float* d, int64_t n, float scale, Format f, const float* lut) {
   int64_t i = 0;
-#ifdef DSX_HAVE_FP8_DECODE_AVX2
-  if (avx2::decode_supported()) {
+#ifdef DSX_HAVE_AVX2
+  if (cpu_has_avx2()) {
     i = f == Format::kE4M3FN ? avx2::decode_span<Format::kE4M3FN>(s, d, n, scale)
                              : avx2::decode_span<Format::kE5M2>(s, d, n, scale);
   }

@@ -5,8 +5,9 @@
 // and runs on x86-64 machines without AVX2.
 #pragma once
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DSX_HAVE_AVX2_PATH 1
+#include "deepseek_ext/cpu.h"
+
+#ifdef DSX_HAVE_AVX2
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -16,17 +17,10 @@
 
 #include "deepseek_ext/fp8_format.h"
 
-#define DSX_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define DSX_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 
 namespace deepseek_ext {
 namespace fp8 {
 namespace avx2 {
-
-inline bool supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return ok;
-}
 
 DSX_AVX2_INLINE __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 DSX_AVX2_INLINE __m256 load8(const c10::Half* x) {
@@ -64,7 +58,7 @@ DSX_AVX2_INLINE __m256i encode8(__m256 v) {
 
 // q[i] = float_to_fp8_bits_sat<F>(x[i] / scale) for i < n rounded down to a multiple of 32; returns that count.
 template <typename T, Format F>
-DSX_AVX2 int64_t quantize_span(const T* x, uint8_t* q, int64_t n, float scale) {
+DSX_AVX2_FN int64_t quantize_span(const T* x, uint8_t* q, int64_t n, float scale) {
   const __m256 s = _mm256_set1_ps(scale);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   int64_t i = 0;

@@ -71,8 +71,8 @@ DSX_CPU_CLONES typename InputBits<T>::U amax_finite_bits(const T* x, int64_t n) 
 template <typename T, Format F>
 void quantize_span(const T* x, uint8_t* q, int64_t n, float scale) {
   int64_t i = 0;
-#ifdef DSX_HAVE_AVX2_PATH
-  if (avx2::supported()) i = avx2::quantize_span<T, F>(x, q, n, scale);
+#ifdef DSX_HAVE_AVX2
+  if (cpu_has_avx2()) i = avx2::quantize_span<T, F>(x, q, n, scale);
 #endif
   for (; i < n; ++i) {
     q[i] = float_to_fp8_bits_sat<F>(static_cast<float>(x[i]) / scale);

@@ -2,28 +2,22 @@
 // CPU check; the scalar code in qlinear_cpu.cpp computes the same integers.
 #pragma once
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DSX_HAVE_QLINEAR_AVX2 1
+#include "deepseek_ext/cpu.h"
+
+#ifdef DSX_HAVE_AVX2
 
 #include <immintrin.h>
 
 #include <cstdint>
 
-#define DSX_AVX2_FN __attribute__((target("avx2,fma,f16c")))
-#define DSX_AVX2_INL __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 
 namespace deepseek_ext {
 namespace quant {
 namespace avx2 {
 
-inline bool supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
 // 32 weight codes of chunk `c` of a row, as signed bytes.
 template <int Bits>
-DSX_AVX2_INL __m256i load_codes(const uint8_t* row, int64_t c) {
+DSX_AVX2_INLINE __m256i load_codes(const uint8_t* row, int64_t c) {
   if (Bits == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c));
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c));
   const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
@@ -31,7 +25,7 @@ DSX_AVX2_INL __m256i load_codes(const uint8_t* row, int64_t c) {
   return _mm256_set_m128i(hi, lo);
 }
 
-DSX_AVX2_INL int32_t hsum_epi32(__m256i v) {
+DSX_AVX2_INLINE int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));

@@ -23,15 +23,15 @@ namespace {
 constexpr int64_t kTileN = 4;
 
 bool have_avx2() {
-#ifdef DSX_HAVE_QLINEAR_AVX2
-  return avx2::supported();
+#ifdef DSX_HAVE_AVX2
+  return cpu_has_avx2();
 #else
   return false;
 #endif
 }
 
 void dot_tile_u7(const uint8_t* const* x, const uint8_t* const* w, const QLinearPlan& p, int rows, int32_t* dots) {
-#ifdef DSX_HAVE_QLINEAR_AVX2
+#ifdef DSX_HAVE_AVX2
   const int64_t cpg = p.group / 32;
   if (p.bits == 8) {
     rows == 2 ? avx2::dot_tile_u7<8, 2>(x, w, p.groups, cpg, dots) : avx2::dot_tile_u7<8, 1>(x, w, p.groups, cpg, dots);
@@ -68,8 +68,8 @@ void group_sums(const int8_t* x, int64_t groups, int64_t group, int32_t* out) {
 }
 
 void unpack_row4(const uint8_t* row, int64_t kp, uint8_t* out) {
-#ifdef DSX_HAVE_QLINEAR_AVX2
-  if (avx2::supported()) {
+#ifdef DSX_HAVE_AVX2
+  if (cpu_has_avx2()) {
     avx2::unpack4(row, kp, out);
     return;
   }
@@ -90,8 +90,8 @@ void dot_tile_scalar(const int8_t* const* x, const uint8_t* const* w, const QLin
 }
 
 void float_dots(const float* x, const uint8_t* w, const QLinearPlan& p, float* out) {
-#ifdef DSX_HAVE_QLINEAR_AVX2
-  if (avx2::supported()) {
+#ifdef DSX_HAVE_AVX2
+  if (cpu_has_avx2()) {
     if (p.bits == 8) {
       avx2::float_dots<8>(x, w, p.groups, p.group / 32, out);
     } else {
@@ -108,8 +108,8 @@ void float_dots(const float* x, const uint8_t* w, const QLinearPlan& p, float* o
 }
 
 void decode_row(const uint8_t* w, const QLinearPlan& p, const float* scale, const int32_t* zero, float* out) {
-#ifdef DSX_HAVE_QLINEAR_AVX2
-  if (avx2::supported()) {
+#ifdef DSX_HAVE_AVX2
+  if (cpu_has_avx2()) {
     p.bits == 8 ? avx2::decode_row<8>(w, p.groups, p.group / 32, scale, zero, out)
                 : avx2::decode_row<4>(w, p.groups, p.group / 32, scale, zero, out);
     return;
@@ -135,7 +135,7 @@ void quantize_activations(const float* x, const QLinearPlan& p, const float* sta
         s = *static_scale;
       } else {
         float amax = 0.0f;
-#ifdef DSX_HAVE_QLINEAR_AVX2
+#ifdef DSX_HAVE_AVX2
         if (simd) amax = avx2::row_amax(row, p.k);
 #endif
         if (!simd) {
@@ -147,7 +147,7 @@ void quantize_activations(const float* x, const QLinearPlan& p, const float* sta
       int8_t* q = xq + m * p.kp;
       uint8_t* u = xu + m * p.kp;
       int64_t k = 0;
-#ifdef DSX_HAVE_QLINEAR_AVX2
+#ifdef DSX_HAVE_AVX2
       if (simd) k = avx2::quantize_row7(row, p.k, s, q, u);
 #endif
       for (; k < p.k; ++k) {

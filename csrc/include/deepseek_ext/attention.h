@@ -111,7 +111,7 @@ struct Entry {
                                                        double scale) {
     Varlen r = prepare_varlen("fused_attention_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, is_causal, scale);
-    const auto keep = Backend::offsets(r);
+    [[maybe_unused]] const auto keep = Backend::offsets(r);  // alive until the kernels are done
     return Backend::forward(r.geo, true, r.q, r.k, r.v);
   }
 
@@ -122,7 +122,7 @@ struct Entry {
     constexpr const char* op = "fused_attention_varlen_bwd";
     Varlen r = prepare_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale);
     check_backward(op, grad_out, out, lse, q, v, true);
-    const auto keep = Backend::offsets(r);
+    [[maybe_unused]] const auto keep = Backend::offsets(r);  // alive until the kernels are done
     return Backend::backward(r.geo, true, grad_out, r.q, r.k, r.v, out, lse);
   }
 };
