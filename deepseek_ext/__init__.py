@@ -7,8 +7,17 @@ and type hints, in :mod:`deepseek_ext.ops`. ``capabilities()`` tells what this b
 from __future__ import annotations
 
 from . import ops
-from ._native import LOAD_ERROR, NATIVE_AVAILABLE, capabilities
+from ._native import LOAD_ERROR, NATIVE_AVAILABLE, capabilities, capped_cpu_isa, cpu_isa, set_cpu_isa_cap
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "capabilities", "NATIVE_AVAILABLE", "LOAD_ERROR", "__version__"]
+__all__ = [
+    "ops",
+    "capabilities",
+    "cpu_isa",
+    "set_cpu_isa_cap",
+    "capped_cpu_isa",
+    "NATIVE_AVAILABLE",
+    "LOAD_ERROR",
+    "__version__",
+]

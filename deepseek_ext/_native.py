@@ -8,8 +8,10 @@ an error that repeats the reason.
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -48,6 +50,80 @@ def registered_ops() -> list[str]:
     return sorted(name[len(prefix) :] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix))
 
 
+CPU_ISA_LEVELS = ("scalar", "avx2", "avx512", "amx")
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels use now: ``'scalar'``, ``'avx2'``, ``'avx512'`` or ``'amx'``.
+
+    It is the best level this CPU supports, capped by the environment variable ``DEEPSEEK_EXT_CPU_ISA`` (read on the
+    first kernel call) or by :func:`set_cpu_isa_cap`. ``'avx512'`` kernels also use AVX512-VNNI and AVX512-BF16
+    where the CPU has them (``capabilities()['cpu_features']``); ``'amx'`` reaches AMX through PyTorch's oneDNN
+    micro-kernels.
+
+    Example:
+        >>> import deepseek_ext
+        >>> deepseek_ext.cpu_isa() in ("scalar", "avx2", "avx512", "amx")
+        True
+    """
+    require_native("cpu_isa")
+    return _C.cpu_isa()[0]
+
+
+def set_cpu_isa_cap(level: str | None) -> None:
+    """Caps the instruction-set level of the CPU kernels (``None``: no cap). Takes effect on the next call.
+
+    Args:
+        level: ``'scalar'``, ``'avx2'``, ``'avx512'``, ``'amx'`` or ``None``. A level above what the CPU supports
+            is allowed and changes nothing.
+
+    Raises:
+        ValueError: for any other name.
+
+    Example:
+        >>> import deepseek_ext
+        >>> deepseek_ext.set_cpu_isa_cap("avx2"); deepseek_ext.cpu_isa() in ("scalar", "avx2")
+        True
+        >>> deepseek_ext.set_cpu_isa_cap(None)
+    """
+    require_native("set_cpu_isa_cap")
+    if level is not None and not isinstance(level, str):
+        raise TypeError(f"set_cpu_isa_cap: expected a level name or None, but got {type(level).__name__}")
+    _C.set_cpu_isa_cap("amx" if level is None else level)
+
+
+@contextlib.contextmanager
+def capped_cpu_isa(level: str | None) -> Iterator[str]:
+    """Context manager: runs the block with the CPU kernels capped at ``level`` and restores the previous cap.
+    Yields the level in effect. The cap is process-wide (not per thread).
+
+    Example:
+        >>> import deepseek_ext, torch
+        >>> with deepseek_ext.capped_cpu_isa("scalar") as level:
+        ...     level
+        'scalar'
+    """
+    require_native("capped_cpu_isa")
+    previous = _C.cpu_isa()[2]
+    set_cpu_isa_cap(level)
+    try:
+        yield cpu_isa()
+    finally:
+        _C.set_cpu_isa_cap(previous)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for benchmark reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def capabilities() -> dict[str, Any]:
     """What this build of deepseek_ext contains and can run here.
 
@@ -58,7 +134,11 @@ def capabilities() -> dict[str, Any]:
         ``cpu`` (bool): CPU kernels present; ``cuda`` (bool): CUDA kernels compiled in;
         ``cuda_version`` and ``cuda_archs`` (list of str, e.g. ``['8.0', '9.0a']``) of the CUDA build;
         ``cuda_available`` (bool): a CUDA device is usable right now;
-        ``ops``: ``{name: {'cpu': bool, 'cuda': bool}}``, the kernels registered per operator.
+        ``ops``: ``{name: {'cpu': bool, 'cuda': bool}}``, the kernels registered per operator;
+        ``cpu_model`` (str); ``cpu_isa`` (the level the CPU kernels use now, see :func:`cpu_isa`),
+        ``cpu_isa_detected`` (the CPU's best level, without the cap) and ``cpu_features`` (e.g. ``['avx2',
+        'avx512', 'avx512_vnni', 'avx512_bf16']``); ``cpu_paths``: ``{op family: {case: path}}``, which kernel
+        each op family runs at the current level.
 
     Example:
         >>> import deepseek_ext
@@ -71,9 +151,11 @@ def capabilities() -> dict[str, Any]:
         "torch_runtime": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
     }
+    caps["cpu_model"] = cpu_model()
     if not NATIVE_AVAILABLE:
         caps.update(torch_built=None, cpu=False, cuda=False, cuda_version=None, cuda_archs=[], ops={})
         return caps
+    level, detected, _cap, features = _C.cpu_isa()
     ops = {
         name: {
             key.lower(): torch._C._dispatch_has_kernel_for_dispatch_key(f"deepseek_ext::{name}", key)
@@ -88,5 +170,9 @@ def capabilities() -> dict[str, Any]:
         cuda_version=_C.CUDA_VERSION or None,
         cuda_archs=[a for a in _C.CUDA_ARCHS.replace(",", ";").replace(" ", ";").split(";") if a],
         ops=ops,
+        cpu_isa=level,
+        cpu_isa_detected=detected,
+        cpu_features=list(features),
+        cpu_paths=_C.cpu_paths(),
     )
     return caps

@@ -11,6 +11,7 @@
 #include "deepseek_ext/amp.h"
 #include "deepseek_ext/cpu.h"
 #include "deepseek_ext/dispatch.h"
+#include "deepseek_ext/simd.h"
 
 namespace deepseek_ext {
 namespace amp {
@@ -24,9 +25,10 @@ struct ChunkResult {
 };
 
 // g[i] *= inv in float; returns the sum of squares of the results and whether any result is inf or NaN. One
-// vectorised loop per 2048-element block (`omp simd` allows the reassociated float sums), folded into a double.
+// vectorised loop per 2048-element block (`omp simd` allows the reassociated float sums), folded into a double;
+// compiled for each instruction-set level (simd::dispatch).
 template <typename T>
-DSX_CPU_CLONES ChunkResult unscale_span(T* g, int64_t n, float inv) {
+DSX_INLINE ChunkResult unscale_span(T* g, int64_t n, float inv) {
   constexpr int64_t kBlock = 2048;
   ChunkResult r;
   float nan_probe = 0.0f;  // sum of u * 0: stays 0 unless some u is inf or NaN
@@ -73,7 +75,8 @@ at::Tensor unscale_check_norm_cpu(at::TensorList grads, at::Tensor& found_inf, c
       const Chunk& ch = chunks[c];
       at::Tensor& g = dense[ch.tensor];
       DSX_DISPATCH_FLOAT_HALF_BF16(g.scalar_type(), "unscale_check_norm_cpu", [&] {
-        results[c] = unscale_span<scalar_t>(g.data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, inv);
+        scalar_t* p = g.data_ptr<scalar_t>() + ch.begin;
+        results[c] = simd::dispatch([&](auto) DSX_LAMBDA_INLINE { return unscale_span(p, ch.end - ch.begin, inv); });
       });
     }
   });

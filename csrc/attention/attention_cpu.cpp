@@ -11,8 +11,9 @@
 // block and query block P is recomputed from the saved log-sum-exp and the five products of the FlashAttention-2
 // backward run on tiles. Dropout masks are regenerated from the Philox seed, never stored.
 //
-// The micro-kernel uses GCC vector extensions; DSX_CPU_CLONES compiles the per-item functions for AVX2/FMA and
-// for baseline x86-64 and picks one at load time.
+// The micro-kernels (cpu_gemm.h) use vector types whose width is a template parameter; each item function is
+// instantiated per instruction-set level (cpu.h) and the level is chosen on every call. bfloat16 forwards use
+// AVX512-BF16 dot products where the CPU has them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,124 +26,40 @@
 
 #include "deepseek_ext/attention.h"
 #include "deepseek_ext/cpu.h"
+#include "deepseek_ext/cpu_gemm.h"
+#include "deepseek_ext/simd.h"
 
 namespace deepseek_ext {
 namespace attention {
 namespace {
 
-#define DSX_INLINE inline __attribute__((always_inline))
-
-constexpr int64_t kBlockQ = 72;   // query rows per tile (a multiple of the micro-kernel's 6 rows)
+constexpr int64_t kBlockQ = 72;   // query rows per tile (a multiple of the micro-kernels' 6 and 12 rows)
 constexpr int64_t kBlockK = 128;  // key rows per tile
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef double v4d __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-template <typename T>
-using vec_t = std::conditional_t<std::is_same_v<T, float>, v8f, v4d>;
-template <typename T>
-constexpr int64_t kVL = 32 / sizeof(T);  // lanes per vector
-template <typename T>
-constexpr int64_t kNR = 2 * kVL<T>;  // micro-kernel columns (two vectors)
-
-template <typename T>
-DSX_INLINE vec_t<T> vload(const T* p) {
-  vec_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-DSX_INLINE void vstore(T* p, vec_t<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// C[MR x NR] (+)= A[MR x K] * B[K x NR]. A(r, k) is A[r * lda + k], or A[k * lda + r] when TransA.
-template <typename T, int MR, bool TransA>
-DSX_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
-                             bool accumulate) {
-  using V = vec_t<T>;
-  constexpr int64_t VL = kVL<T>;
-  V c0[MR], c1[MR];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    c0[r] = accumulate ? vload(C + r * ldc) : V{};
-    c1[r] = accumulate ? vload(C + r * ldc + VL) : V{};
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const V b0 = vload(B + k * ldb), b1 = vload(B + k * ldb + VL);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const T a = TransA ? A[k * lda + r] : A[r * lda + k];
-      c0[r] += a * b0;
-      c1[r] += a * b1;
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    vstore(C + r * ldc, c0[r]);
-    vstore(C + r * ldc + VL, c1[r]);
-  }
-}
-
-// C[M x N] (+)= op(A)[M x K] * B[K x N]; N a multiple of kNR, B and C rows padded to it.
-template <typename T, bool TransA = false>
-DSX_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                     int64_t ldc, bool accumulate) {
-  constexpr int64_t NR = kNR<T>;
-  auto a_at = [&](int64_t m0) { return TransA ? A + m0 : A + m0 * lda; };
-  for (int64_t n0 = 0; n0 < N; n0 += NR) {
-    int64_t m0 = 0;
-    for (; m0 + 6 <= M; m0 += 6) micro_kernel<T, 6, TransA>(K, a_at(m0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
-    T* c = C + m0 * ldc + n0;
-    switch (M - m0) {
-      case 5: micro_kernel<T, 5, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
-      case 4: micro_kernel<T, 4, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
-      case 3: micro_kernel<T, 3, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
-      case 2: micro_kernel<T, 2, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
-      case 1: micro_kernel<T, 1, TransA>(K, a_at(m0), lda, B + n0, ldb, c, ldc, accumulate); break;
-      default: break;
-    }
-  }
-}
+using cpu_gemm::gemm;
+using cpu_gemm::round_up;
+template <typename T, int VB>
+constexpr int64_t kNR = cpu_gemm::kNR<T, VB>;
+template <typename T, int VB>
+constexpr int64_t kVL = simd::kLanes<T, VB>;
 
 // x[j] = 2^(x[j] - shift) for j < n (n a multiple of the vector length); returns the sum. Arguments below -125
 // (and -inf) give exactly 0: they are below 2^-125 of the row's largest term, which is 1.
+template <int VB>
 DSX_INLINE float exp2_sum(float* x, int64_t n, float shift) {
-  v8f acc{};
-  for (int64_t j = 0; j < n; j += 8) {
-    v8f t = vload(x + j) - shift;
-    const v8i dead = t < -125.0f;
-    t = dead ? v8f{} - 125.0f : t;
-    // 2^t = 2^k * 2^f with k = round(t), f in [-1/2, 1/2]: degree-6 Taylor polynomial (relative error < 2e-7).
-    const v8f th = t + 0.5f;
-    v8i k = __builtin_convertvector(th, v8i);
-    k += (__builtin_convertvector(k, v8f) > th);  // truncation rounded a negative value up: subtract one
-    const v8f f = t - __builtin_convertvector(k, v8f);
-    v8f p = f * 1.5403530393381606e-4f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    v8i bits;
-    std::memcpy(&bits, &p, sizeof(bits));
-    bits += k << 23;
-    v8f r;
-    std::memcpy(&r, &bits, sizeof(r));
-    r = dead ? v8f{} : r;
-    vstore(x + j, r);
+  using V = simd::Vec<float, VB>;
+  V acc{};
+  for (int64_t j = 0; j < n; j += kVL<float, VB>) {
+    const V r = simd::exp2<VB>(simd::load<V>(x + j) - shift);
+    simd::store(x + j, r);
     acc += r;
   }
-  float s = 0;
-  for (int i = 0; i < 8; ++i) s += acc[i];
-  return s;
+  return simd::reduce_add<float, VB>(acc);
 }
 
+template <int VB>
 DSX_INLINE double exp2_sum(double* x, int64_t n, double shift) {
   double s = 0;
   for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp2(x[j] - shift));
@@ -215,34 +132,79 @@ struct ForwardWork {
 };
 
 // Largest of row[0..n) (n a multiple of the vector length), at least `init`.
+template <int VB>
 DSX_INLINE float row_max_of(const float* row, int64_t n, float init) {
-  v8f m = v8f{} + init;
-  for (int64_t j = 0; j < n; j += 8) {
-    const v8f x = vload(row + j);
-    m = x > m ? x : m;
-  }
-  float r = init;
-  for (int i = 0; i < 8; ++i) r = std::max(r, m[i]);
-  return r;
+  using V = simd::Vec<float, VB>;
+  V m = simd::broadcast<V>(init);
+  for (int64_t j = 0; j < n; j += kVL<float, VB>) m = simd::vmax(simd::load<V>(row + j), m);
+  return simd::reduce_max<float, VB>(m, init);
 }
 
+template <int VB>
 DSX_INLINE double row_max_of(const double* row, int64_t n, double init) {
   double r = init;
   for (int64_t j = 0; j < n; ++j) r = std::max(r, row[j]);
   return r;
 }
 
+// row[j] *= c for j < n (n a multiple of the vector length).
+template <typename T, int VB>
+DSX_INLINE void scale_row(T* row, int64_t n, T c) {
+  using V = simd::Vec<T, VB>;
+  for (int64_t j = 0; j < n; j += kVL<T, VB>) simd::store(row + j, simd::load<V>(row + j) * c);
+}
+
+// One step of the online softmax for the score rows st (nq x nkp) of query rows row0 + i0 .. of a key block:
+// scores (times `mul`, when the queries were not pre-scaled) are masked and turned into P = 2^(s - running max) in
+// place; the output rows and running sums are rescaled where the maximum grew; dropout is applied to P.
+template <typename T, int VB>
+DSX_INLINE void online_softmax(const Geometry& g, const Seq& s, int64_t b, int64_t h, int64_t row0, int64_t i0,
+                               int64_t nq, int64_t kb, int64_t nk, int64_t nkp, T mul, T* st, T* ot, int64_t Dvp,
+                               T* row_max, T* row_sum) {
+  for (int64_t r = 0; r < nq; ++r) {
+    T* row = st + r * nkp;
+    const int64_t i = row0 + i0 + r, ri = i0 + r;
+    if (mul != T(1)) scale_row<T, VB>(row, nkp, mul);
+    mask_row(g, s, b, h, i, kb, nk, nkp, row);
+    const T mx = row_max_of<VB>(row, nkp, row_max[ri]);
+    if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet: the row's P is zero
+      std::fill(row, row + nkp, T(0));
+      continue;
+    }
+    const T alpha = std::exp2(row_max[ri] - mx);
+    row_sum[ri] = row_sum[ri] * alpha + exp2_sum<VB>(row, nkp, mx);
+    row_max[ri] = mx;
+    if (alpha != T(1)) scale_row<T, VB>(ot + ri * Dvp, Dvp, alpha);
+    if (g.dropout_p > 0) dropout_row(g, s, b, h, i, kb, nk, row);
+  }
+}
+
+// Writes the output rows (divided by their sums) and the log-sum-exp of a finished range of query rows.
+template <typename S, typename T>
+DSX_INLINE void finish_rows(const ForwardWork<S, T>& w, const Seq& s, int64_t b, int64_t h, int64_t row0,
+                            int64_t rows, const T* ot, int64_t Dvp, const T* row_max, const T* row_sum) {
+  const Geometry& g = w.g;
+  S* oh = w.o + b * g.o.b + h * g.o.h + (s.q0 + row0) * g.o.s;
+  T* lh = w.lse + b * g.lse.b + h * g.lse.h + (s.q0 + row0) * g.lse.s;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T l = row_sum[r];
+    const T inv = l > T(0) ? T(1) / l : T(0);
+    for (int64_t d = 0; d < g.head_dim_v; ++d) oh[r * g.o.s + d] = static_cast<S>(ot[r * Dvp + d] * inv);
+    lh[r * g.lse.s] = l > T(0) ? (row_max[r] + std::log2(l)) * static_cast<T>(kLn2) : std::numeric_limits<T>::infinity();
+  }
+}
+
 // Query blocks [qb_begin, qb_end) of one (batch, query head). Every key block is packed once (K transposed, V
 // padded) and then meets each query block of the range, which keeps its own output tile, row maxima and sums.
-template <typename S, typename T>
-DSX_CPU_CLONES void forward_item(const ForwardWork<S, T>& w, int64_t b, int64_t h, int64_t qb_begin, int64_t qb_end,
+template <typename S, typename T, int VB>
+DSX_INLINE void forward_item(const ForwardWork<S, T>& w, int64_t b, int64_t h, int64_t qb_begin, int64_t qb_end,
                                  std::vector<T>& buf) {
   const Geometry& g = w.g;
   const Seq s = sequence(g, b);
   qb_end = std::min(qb_end, (s.nq + kBlockQ - 1) / kBlockQ);
   if (qb_begin >= qb_end) return;
   const int64_t row0 = qb_begin * kBlockQ, rows = std::min(qb_end * kBlockQ, s.nq) - row0;
-  const int64_t D = g.head_dim, Dv = g.head_dim_v, Dvp = round_up(Dv, kNR<T>), BKp = round_up(kBlockK, kNR<T>);
+  const int64_t D = g.head_dim, Dv = g.head_dim_v, Dvp = round_up(Dv, kNR<T, VB>), BKp = round_up(kBlockK, kNR<T, VB>);
   const int64_t hk = h / (g.heads_q / g.heads_kv);
   buf.resize(rows * D + rows * Dvp + 2 * rows + D * BKp + kBlockK * Dvp + kBlockQ * BKp);
   T* qt = buf.data();
@@ -264,7 +226,7 @@ DSX_CPU_CLONES void forward_item(const ForwardWork<S, T>& w, int64_t b, int64_t 
 
   const int64_t kend = visible_keys(g, s, row0 + rows - 1);
   for (int64_t kb = 0; kb < kend; kb += kBlockK) {
-    const int64_t nk = std::min(kBlockK, kend - kb), nkp = round_up(nk, kNR<T>);
+    const int64_t nk = std::min(kBlockK, kend - kb), nkp = round_up(nk, kNR<T, VB>);
     // K^T in 16-dim strips, so the strided writes stay within a few cache lines.
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
       const int64_t d1 = std::min(D, d0 + 16);
@@ -282,37 +244,134 @@ DSX_CPU_CLONES void forward_item(const ForwardWork<S, T>& w, int64_t b, int64_t 
       const int64_t nq = std::min(kBlockQ, rows - i0);
       const int64_t vis = visible_keys(g, s, row0 + i0 + nq - 1);
       if (vis <= kb) continue;  // causal: this key block is entirely in the future of these queries
-      gemm<T>(nq, nkp, D, qt + i0 * D, D, kt, nkp, st, nkp, false);
-      for (int64_t r = 0; r < nq; ++r) {
-        T* row = st + r * nkp;
-        const int64_t i = row0 + i0 + r, ri = i0 + r;
-        mask_row(g, s, b, h, i, kb, nk, nkp, row);
-        const T mx = row_max_of(row, nkp, row_max[ri]);
-        if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet: the row's P is zero
-          std::fill(row, row + nkp, T(0));
-          continue;
-        }
-        const T alpha = std::exp2(row_max[ri] - mx);
-        row_sum[ri] = row_sum[ri] * alpha + exp2_sum(row, nkp, mx);
-        row_max[ri] = mx;
-        if (alpha != T(1)) {
-          T* orow = ot + ri * Dvp;
-          for (int64_t d = 0; d < Dvp; ++d) orow[d] *= alpha;
-        }
-        if (g.dropout_p > 0) dropout_row(g, s, b, h, i, kb, nk, row);
-      }
-      gemm<T>(nq, Dvp, nk, st, nkp, vt, Dvp, ot + i0 * Dvp, Dvp, true);
+      gemm<T, VB>(nq, nkp, D, qt + i0 * D, D, kt, nkp, st, nkp, false);
+      online_softmax<T, VB>(g, s, b, h, row0, i0, nq, kb, nk, nkp, T(1), st, ot, Dvp, row_max, row_sum);
+      gemm<T, VB>(nq, Dvp, nk, st, nkp, vt, Dvp, ot + i0 * Dvp, Dvp, true);
     }
   }
 
-  S* oh = w.o + b * g.o.b + h * g.o.h + (s.q0 + row0) * g.o.s;
-  T* lh = w.lse + b * g.lse.b + h * g.lse.h + (s.q0 + row0) * g.lse.s;
+  finish_rows(w, s, b, h, row0, rows, ot, Dvp, row_max, row_sum);
+}
+
+#ifdef DSX_X86
+// The bfloat16 forward with AVX512-BF16 dot products: Q K^T and P V multiply bf16 pairs with float32 accumulation
+// (vdpbf16ps, twice the multiply-adds of float32 FMAs per instruction); the softmax stays in float32 and P is
+// rounded to bf16 only for its product with V, as PyTorch's own CPU kernel and FlashAttention do. Q is used as
+// given and the scale applied to the float32 scores. K is packed in pairs of head dims, V in pairs of keys
+// (cpu_gemm.h's VNNI-2 layout).
+DSX_TARGET_AVX512_BF16 void forward_item_bf16(const ForwardWork<c10::BFloat16, float>& w, int64_t b, int64_t h,
+                                              int64_t qb_begin, int64_t qb_end, std::vector<float>& buf) {
+  using S = c10::BFloat16;
+  constexpr int VB = 64;
+  constexpr int64_t NR = cpu_gemm::kNRBf16;
+  static_assert(NR == kNR<float, VB>);
+  const Geometry& g = w.g;
+  const Seq s = sequence(g, b);
+  qb_end = std::min(qb_end, (s.nq + kBlockQ - 1) / kBlockQ);
+  if (qb_begin >= qb_end) return;
+  const int64_t row0 = qb_begin * kBlockQ, rows = std::min(qb_end * kBlockQ, s.nq) - row0;
+  const int64_t D = g.head_dim, D2 = round_up(D, 2), Dv = g.head_dim_v, Dvp = round_up(Dv, NR);
+  const int64_t BKp = round_up(kBlockK, NR);
+  const int64_t hk = h / (g.heads_q / g.heads_kv);
+  // float32: output tile, row maxima and sums, scores; bf16 (two per float): Q, packed K and V, P.
+  const int64_t halves = rows * D2 + D2 * BKp + kBlockK * Dvp + kBlockQ * BKp;
+  buf.resize(rows * Dvp + 2 * rows + kBlockQ * BKp + (halves + 1) / 2 + 16);
+  float* ot = buf.data();
+  float* row_max = ot + rows * Dvp;
+  float* row_sum = row_max + rows;
+  float* st = row_sum + rows;
+  uint16_t* qt = reinterpret_cast<uint16_t*>(st + kBlockQ * BKp);
+  uint16_t* kt = qt + rows * D2;
+  uint16_t* vt = kt + D2 * BKp;
+  uint16_t* pt = vt + kBlockK * Dvp;
+  auto bits = [](const S* p) { return reinterpret_cast<const uint16_t*>(p); };
+
+  const S* qh = w.q + b * g.q.b + h * g.q.h + (s.q0 + row0) * g.q.s;
+  const S* kh = w.k + b * g.k.b + hk * g.k.h + s.k0 * g.k.s;
+  const S* vh = w.v + b * g.v.b + hk * g.v.h + s.k0 * g.v.s;
   for (int64_t r = 0; r < rows; ++r) {
-    const T l = row_sum[r];
-    const T inv = l > T(0) ? T(1) / l : T(0);
-    for (int64_t d = 0; d < Dv; ++d) oh[r * g.o.s + d] = static_cast<S>(ot[r * Dvp + d] * inv);
-    lh[r * g.lse.s] = l > T(0) ? (row_max[r] + std::log2(l)) * static_cast<T>(kLn2) : std::numeric_limits<T>::infinity();
+    std::memcpy(qt + r * D2, bits(qh + r * g.q.s), D * sizeof(uint16_t));
+    if (D2 > D) qt[r * D2 + D] = 0;
   }
+  std::fill(ot, ot + rows * Dvp, 0.0f);
+  std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
+  std::fill(row_sum, row_sum + rows, 0.0f);
+  const float sl2 = static_cast<float>(g.scale * kLog2e);
+
+  const int64_t kend = visible_keys(g, s, row0 + rows - 1);
+  for (int64_t kb = 0; kb < kend; kb += kBlockK) {
+    const int64_t nk = std::min(kBlockK, kend - kb), nkp = round_up(nk, NR), nk2 = round_up(nk, 2);
+    // K: pair p of head dims of key j at kt[(p * nkp + j) * 2]; padding keys (and the odd last dim) are zero.
+    auto* kt32 = reinterpret_cast<uint32_t*>(kt);
+    for (int64_t j = 0; j < nk; ++j) {
+      const uint16_t* kr = bits(kh + (kb + j) * g.k.s);
+      for (int64_t p = 0; p < D / 2; ++p) {
+        uint32_t pair;
+        std::memcpy(&pair, kr + 2 * p, sizeof(pair));
+        kt32[p * nkp + j] = pair;
+      }
+      if (D2 > D) kt32[(D / 2) * nkp + j] = kr[D - 1];
+    }
+    for (int64_t p = 0; p < D2 / 2; ++p) std::fill(kt32 + p * nkp + nk, kt32 + (p + 1) * nkp, 0u);
+    // V: pair of keys (2p, 2p + 1), head dim d at vt[(p * Dvp + d) * 2]; an odd last key pairs with zeros.
+    auto* vt32 = reinterpret_cast<uint32_t*>(vt);
+    for (int64_t j = 0; j < nk2; j += 2) {
+      const uint16_t* v0 = bits(vh + (kb + j) * g.v.s);
+      const uint16_t* v1 = j + 1 < nk ? bits(vh + (kb + j + 1) * g.v.s) : nullptr;
+      uint32_t* out = vt32 + (j / 2) * Dvp;
+      for (int64_t d = 0; d < Dv; ++d) out[d] = v0[d] | (v1 != nullptr ? uint32_t{v1[d]} << 16 : 0u);
+      std::fill(out + Dv, out + Dvp, 0u);
+    }
+    for (int64_t i0 = 0; i0 < rows; i0 += kBlockQ) {
+      const int64_t nq = std::min(kBlockQ, rows - i0);
+      if (visible_keys(g, s, row0 + i0 + nq - 1) <= kb) continue;  // causal: every key is in the future
+      cpu_gemm::gemm_bf16(nq, nkp, D2 / 2, qt + i0 * D2, D2, kt, nkp, st, nkp, false);
+      online_softmax<float, VB>(g, s, b, h, row0, i0, nq, kb, nk, nkp, sl2, st, ot, Dvp, row_max, row_sum);
+      for (int64_t r = 0; r < nq; ++r) {
+        for (int64_t j = 0; j < nkp; j += 16) {
+          const __m256bh p16 = _mm512_cvtneps_pbh(_mm512_loadu_ps(st + r * nkp + j));
+          std::memcpy(pt + r * nkp + j, &p16, sizeof(p16));
+        }
+      }
+      cpu_gemm::gemm_bf16(nq, Dvp, nk2 / 2, pt, nkp, vt, Dvp, ot + i0 * Dvp, Dvp, true);
+    }
+  }
+  finish_rows(w, s, b, h, row0, rows, ot, Dvp, row_max, row_sum);
+}
+#endif
+
+// One wrapper per instruction-set level around the same item functions (see cpu.h).
+template <typename S, typename T>
+using ForwardItem = void (*)(const ForwardWork<S, T>&, int64_t, int64_t, int64_t, int64_t, std::vector<T>&);
+
+template <typename S, typename T>
+void forward_baseline(const ForwardWork<S, T>& w, int64_t b, int64_t h, int64_t q0, int64_t q1, std::vector<T>& buf) {
+  forward_item<S, T, simd::kBytes<Isa::kScalar>>(w, b, h, q0, q1, buf);
+}
+#ifdef DSX_X86
+template <typename S, typename T>
+DSX_TARGET_AVX2 void forward_avx2(const ForwardWork<S, T>& w, int64_t b, int64_t h, int64_t q0, int64_t q1,
+                                  std::vector<T>& buf) {
+  forward_item<S, T, simd::kBytes<Isa::kAvx2>>(w, b, h, q0, q1, buf);
+}
+template <typename S, typename T>
+DSX_TARGET_AVX512 void forward_avx512(const ForwardWork<S, T>& w, int64_t b, int64_t h, int64_t q0, int64_t q1,
+                                      std::vector<T>& buf) {
+  forward_item<S, T, simd::kBytes<Isa::kAvx512>>(w, b, h, q0, q1, buf);
+}
+#endif
+
+template <typename S, typename T>
+ForwardItem<S, T> forward_kernel() {
+#ifdef DSX_X86
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (cpu_has(CpuFeature::kAvx512Bf16)) return &forward_item_bf16;
+  }
+  const Isa isa = cpu_isa();
+  if (isa >= Isa::kAvx512) return &forward_avx512<S, T>;
+  if (isa >= Isa::kAvx2) return &forward_avx2<S, T>;
+#endif
+  return &forward_baseline<S, T>;
 }
 
 template <typename S, typename T>
@@ -330,11 +389,12 @@ void forward_all(const Geometry& g, const at::Tensor& q, const at::Tensor& k, co
                                 (nqb + kMaxChunkBlocks - 1) / kMaxChunkBlocks);
   const int64_t chunks = std::clamp<int64_t>(want, 1, std::max<int64_t>(nqb, 1));
   const int64_t per_chunk = (nqb + chunks - 1) / chunks;
+  const ForwardItem<S, T> item = forward_kernel<S, T>();
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bh = it / chunks, c = it % chunks;
-      forward_item<S, T>(w, bh / g.heads_q, bh % g.heads_q, c * per_chunk, (c + 1) * per_chunk, buf);
+      item(w, bh / g.heads_q, bh % g.heads_q, c * per_chunk, (c + 1) * per_chunk, buf);
     }
   });
 }
@@ -366,13 +426,13 @@ DSX_INLINE HeadBuffers<T> head_buffers(T* heads, int64_t gi, int64_t nq, int64_t
 }
 
 // One (batch, key/value head) of the backward pass, for every query head of its group.
-template <typename S, typename T>
-DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_t hk, std::vector<T>& buf) {
+template <typename S, typename T, int VB>
+DSX_INLINE void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_t hk, std::vector<T>& buf) {
   const Geometry& g = w.g;
   const Seq s = sequence(g, b);
   const int64_t G = g.heads_q / g.heads_kv;
   const int64_t D = g.head_dim, Dv = g.head_dim_v;
-  const int64_t Dp = round_up(D, kNR<T>), Dvp = round_up(Dv, kNR<T>), BKp = round_up(kBlockK, kNR<T>);
+  const int64_t Dp = round_up(D, kNR<T, VB>), Dvp = round_up(Dv, kNR<T, VB>), BKp = round_up(kBlockK, kNR<T, VB>);
   const int64_t nq_all = s.nq, nk_all = s.nk;
   S* dkh = w.dk + b * w.dk_s.b + hk * w.dk_s.h + s.k0 * w.dk_s.s;
   S* dvh = w.dv + b * w.dv_s.b + hk * w.dv_s.h + s.k0 * w.dv_s.s;
@@ -423,7 +483,7 @@ DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_
   }
 
   for (int64_t kb = 0; kb < nk_all; kb += kBlockK) {
-    const int64_t nk = std::min(kBlockK, nk_all - kb), nkp = round_up(nk, kNR<T>);
+    const int64_t nk = std::min(kBlockK, nk_all - kb), nkp = round_up(nk, kNR<T, VB>);
     for (int64_t j = 0; j < nk; ++j) {
       const S* kr = w.k + b * g.k.b + hk * g.k.h + (s.k0 + kb + j) * g.k.s;
       const S* vr = w.v + b * g.v.b + hk * g.v.h + (s.k0 + kb + j) * g.v.s;
@@ -441,17 +501,17 @@ DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_
       for (int64_t i0 = ifirst / kBlockQ * kBlockQ; i0 < nq_all; i0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, nq_all - i0);
         // P = exp2(S * scale * log2e + mask - lse2)
-        gemm<T>(nq, nkp, D, qp + i0 * Dp, Dp, kt, nkp, pt, nkp, false);
+        gemm<T, VB>(nq, nkp, D, qp + i0 * Dp, Dp, kt, nkp, pt, nkp, false);
         bool any = false;
         for (int64_t r = 0; r < nq; ++r) {
           T* row = pt + r * nkp;
           const int64_t i = i0 + r;
-          for (int64_t j = 0; j < nkp; ++j) row[j] *= sl2;
+          scale_row<T, VB>(row, nkp, sl2);
           mask_row(g, s, b, h, i, kb, nk, nkp, row);
           if (std::isinf(lse2[i])) {  // a fully masked row: no gradient flows through it
             std::fill(row, row + nkp, T(0));
           } else {
-            exp2_sum(row, nkp, lse2[i]);
+            exp2_sum<VB>(row, nkp, lse2[i]);
             any = true;
           }
         }
@@ -464,9 +524,9 @@ DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_
           }
         }
         // dV += P_dropped^T dO
-        gemm<T, true>(nk, Dvp, nq, drop ? pd : pt, nkp, dop + i0 * Dvp, Dvp, dv_acc + kb * Dvp, Dvp, true);
+        gemm<T, VB, true>(nk, Dvp, nq, drop ? pd : pt, nkp, dop + i0 * Dvp, Dvp, dv_acc + kb * Dvp, Dvp, true);
         // dP = dO V^T (then through dropout); dS = P * (dP - D_i)
-        gemm<T>(nq, nkp, Dv, dop + i0 * Dvp, Dvp, vtt, nkp, dpt, nkp, false);
+        gemm<T, VB>(nq, nkp, Dv, dop + i0 * Dvp, Dvp, vtt, nkp, dpt, nkp, false);
         for (int64_t r = 0; r < nq; ++r) {
           T* dp = dpt + r * nkp;
           const T* p = pt + r * nkp;
@@ -479,8 +539,8 @@ DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_
           for (int64_t j = 0; j < nkp; ++j) dp[j] = p[j] * (dp[j] - dii);
         }
         // dQ += dS K ; dK += dS^T Q  (scale applied at the end)
-        gemm<T>(nq, Dp, nk, dpt, nkp, kp, Dp, dqa + i0 * Dp, Dp, true);
-        gemm<T, true>(nk, Dp, nq, dpt, nkp, qp + i0 * Dp, Dp, dk_acc + kb * Dp, Dp, true);
+        gemm<T, VB>(nq, Dp, nk, dpt, nkp, kp, Dp, dqa + i0 * Dp, Dp, true);
+        gemm<T, VB, true>(nk, Dp, nq, dpt, nkp, qp + i0 * Dp, Dp, dk_acc + kb * Dp, Dp, true);
       }
     }
   }
@@ -497,6 +557,34 @@ DSX_CPU_CLONES void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_
       for (int64_t d = 0; d < D; ++d) dqh[i * w.dq_s.s + d] = static_cast<S>(dqa[i * Dp + d] * sc);
     }
   }
+}
+
+template <typename S, typename T>
+using BackwardItem = void (*)(const BackwardWork<S, T>&, int64_t, int64_t, std::vector<T>&);
+
+template <typename S, typename T>
+void backward_baseline(const BackwardWork<S, T>& w, int64_t b, int64_t hk, std::vector<T>& buf) {
+  backward_item<S, T, simd::kBytes<Isa::kScalar>>(w, b, hk, buf);
+}
+#ifdef DSX_X86
+template <typename S, typename T>
+DSX_TARGET_AVX2 void backward_avx2(const BackwardWork<S, T>& w, int64_t b, int64_t hk, std::vector<T>& buf) {
+  backward_item<S, T, simd::kBytes<Isa::kAvx2>>(w, b, hk, buf);
+}
+template <typename S, typename T>
+DSX_TARGET_AVX512 void backward_avx512(const BackwardWork<S, T>& w, int64_t b, int64_t hk, std::vector<T>& buf) {
+  backward_item<S, T, simd::kBytes<Isa::kAvx512>>(w, b, hk, buf);
+}
+#endif
+
+template <typename S, typename T>
+BackwardItem<S, T> backward_kernel() {
+#ifdef DSX_X86
+  const Isa isa = cpu_isa();
+  if (isa >= Isa::kAvx512) return &backward_avx512<S, T>;
+  if (isa >= Isa::kAvx2) return &backward_avx2<S, T>;
+#endif
+  return &backward_baseline<S, T>;
 }
 
 Strides strides_of(const at::Tensor& t, bool varlen) {
@@ -521,9 +609,10 @@ void backward_all(const Geometry& g, bool varlen, const at::Tensor& dout, const 
                              strides_of(dq, varlen),
                              strides_of(dk, varlen),
                              strides_of(dv, varlen)};
+  const BackwardItem<S, T> item = backward_kernel<S, T>();
   at::parallel_for(0, g.batch * g.heads_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf;
-    for (int64_t it = begin; it < end; ++it) backward_item<S, T>(w, it / g.heads_kv, it % g.heads_kv, buf);
+    for (int64_t it = begin; it < end; ++it) item(w, it / g.heads_kv, it % g.heads_kv, buf);
   });
 }
 
@@ -580,6 +669,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuBackend::backward(const Geomet
   return {dq, dk, dv};
 }
 
+
+std::vector<std::pair<std::string, std::string>> describe_paths(Isa isa) {
+  const char* fma = isa >= Isa::kAvx512 ? "avx512: float32 FMA micro-kernel, 12x32 tiles"
+                    : isa == Isa::kAvx2 ? "avx2: float32 FMA micro-kernel, 6x16 tiles"
+                                        : "scalar: portable vector code (SSE2/NEON), 6x8 tiles";
+  const bool bf16dp = cpu_has(CpuFeature::kAvx512Bf16);
+  return {
+      {"float32 / float16 forward and backward", fma},
+      {"bfloat16 forward", bf16dp ? "avx512_bf16: bf16 dot products (vdpbf16ps), float32 softmax" : fma},
+      {"bfloat16 backward", fma},
+      {"float64", isa >= Isa::kAvx512 ? "avx512: float64 FMA micro-kernel" : "float64 FMA micro-kernel"},
+  };
+}
+
+const DescribeCpuPaths kPaths("fused_attention", &describe_paths);
 
 }  // namespace
 }  // namespace attention

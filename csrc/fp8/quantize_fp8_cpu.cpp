@@ -3,8 +3,8 @@
 // Per-tensor scaling takes two passes (a parallel amax, then scale-and-cast). Row and block scaling are fused:
 // each task takes whole tiles, finds the tile's amax and quantises it while it is still in cache.
 // The cast loop has an explicit AVX2 path (quantize_fp8_avx2.h) chosen at run time; the other loops are written
-// so that GCC vectorises them and are compiled twice (x86-64-v3 and baseline) with the right copy picked at load
-// time. One binary runs on every x86-64 machine and is fast where it can be.
+// so that GCC vectorises them and are compiled for each instruction-set level (simd::dispatch, cpu.h). One binary
+// runs on every x86-64 machine and is fast where it can be.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +15,7 @@
 #include "deepseek_ext/dispatch.h"
 #include "deepseek_ext/fp8_format.h"
 #include "deepseek_ext/fp8_quant.h"
+#include "deepseek_ext/simd.h"
 #include "fp8_lut.h"
 #include "quantize_fp8_avx2.h"
 
@@ -54,7 +55,7 @@ struct InputBits<c10::BFloat16> {
 
 // Largest finite |x| in x[0:n] as the input type's bit pattern (inf and NaN are skipped).
 template <typename T>
-DSX_CPU_CLONES typename InputBits<T>::U amax_finite_bits(const T* x, int64_t n) {
+DSX_INLINE typename InputBits<T>::U amax_finite_bits_impl(const T* x, int64_t n) {
   using B = InputBits<T>;
   using U = typename B::U;
   const U* bits = reinterpret_cast<const U*>(x);
@@ -65,6 +66,11 @@ DSX_CPU_CLONES typename InputBits<T>::U amax_finite_bits(const T* x, int64_t n) 
     m = std::max(m, b);
   }
   return m;
+}
+
+template <typename T>
+typename InputBits<T>::U amax_finite_bits(const T* x, int64_t n) {
+  return simd::dispatch([&](auto) DSX_LAMBDA_INLINE { return amax_finite_bits_impl(x, n); });
 }
 
 // q[i] = saturate_cast<fp8>(x[i] / scale). A true division, so results equal PyTorch's `x / scale` bit for bit.
@@ -80,10 +86,10 @@ void quantize_span(const T* x, uint8_t* q, int64_t n, float scale) {
 }
 
 template <typename O>
-DSX_CPU_CLONES void dequantize_span(const uint8_t* q, O* out, int64_t n, float scale, const float* lut) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<O>(lut[q[i]] * scale);
-  }
+void dequantize_span(const uint8_t* q, O* out, int64_t n, float scale, const float* lut) {
+  simd::dispatch([&](auto) DSX_LAMBDA_INLINE {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<O>(lut[q[i]] * scale);
+  });
 }
 
 // Row and block scaling: the work is cut into strips of one tile-row by up to kMaxStripTiles tiles, walked
