@@ -1,8 +1,14 @@
 // CPU kernels: quantize_weight (packing) and quantized_linear.
 //
-// act_bits = 8: activations are quantised to 7-bit codes per row (or with a calibrated per-tensor scale), and
-// tiles of 4 weight rows x 2 activation rows are reduced with integer multiply-adds (AVX2: vpmaddubsw/vpmaddwd),
-// per group; the float epilogue applies y = sx * sum_g sw * (dot_g - zw * sum_{k in g} x_code).
+// act_bits = 8: activations are quantised to 7-bit codes per row (or with a calibrated per-tensor scale) and the
+// products are exact integer dot products per group, in one of two shapes: a GEMV for a few rows (tiles of 4 weight
+// rows x up to 3 activation rows, straight from the stored codes) and, from kGemmRows rows on, a GEMM whose weight
+// blocks of 64 (AVX-512) or 16 (AVX2) output columns are repacked per call into the layout of the multiply-add
+// instructions (4 consecutive k per 32-bit lane) and met by every activation row. The integer kernels exist per
+// instruction set (qlinear_kernels.inc: AVX512-VNNI vpdpbusd, AVX-512BW and AVX2 vpmaddubsw/vpmaddwd; scalar code
+// elsewhere); the float epilogue y = sx * sum_g fma(sw, d_g) is the same in all of them, so results are
+// bit-identical across instruction sets and batch sizes. Rows with inf or NaN inputs are computed in float from the
+// dequantised weights, as nn.Linear would.
 // Weight-only (act_bits 16 / 0): small batches run a fused GEMV that converts codes to float in registers; larger
 // batches decode tiles of weight rows to float and use the BLAS. Output tiles are spread over threads.
 #include <ATen/ATen.h>
@@ -11,35 +17,22 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <string>
 #include <vector>
 
+#include "deepseek_ext/cpu.h"
 #include "deepseek_ext/quant.h"
+#include "deepseek_ext/simd.h"
 #include "qlinear_avx2.h"
+
+#ifdef DSX_X86
+#include <immintrin.h>
+#endif
 
 namespace deepseek_ext {
 namespace quant {
 namespace {
-
-constexpr int64_t kTileN = 4;
-
-bool have_avx2() {
-#ifdef DSX_HAVE_AVX2
-  return cpu_has_avx2();
-#else
-  return false;
-#endif
-}
-
-void dot_tile_u7(const uint8_t* const* x, const uint8_t* const* w, const QLinearPlan& p, int rows, int32_t* dots) {
-#ifdef DSX_HAVE_AVX2
-  const int64_t cpg = p.group / 32;
-  if (p.bits == 8) {
-    rows == 2 ? avx2::dot_tile_u7<8, 2>(x, w, p.groups, cpg, dots) : avx2::dot_tile_u7<8, 1>(x, w, p.groups, cpg, dots);
-  } else {
-    rows == 2 ? avx2::dot_tile_u7<4, 2>(x, w, p.groups, cpg, dots) : avx2::dot_tile_u7<4, 1>(x, w, p.groups, cpg, dots);
-  }
-#endif
-}
 
 int64_t code_at(const uint8_t* row, int64_t k, int64_t bits) {
   if (bits == 8) return static_cast<int8_t>(row[k]);
@@ -58,25 +51,202 @@ void set_code(uint8_t* row, int64_t k, int64_t bits, int64_t code) {
   b = j < 16 ? static_cast<uint8_t>((b & 0xF0) | code) : static_cast<uint8_t>((b & 0x0F) | (code << 4));
 }
 
-// sum_{k in group g} x_code[k] (for the weight zero-point correction)
-void group_sums(const int8_t* x, int64_t groups, int64_t group, int32_t* out) {
-  for (int64_t g = 0; g < groups; ++g) {
-    int32_t s = 0;
-    for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[k];
-    out[g] = s;
+}  // namespace
+
+#ifdef DSX_X86
+// ---- The integer kernels, once per instruction set (see qlinear_kernels.inc for the primitives' contract). ----
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2")
+namespace vnni512 {
+struct Ops {
+  using V = __m512i;
+  static constexpr int kBytes = 64, kNV = 4, kMR = 6;
+  static inline V zero() { return _mm512_setzero_si512(); }
+  static inline V load(const void* p) { return _mm512_loadu_si512(p); }
+  static inline void store(void* p, V v) { _mm512_storeu_si512(p, v); }
+  static inline V bcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return _mm512_set1_epi32(v);
   }
+  static inline V dot(V acc, V u, V w) { return _mm512_dpbusd_epi32(acc, u, w); }
+  static inline int32_t hsum(V v) { return _mm512_reduce_add_epi32(v); }
+  static inline V codes4(const uint8_t* p) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // 128-bit lanes lo0 lo1 hi0 hi1
+    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));              // lo0 hi0 lo1 hi1: codes in order
+  }
+  static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
+                              float* acc) {
+    const __m512i corr = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_loadu_si512(z), _mm512_set1_epi32(xs)),
+                                          _mm512_slli_epi32(_mm512_loadu_si512(ws), 6));
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(d), corr));
+    _mm512_storeu_ps(acc, _mm512_fmadd_ps(_mm512_loadu_ps(s), f, _mm512_loadu_ps(acc)));
+  }
+};
+#include "qlinear_kernels.inc"
+}  // namespace vnni512
+
+namespace vnni256 {  // AVX512-VNNI on 256-bit vectors: the GEMV when the group is not a multiple of 64
+struct Ops {
+  using V = __m256i;
+  static constexpr int kBytes = 32, kNV = 2, kMR = 4;
+  static inline V zero() { return _mm256_setzero_si256(); }
+  static inline V load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline void store(void* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static inline V bcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return _mm256_set1_epi32(v);
+  }
+  static inline V dot(V acc, V u, V w) { return _mm256_dpbusd_epi32(acc, u, w); }
+  static inline int32_t hsum(V v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+  }
+  static inline V codes4(const uint8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+    return _mm256_set_m128i(hi, lo);
+  }
+  static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
+                              float* acc) {
+    const __m256i corr = _mm256_add_epi32(_mm256_mullo_epi32(load(z), _mm256_set1_epi32(xs)), _mm256_slli_epi32(load(ws), 6));
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(load(d), corr));
+    _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_loadu_ps(s), f, _mm256_loadu_ps(acc)));
+  }
+};
+#include "qlinear_kernels.inc"
+}  // namespace vnni256
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
+namespace bw512 {  // AVX-512 without VNNI (Skylake-X, Cascade Lake without it): vpmaddubsw + vpmaddwd
+struct Ops {
+  using V = __m512i;
+  static constexpr int kBytes = 64, kNV = 4, kMR = 4;
+  static inline V zero() { return _mm512_setzero_si512(); }
+  static inline V load(const void* p) { return _mm512_loadu_si512(p); }
+  static inline void store(void* p, V v) { _mm512_storeu_si512(p, v); }
+  static inline V bcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return _mm512_set1_epi32(v);
+  }
+  static inline V dot(V acc, V u, V w) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, w), _mm512_set1_epi16(1)));
+  }
+  static inline int32_t hsum(V v) { return _mm512_reduce_add_epi32(v); }
+  static inline V codes4(const uint8_t* p) { return vnni512::Ops::codes4(p); }
+  static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
+                              float* acc) {
+    vnni512::Ops::epilogue(d, s, z, ws, xs, acc);
+  }
+};
+#include "qlinear_kernels.inc"
+}  // namespace bw512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
+namespace avx2k {
+struct Ops {
+  using V = __m256i;
+  static constexpr int kBytes = 32, kNV = 2, kMR = 4;
+  static inline V zero() { return _mm256_setzero_si256(); }
+  static inline V load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline void store(void* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static inline V bcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return _mm256_set1_epi32(v);
+  }
+  static inline V dot(V acc, V u, V w) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), _mm256_set1_epi16(1)));
+  }
+  static inline int32_t hsum(V v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+  }
+  static inline V codes4(const uint8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+    return _mm256_set_m128i(hi, lo);
+  }
+  static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
+                              float* acc) {
+    const __m256i corr = _mm256_add_epi32(_mm256_mullo_epi32(load(z), _mm256_set1_epi32(xs)), _mm256_slli_epi32(load(ws), 6));
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(load(d), corr));
+    _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_loadu_ps(s), f, _mm256_loadu_ps(acc)));
+  }
+};
+#include "qlinear_kernels.inc"
+}  // namespace avx2k
+#pragma GCC pop_options
+#endif  // DSX_X86
+
+namespace {
+
+// One instruction set's integer kernels, as function pointers (the driver below is plain C++).
+struct IntKernels {
+  const char* name;
+  int64_t nb, mr, chunk;
+  void (*dot_rows)(int, int, const uint8_t* const*, const uint8_t* const*, int64_t, int64_t, int32_t*);
+  void (*pack_block)(int, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int8_t*);
+  void (*gemm_rows)(int, const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
+  void (*accumulate_group)(int, const int32_t*, const float*, const int32_t*, const int32_t*, const int32_t*, int64_t,
+                           float*);
+};
+
+template <typename K>
+constexpr IntKernels kernels_of(const char* name) {
+  return {name, K::kNB, K::kMR, K::kChunk, &K::dot_rows, &K::pack_block, &K::gemm_rows, &K::accumulate_group};
 }
 
-void unpack_row4(const uint8_t* row, int64_t kp, uint8_t* out) {
-#ifdef DSX_HAVE_AVX2
-  if (cpu_has_avx2()) {
-    avx2::unpack4(row, kp, out);
-    return;
-  }
+#ifdef DSX_X86
+constexpr IntKernels kVnni512 = kernels_of<vnni512::Kernels>("avx512_vnni");
+constexpr IntKernels kVnni256 = kernels_of<vnni256::Kernels>("avx512_vnni (256-bit)");
+constexpr IntKernels kBw512 = kernels_of<bw512::Kernels>("avx512");
+constexpr IntKernels kAvx2 = kernels_of<avx2k::Kernels>("avx2");
 #endif
-  for (int64_t k = 0; k < kp; ++k) out[k] = static_cast<uint8_t>(code_at(row, k, 4));
+
+// The GEMM kernels for this CPU and cap, or null (scalar code).
+const IntKernels* gemm_kernels() {
+#ifdef DSX_X86
+  if (cpu_has(CpuFeature::kAvx512Vnni)) return &kVnni512;
+  if (cpu_isa() >= Isa::kAvx512) return &kBw512;
+  if (cpu_isa() >= Isa::kAvx2) return &kAvx2;
+#endif
+  return nullptr;
 }
 
+// The GEMV kernels for a group size (their vectors must divide it), or null (scalar code).
+const IntKernels* gemv_kernels(int64_t group) {
+#ifdef DSX_X86
+  const bool wide = group % 64 == 0;
+  if (cpu_has(CpuFeature::kAvx512Vnni)) return wide ? &kVnni512 : &kVnni256;
+  if (cpu_isa() >= Isa::kAvx512 && wide) return &kBw512;
+  if (cpu_isa() >= Isa::kAvx2) return &kAvx2;
+#else
+  (void)group;
+#endif
+  return nullptr;
+}
+
+// Rows from which the GEMM (repacked weight blocks) replaces the GEMV.
+constexpr int64_t kGemmRows = 4;
+constexpr int64_t kTileN = 4;  // weight rows per GEMV tile
+
+// Dots of 7-bit activation codes (signed, q) with the stored codes: the scalar GEMV tile.
 void dot_tile_scalar(const int8_t* const* x, const uint8_t* const* w, const QLinearPlan& p, int rows, int32_t* dots) {
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < 4; ++c) {
@@ -86,6 +256,241 @@ void dot_tile_scalar(const int8_t* const* x, const uint8_t* const* w, const QLin
         dots[(r * 4 + c) * p.groups + g] = s;
       }
     }
+  }
+}
+
+// The activation side of an int8 call: 7-bit codes (signed, and +64 as unsigned bytes), per-row scales, per-group
+// code sums, and which rows hold inf or NaN.
+struct Activations {
+  std::vector<int8_t> q;
+  std::vector<uint8_t> u;
+  std::vector<float> scale;
+  std::vector<int32_t> sums;
+  std::vector<uint8_t> nonfinite;
+};
+
+// x (M, K) float -> codes in [-63, 63] (M, Kp), zero-padded, with one scale per row (or the given static scale).
+// Seven bits let the u8 x s8 kernels add 64 and use unsigned bytes without saturating vpmaddubsw (fbgemm's
+// reduce_range); every batch size and every CPU uses the same codes. A true division and round-to-nearest-even.
+Activations quantize_activations(const float* x, const QLinearPlan& p, const float* static_scale) {
+  Activations a;
+  a.q.resize(static_cast<size_t>(p.m * p.kp));
+  a.u.resize(static_cast<size_t>(p.m * p.kp));
+  a.scale.resize(static_cast<size_t>(p.m));
+  a.sums.resize(static_cast<size_t>(p.m * p.groups));
+  a.nonfinite.assign(static_cast<size_t>(p.m), 0);
+  at::parallel_for(0, p.m, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* row = x + m * p.k;
+      int8_t* q = a.q.data() + m * p.kp;
+      uint8_t* u = a.u.data() + m * p.kp;
+      const float s = simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+        constexpr int VB = decltype(vb)::value;
+        using V = simd::Vec<float, VB>;
+        constexpr int64_t L = simd::kLanes<float, VB>;
+        // Largest |x| (NaN-propagating through the non-finite check below, not through the max).
+        V mx{};
+        V bad{};
+        int64_t k = 0;
+        for (; k + L <= p.k; k += L) {
+          const V v = simd::load<V>(row + k);
+          const V av = v < 0 ? -v : v;
+          mx = av > mx ? av : mx;
+          bad += v - v;  // 0 for finite lanes, NaN for inf / NaN
+        }
+        float amax = simd::reduce_max<float, VB>(mx, 0.0f);
+        float probe = simd::reduce_add<float, VB>(bad);
+        for (; k < p.k; ++k) {
+          amax = std::max(amax, std::fabs(row[k]));
+          probe += row[k] - row[k];
+        }
+        a.nonfinite[m] = probe != 0.0f || std::isnan(probe);
+        const float sc = static_scale != nullptr ? *static_scale : std::max(amax, 1e-12f) / 63.0f;
+        for (k = 0; k < p.k; ++k) {
+          const float c = std::nearbyint(row[k] / sc);
+          const float lo = c > -63.0f ? c : -63.0f;  // NaN -> -63 (such rows are recomputed in float)
+          q[k] = static_cast<int8_t>(lo < 63.0f ? lo : 63.0f);
+        }
+        return sc;
+      });
+      a.scale[m] = s;
+      std::fill(q + p.k, q + p.kp, int8_t{0});
+      for (int64_t k = 0; k < p.kp; ++k) u[k] = static_cast<uint8_t>(q[k] + 64);
+      for (int64_t g = 0; g < p.groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) sum += q[k];
+        a.sums[m * p.groups + g] = sum;
+      }
+    }
+  });
+  return a;
+}
+
+// y[m] = sx * sum_g fma(sw, float(d_g)) in ascending g, d_g = dots - zw * xsum (- 64 * wsum for unsigned codes):
+// the epilogue every kernel follows, scalar here.
+float finish(const int32_t* dots, int64_t dot_stride, const float* sw, const int32_t* zw, const int32_t* wsum,
+             const int32_t* xsum, int64_t groups, float sx) {
+  float acc = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    int32_t d = dots[g * dot_stride] - zw[g] * xsum[g];
+    if (wsum != nullptr) d -= 64 * wsum[g];
+    acc = std::fmaf(sw[g], static_cast<float>(d), acc);
+  }
+  return acc * sx;
+}
+
+// Weight codes, scales and zero points of a call.
+struct Weights {
+  const uint8_t* codes;
+  int64_t row_bytes;
+  const float* scale;
+  const int32_t* zero;
+};
+
+// Rows with inf or NaN inputs: y = x . dequantised W in float, so non-finite values propagate as in nn.Linear.
+void nonfinite_rows(const float* x, const QLinearPlan& p, const Weights& w, const Activations& a, float* out) {
+  for (int64_t m = 0; m < p.m; ++m) {
+    if (!a.nonfinite[m]) continue;
+    at::parallel_for(0, p.n, 64, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < p.k; ++k) {
+          const int64_t g = k / p.group;
+          const float wv = w.scale[n * p.groups + g] *
+                           static_cast<float>(code_at(w.codes + n * w.row_bytes, k, p.bits) - w.zero[n * p.groups + g]);
+          acc += x[m * p.k + k] * wv;
+        }
+        out[m * p.n + n] = acc;
+      }
+    });
+  }
+}
+
+// GEMV path: tiles of 4 weight rows x up to 3 activation rows. A small weight stays in cache while activation rows
+// stream past (rows outer); a large one is streamed once per block of rows (weight tiles outer).
+void int8_gemv(const QLinearPlan& p, const Weights& w, const Activations& a, const int32_t* wsum,
+               const IntKernels* k, float* out) {
+  constexpr int kRows = 3;
+  auto weight_row = [&](int64_t n) { return w.codes + std::min(n, p.n - 1) * w.row_bytes; };  // edges repeat
+  auto tile = [&](int64_t n0, int64_t m0, int32_t* dots) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, p.m - m0));
+    const uint8_t* wr[4] = {weight_row(n0), weight_row(n0 + 1), weight_row(n0 + 2), weight_row(n0 + 3)};
+    if (k != nullptr) {
+      const uint8_t* xr[kRows];
+      for (int r = 0; r < kRows; ++r) xr[r] = a.u.data() + (m0 + std::min(r, rows - 1)) * p.kp;
+      k->dot_rows(static_cast<int>(p.bits), rows, xr, wr, p.groups, p.group, dots);
+    } else {
+      const int8_t* xr[kRows];
+      for (int r = 0; r < kRows; ++r) xr[r] = a.q.data() + (m0 + std::min(r, rows - 1)) * p.kp;
+      dot_tile_scalar(xr, wr, p, rows, dots);
+    }
+    for (int r = 0; r < rows; ++r) {
+      for (int c = 0; c < 4 && n0 + c < p.n; ++c) {
+        const int64_t n = n0 + c, m = m0 + r;
+        out[m * p.n + n] = finish(dots + (r * 4 + c) * p.groups, 1, w.scale + n * p.groups, w.zero + n * p.groups,
+                                  k != nullptr ? wsum + n * p.groups : nullptr, a.sums.data() + m * p.groups,
+                                  p.groups, a.scale[m]);
+      }
+    }
+  };
+  const int64_t tiles_n = (p.n + kTileN - 1) / kTileN, row_blocks = (p.m + kRows - 1) / kRows;
+  const bool small_weight = p.n * p.kp <= (int64_t{1} << 19);
+  if (small_weight) {
+    at::parallel_for(0, row_blocks, 4, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> dots(static_cast<size_t>(kRows * 4 * p.groups));
+      for (int64_t rb = begin; rb < end; ++rb) {
+        for (int64_t n0 = 0; n0 < p.n; n0 += kTileN) tile(n0, rb * kRows, dots.data());
+      }
+    });
+  } else {
+    at::parallel_for(0, tiles_n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> dots(static_cast<size_t>(kRows * 4 * p.groups));
+      for (int64_t tn = begin; tn < end; ++tn) {
+        for (int64_t m0 = 0; m0 < p.m; m0 += kRows) tile(tn * kTileN, m0, dots.data());
+      }
+    });
+  }
+}
+
+// GEMM path: tasks of (block of k.nb output columns, chunk of rows); each task repacks its weight block once and
+// runs every row of its chunk against it, group by group, with the shared epilogue.
+void int8_gemm(const QLinearPlan& p, const Weights& w, const Activations& a, const int32_t* wsum,
+               const IntKernels& k, float* out) {
+  const int64_t nb = k.nb, blocks = (p.n + nb - 1) / nb;
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::clamp<int64_t>((2 * threads + blocks - 1) / blocks, 1, (p.m + k.mr - 1) / k.mr);
+  const int64_t rows_per = (p.m + chunks - 1) / chunks;
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> packed(static_cast<size_t>(p.kp * nb));
+    std::vector<float> sT(static_cast<size_t>(p.groups * nb));
+    std::vector<int32_t> zT(static_cast<size_t>(p.groups * nb)), wT(static_cast<size_t>(p.groups * nb));
+    std::vector<int32_t> dots(static_cast<size_t>(k.mr * nb));
+    std::vector<float> acc(static_cast<size_t>(k.mr * nb));
+    int64_t packed_block = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t blk = t / chunks, ch = t % chunks;
+      const int64_t n0 = blk * nb, cols = std::min(nb, p.n - n0);
+      if (blk != packed_block) {
+        k.pack_block(static_cast<int>(p.bits), w.codes, w.row_bytes, n0, cols, p.kp, packed.data());
+        for (int64_t g = 0; g < p.groups; ++g) {
+          for (int64_t c = 0; c < nb; ++c) {
+            const int64_t n = n0 + std::min(c, cols - 1);
+            sT[g * nb + c] = w.scale[n * p.groups + g];
+            zT[g * nb + c] = w.zero[n * p.groups + g];
+            wT[g * nb + c] = wsum[n * p.groups + g];
+          }
+        }
+        packed_block = blk;
+      }
+      const int64_t m_end = std::min(p.m, (ch + 1) * rows_per);
+      for (int64_t m0 = ch * rows_per; m0 < m_end; m0 += k.mr) {
+        const int rows = static_cast<int>(std::min<int64_t>(k.mr, m_end - m0));
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t g = 0; g < p.groups; ++g) {
+          k.gemm_rows(rows, a.u.data() + m0 * p.kp, p.kp, packed.data(), g * p.group / 4, (g + 1) * p.group / 4,
+                      dots.data());
+          k.accumulate_group(rows, dots.data(), sT.data() + g * nb, zT.data() + g * nb, wT.data() + g * nb,
+                             a.sums.data() + m0 * p.groups + g, p.groups, acc.data());
+        }
+        for (int r = 0; r < rows; ++r) {
+          const float sx = a.scale[m0 + r];
+          for (int64_t c = 0; c < cols; ++c) out[(m0 + r) * p.n + n0 + c] = acc[r * nb + c] * sx;
+        }
+      }
+    }
+  });
+}
+
+void int8_linear(const float* x, const QLinearPlan& p, const Weights& w, const float* static_scale,
+                 const std::optional<at::Tensor>& code_sums, float* out) {
+  const Activations a = quantize_activations(x, p, static_scale);
+  const IntKernels* gemm = p.m >= kGemmRows ? gemm_kernels() : nullptr;
+  const IntKernels* gemv = gemm == nullptr ? gemv_kernels(p.group) : nullptr;
+  std::vector<int32_t> wsum;
+  if (gemm != nullptr || gemv != nullptr) {  // the +64 shift of the activation codes is undone with these sums
+    wsum.resize(static_cast<size_t>(p.n * p.groups));
+    if (code_sums.has_value()) {
+      const at::Tensor cs = code_sums->cpu().contiguous();
+      std::copy_n(cs.const_data_ptr<int32_t>(), wsum.size(), wsum.data());
+    } else {
+      at::parallel_for(0, p.n, 64, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          for (int64_t g = 0; g < p.groups; ++g) {
+            int32_t s = 0;
+            for (int64_t kk = g * p.group; kk < (g + 1) * p.group; ++kk) s += code_at(w.codes + n * w.row_bytes, kk, p.bits);
+            wsum[n * p.groups + g] = s;
+          }
+        }
+      });
+    }
+  }
+  if (gemm != nullptr) {
+    int8_gemm(p, w, a, wsum.data(), *gemm, out);
+  } else {
+    int8_gemv(p, w, a, wsum.data(), gemv, out);
+  }
+  if (std::any_of(a.nonfinite.begin(), a.nonfinite.end(), [](uint8_t f) { return f != 0; })) {
+    nonfinite_rows(x, p, w, a, out);
   }
 }
 
@@ -119,46 +524,6 @@ void decode_row(const uint8_t* w, const QLinearPlan& p, const float* scale, cons
     const int64_t g = k / p.group;
     out[k] = scale[g] * static_cast<float>(code_at(w, k, p.bits) - zero[g]);
   }
-}
-
-// x (M, K) float -> 7-bit codes in [-63, 63] (M, Kp), zero-padded, with one scale per row (or the given static
-// scale). Seven bits let the AVX2 kernel add 64 and use unsigned bytes without saturating vpmaddubsw (fbgemm's
-// reduce_range); every batch size and every CPU uses the same codes, so results do not depend on either.
-void quantize_activations(const float* x, const QLinearPlan& p, const float* static_scale, int8_t* xq, uint8_t* xu,
-                          float* sx, int32_t* xsum) {
-  const bool simd = have_avx2();
-  at::parallel_for(0, p.m, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      const float* row = x + m * p.k;
-      float s;
-      if (static_scale != nullptr) {
-        s = *static_scale;
-      } else {
-        float amax = 0.0f;
-#ifdef DSX_HAVE_AVX2
-        if (simd) amax = avx2::row_amax(row, p.k);
-#endif
-        if (!simd) {
-          for (int64_t k = 0; k < p.k; ++k) amax = std::max(amax, std::fabs(row[k]));
-        }
-        s = std::max(amax, 1e-12f) / 63.0f;
-      }
-      sx[m] = s;
-      int8_t* q = xq + m * p.kp;
-      uint8_t* u = xu + m * p.kp;
-      int64_t k = 0;
-#ifdef DSX_HAVE_AVX2
-      if (simd) k = avx2::quantize_row7(row, p.k, s, q, u);
-#endif
-      for (; k < p.k; ++k) {
-        q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] / s), -63.0f, 63.0f));
-        u[k] = static_cast<uint8_t>(q[k] + 64);
-      }
-      std::fill(q + p.k, q + p.kp, int8_t{0});
-      std::fill(u + p.k, u + p.kp, uint8_t{64});
-      group_sums(q, p.groups, p.group, xsum + m * p.groups);
-    }
-  });
 }
 
 }  // namespace
@@ -233,101 +598,14 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
   float* op = out.data_ptr<float>();
   if (p.m > 0 && p.n > 0) {
     if (p.act_bits == 8) {
-      std::vector<int8_t> xq(static_cast<size_t>(p.m * p.kp));
-      std::vector<uint8_t> xu(static_cast<size_t>(p.m * p.kp));  // codes + 64, for the unsigned AVX2 kernel
-      std::vector<float> sx(static_cast<size_t>(p.m));
-      std::vector<int32_t> xsum(static_cast<size_t>(p.m * p.groups));
-      const at::Tensor st = act_scale.has_value() ? act_scale->to(at::kFloat).cpu() : at::Tensor();
-      quantize_activations(xf.const_data_ptr<float>(), p, st.defined() ? st.const_data_ptr<float>() : nullptr,
-                           xq.data(), xu.data(), sx.data(), xsum.data());
-      const bool u7 = have_avx2();
-      std::vector<int32_t> wsum;
-      if (u7) {  // the +64 shift of the activation codes is undone with the weights' per-group code sums
-        wsum.resize(static_cast<size_t>(p.n * p.groups));
-        if (code_sums.has_value()) {
-          const at::Tensor cs = code_sums->cpu().contiguous();
-          std::copy_n(cs.const_data_ptr<int32_t>(), wsum.size(), wsum.data());
-        } else {
-          at::parallel_for(0, p.n, 64, [&](int64_t b, int64_t e) {
-            for (int64_t n = b; n < e; ++n) {
-              for (int64_t g = 0; g < p.groups; ++g) {
-                int32_t s = 0;
-                for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) s += code_at(wp + n * row_bytes, k, p.bits);
-                wsum[n * p.groups + g] = s;
-              }
-            }
-          });
-        }
+      float static_scale = 0.0f;
+      if (act_scale.has_value()) {
+        static_scale = act_scale->to(at::kFloat).cpu().item<float>();
+        TORCH_CHECK_VALUE(std::isfinite(static_scale) && static_scale > 0.0f,
+                          "quantized_linear: expected act_scale to be positive and finite, but got ", static_scale);
       }
-      const int64_t tiles_n = (p.n + kTileN - 1) / kTileN, pairs = (p.m + 1) / 2;
-      // Loop order by what fits in cache: a small weight (convolutions: few output channels, short K) stays in cache
-      // while activation rows stream past once (rows outer); a large one is streamed once while the activation
-      // block stays in cache (weight tiles outer). 4-bit weights are unpacked to one byte per code first when several
-      // activation rows will reuse them.
-      const bool small_weight = p.n * p.kp <= (int64_t{1} << 19);
-      const bool unpack = u7 && p.bits == 4 && p.m > 2;
-      QLinearPlan p8 = p;
-      p8.bits = 8;
-      const QLinearPlan& pk = unpack ? p8 : p;
-      std::vector<uint8_t> unpacked(unpack && small_weight ? static_cast<size_t>(p.n * p.kp) : 0);
-      if (!unpacked.empty()) {
-        at::parallel_for(0, p.n, 16, [&](int64_t b, int64_t e) {
-          for (int64_t n = b; n < e; ++n) unpack_row4(wp + n * row_bytes, p.kp, unpacked.data() + n * p.kp);
-        });
-      }
-      auto weight_row = [&](int64_t n) {
-        n = std::min(n, p.n - 1);  // edge tiles repeat the last row
-        return unpacked.empty() ? wp + n * row_bytes : unpacked.data() + n * p.kp;
-      };
-      auto tile = [&](int64_t n0, const uint8_t* const* w, int64_t m0, int32_t* dots) {
-        const int rows = std::min<int64_t>(2, p.m - m0);
-        if (u7) {
-          const uint8_t* xr[2] = {xu.data() + m0 * p.kp, xu.data() + (m0 + rows - 1) * p.kp};
-          dot_tile_u7(xr, w, pk, rows, dots);
-        } else {
-          const int8_t* xr[2] = {xq.data() + m0 * p.kp, xq.data() + (m0 + rows - 1) * p.kp};
-          dot_tile_scalar(xr, w, p, rows, dots);
-        }
-        for (int r = 0; r < rows; ++r) {
-          for (int c = 0; c < 4 && n0 + c < p.n; ++c) {
-            const int64_t n = n0 + c;
-            float acc = 0.0f;
-            for (int64_t g = 0; g < p.groups; ++g) {
-              int32_t d = dots[(r * 4 + c) * p.groups + g] - zw[n * p.groups + g] * xsum[(m0 + r) * p.groups + g];
-              if (u7) d -= 64 * wsum[n * p.groups + g];
-              acc += sw[n * p.groups + g] * static_cast<float>(d);
-            }
-            op[(m0 + r) * p.n + n] = acc * sx[m0 + r];
-          }
-        }
-      };
-      if (small_weight) {
-        at::parallel_for(0, pairs, 4, [&](int64_t begin, int64_t end) {
-          std::vector<int32_t> dots(static_cast<size_t>(2 * 4 * p.groups));
-          for (int64_t pr = begin; pr < end; ++pr) {
-            for (int64_t n0 = 0; n0 < p.n; n0 += kTileN) {
-              const uint8_t* w[4] = {weight_row(n0), weight_row(n0 + 1), weight_row(n0 + 2), weight_row(n0 + 3)};
-              tile(n0, w, pr * 2, dots.data());
-            }
-          }
-        });
-      } else {
-        at::parallel_for(0, tiles_n, 1, [&](int64_t begin, int64_t end) {
-          std::vector<int32_t> dots(static_cast<size_t>(2 * 4 * p.groups));
-          std::vector<uint8_t> bytes(unpack ? static_cast<size_t>(4 * p.kp) : 0);
-          for (int64_t tn = begin; tn < end; ++tn) {
-            const int64_t n0 = tn * kTileN;
-            const uint8_t* w[4] = {weight_row(n0), weight_row(n0 + 1), weight_row(n0 + 2), weight_row(n0 + 3)};
-            if (unpack) {
-              for (int c = 0; c < 4; ++c) {
-                unpack_row4(w[c], p.kp, bytes.data() + c * p.kp);
-                w[c] = bytes.data() + c * p.kp;
-              }
-            }
-            for (int64_t m0 = 0; m0 < p.m; m0 += 2) tile(n0, w, m0, dots.data());
-          }
-        });
-      }
+      const Weights w{wp, row_bytes, sw, zw};
+      int8_linear(xf.const_data_ptr<float>(), p, w, act_scale.has_value() ? &static_scale : nullptr, code_sums, op);
     } else if (p.m < 8) {  // weight-only, small batch: fused GEMV, codes converted in registers
       std::vector<float> xpad(static_cast<size_t>(p.m * p.kp), 0.0f);
       std::vector<float> xgs(static_cast<size_t>(p.m * p.groups), 0.0f);
@@ -366,6 +644,27 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
   return out.to(x.scalar_type());
 }
+
+namespace {
+
+std::vector<std::pair<std::string, std::string>> describe_paths(Isa) {
+  const IntKernels* gemm = gemm_kernels();
+  const IntKernels* gemv = gemv_kernels(128);
+  const std::string weight_only = cpu_has_avx2() ? "avx2: codes converted to float in registers (GEMV) or decoded "
+                                                   "tiles and the BLAS"
+                                                 : "scalar: decoded tiles and the BLAS";
+  return {
+      {"int8 activations, batch >= 4", gemm != nullptr ? std::string(gemm->name) + ": repacked weight blocks, GEMM"
+                                                       : "scalar: exact integer dot products"},
+      {"int8 activations, batch < 4", gemv != nullptr ? std::string(gemv->name) + ": GEMV on the stored codes"
+                                                      : "scalar: exact integer dot products"},
+      {"weight-only", weight_only},
+  };
+}
+
+const DescribeCpuPaths kPaths("quantized_linear", &describe_paths);
+
+}  // namespace
 
 }  // namespace quant
 }  // namespace deepseek_ext
