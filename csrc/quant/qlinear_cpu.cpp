@@ -24,7 +24,6 @@
 #include "deepseek_ext/cpu.h"
 #include "deepseek_ext/quant.h"
 #include "deepseek_ext/simd.h"
-#include "qlinear_avx2.h"
 
 #ifdef DSX_X86
 #include <immintrin.h>
@@ -494,36 +493,111 @@ void int8_linear(const float* x, const QLinearPlan& p, const Weights& w, const f
   }
 }
 
-void float_dots(const float* x, const uint8_t* w, const QLinearPlan& p, float* out) {
-#ifdef DSX_HAVE_AVX2
-  if (cpu_has_avx2()) {
-    if (p.bits == 8) {
-      avx2::float_dots<8>(x, w, p.groups, p.group / 32, out);
-    } else {
-      avx2::float_dots<4>(x, w, p.groups, p.group / 32, out);
-    }
-    return;
-  }
-#endif
-  for (int64_t g = 0; g < p.groups; ++g) {
-    float s = 0.0f;
-    for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) s += x[k] * static_cast<float>(code_at(w, k, p.bits));
-    out[g] = s;
+// Weight-only kernels, one source for every instruction set (simd::dispatch): L codes starting at k (a multiple of
+// L, L <= 16) as float lanes. 4-bit: code k sits in 16-byte run k / 32, byte k % 16, low nibble when k % 32 < 16.
+template <int Bits, int VB>
+DSX_INLINE simd::Vec<float, VB> codes_as_float(const uint8_t* row, int64_t k) {
+  constexpr int L = static_cast<int>(simd::kLanes<float, VB>);
+  using VB8 = simd::Vec<uint8_t, L>;
+  using VF = simd::Vec<float, VB>;
+  if constexpr (Bits == 8) {
+    using VS8 = simd::Vec<int8_t, L>;
+    return __builtin_convertvector(simd::load<VS8>(row + k), VF);
+  } else {
+    const VB8 b = simd::load<VB8>(row + 16 * (k / 32) + k % 16);
+    const VB8 c = k % 32 < 16 ? VB8(b & 0x0F) : VB8(b >> 4);
+    return __builtin_convertvector(c, VF);
   }
 }
 
-void decode_row(const uint8_t* w, const QLinearPlan& p, const float* scale, const int32_t* zero, float* out) {
-#ifdef DSX_HAVE_AVX2
-  if (cpu_has_avx2()) {
-    p.bits == 8 ? avx2::decode_row<8>(w, p.groups, p.group / 32, scale, zero, out)
-                : avx2::decode_row<4>(w, p.groups, p.group / 32, scale, zero, out);
+// out[r * ldo] = sum_k x[r][k] * scale_g * (code[k] - zero_g) for R rows of x (padded to Kp with zeros) and one
+// weight row: the weights are dequantised in registers once and met by every row.
+template <int Bits, int VB, int R>
+DSX_INLINE void weight_only_rows(const float* x, int64_t ldx, const uint8_t* w, const QLinearPlan& p, const float* sw,
+                                 const int32_t* zw, float* out, int64_t ldo) {
+  using VF = simd::Vec<float, VB>;
+  constexpr int64_t L = simd::kLanes<float, VB>;
+  VF acc[R] = {};
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const float s = sw[g], off = -s * static_cast<float>(zw[g]);
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += L) {
+      const VF wv = codes_as_float<Bits, VB>(w, k) * s + off;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] += simd::load<VF>(x + r * ldx + k) * wv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) out[r * ldo] = simd::reduce_add<float, VB>(acc[r]);
+}
+
+template <int Bits, int VB>
+DSX_INLINE void weight_only_block(const float* x, int64_t rows, const uint8_t* w, const QLinearPlan& p, const float* sw,
+                                  const int32_t* zw, float* out, int64_t ldo) {
+  constexpr int kR = 6;
+  int64_t r = 0;
+  for (; r + kR <= rows; r += kR) weight_only_rows<Bits, VB, kR>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo);
+  switch (rows - r) {
+    case 5: weight_only_rows<Bits, VB, 5>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
+    case 4: weight_only_rows<Bits, VB, 4>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
+    case 3: weight_only_rows<Bits, VB, 3>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
+    case 2: weight_only_rows<Bits, VB, 2>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
+    case 1: weight_only_rows<Bits, VB, 1>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
+    default: break;
+  }
+}
+
+// One weight row dequantised to float: out[k] = scale[g] * (code[k] - zero[g]) for k < kp.
+template <int Bits, int VB>
+DSX_INLINE void decode_row(const uint8_t* w, const QLinearPlan& p, const float* scale, const int32_t* zero,
+                           float* out) {
+  using VF = simd::Vec<float, VB>;
+  constexpr int64_t L = simd::kLanes<float, VB>;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const float s = scale[g], off = -s * static_cast<float>(zero[g]);
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += L) simd::store(out + k, codes_as_float<Bits, VB>(w, k) * s + off);
+  }
+}
+
+// Rows of x from which weight-only layers decode weight tiles for the BLAS instead of running the fused GEMV.
+constexpr int64_t kWeightOnlyGemmRows = 16;
+
+void weight_only_linear(const float* x, const QLinearPlan& p, const Weights& w, float* out, const at::Tensor& xf) {
+  if (p.m < kWeightOnlyGemmRows) {
+    std::vector<float> xpad(static_cast<size_t>(p.m * p.kp), 0.0f);
+    for (int64_t m = 0; m < p.m; ++m) std::copy_n(x + m * p.k, p.k, xpad.data() + m * p.kp);
+    at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
+      simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+        constexpr int VB = decltype(vb)::value;
+        for (int64_t n = begin; n < end; ++n) {
+          const uint8_t* row = w.codes + n * w.row_bytes;
+          p.bits == 8 ? weight_only_block<8, VB>(xpad.data(), p.m, row, p, w.scale + n * p.groups, w.zero + n * p.groups,
+                                                 out + n, p.n)
+                      : weight_only_block<4, VB>(xpad.data(), p.m, row, p, w.scale + n * p.groups, w.zero + n * p.groups,
+                                                 out + n, p.n);
+        }
+      });
+    });
     return;
   }
-#endif
-  for (int64_t k = 0; k < p.kp; ++k) {
-    const int64_t g = k / p.group;
-    out[k] = scale[g] * static_cast<float>(code_at(w, k, p.bits) - zero[g]);
-  }
+  // Larger batches: dequantise 256-row weight tiles to float and multiply with the BLAS.
+  constexpr int64_t kRows = 256;
+  at::Tensor o = at::from_blob(out, {p.m, p.n}, at::kFloat);
+  at::parallel_for(0, (p.n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kRows, nr = std::min(kRows, p.n - n0);
+      at::Tensor tile = at::empty({nr, p.kp}, at::kFloat);
+      float* tp = tile.data_ptr<float>();
+      simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+        constexpr int VB = decltype(vb)::value;
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t n = n0 + r;
+          p.bits == 8 ? decode_row<8, VB>(w.codes + n * w.row_bytes, p, w.scale + n * p.groups, w.zero + n * p.groups, tp + r * p.kp)
+                      : decode_row<4, VB>(w.codes + n * w.row_bytes, p, w.scale + n * p.groups, w.zero + n * p.groups, tp + r * p.kp);
+        }
+      });
+      o.narrow(1, n0, nr).copy_(at::mm(xf, tile.narrow(1, 0, p.k).t()));
+    }
+  });
 }
 
 }  // namespace
@@ -606,39 +680,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
       }
       const Weights w{wp, row_bytes, sw, zw};
       int8_linear(xf.const_data_ptr<float>(), p, w, act_scale.has_value() ? &static_scale : nullptr, code_sums, op);
-    } else if (p.m < 8) {  // weight-only, small batch: fused GEMV, codes converted in registers
-      std::vector<float> xpad(static_cast<size_t>(p.m * p.kp), 0.0f);
-      std::vector<float> xgs(static_cast<size_t>(p.m * p.groups), 0.0f);
-      for (int64_t m = 0; m < p.m; ++m) {
-        std::copy_n(xf.const_data_ptr<float>() + m * p.k, p.k, xpad.data() + m * p.kp);
-        for (int64_t k = 0; k < p.kp; ++k) xgs[m * p.groups + k / p.group] += xpad[m * p.kp + k];
-      }
-      at::parallel_for(0, p.n, 64, [&](int64_t begin, int64_t end) {
-        std::vector<float> dots(static_cast<size_t>(p.groups));
-        for (int64_t n = begin; n < end; ++n) {
-          for (int64_t m = 0; m < p.m; ++m) {
-            float_dots(xpad.data() + m * p.kp, wp + n * row_bytes, p, dots.data());
-            float acc = 0.0f;
-            for (int64_t g = 0; g < p.groups; ++g) {
-              acc += sw[n * p.groups + g] * (dots[g] - static_cast<float>(zw[n * p.groups + g]) * xgs[m * p.groups + g]);
-            }
-            op[m * p.n + n] = acc;
-          }
-        }
-      });
-    } else {  // weight-only, larger batch: decode 256-row weight tiles to float, multiply with the BLAS
-      constexpr int64_t kRows = 256;
-      const at::Tensor xv = xf;
-      at::parallel_for(0, (p.n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t n0 = t * kRows, nr = std::min(kRows, p.n - n0);
-          at::Tensor tile = at::empty({nr, p.kp}, at::kFloat);
-          float* tp = tile.data_ptr<float>();
-          for (int64_t r = 0; r < nr; ++r) decode_row(wp + (n0 + r) * row_bytes, p, sw + (n0 + r) * p.groups,
-                                                      zw + (n0 + r) * p.groups, tp + r * p.kp);
-          out.narrow(1, n0, nr).copy_(at::mm(xv, tile.narrow(1, 0, p.k).t()));
-        }
-      });
+    } else {
+      weight_only_linear(xf.const_data_ptr<float>(), p, Weights{wp, row_bytes, sw, zw}, op, xf);
     }
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
@@ -647,12 +690,12 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
 
 namespace {
 
-std::vector<std::pair<std::string, std::string>> describe_paths(Isa) {
+std::vector<std::pair<std::string, std::string>> describe_paths(Isa) {  // the level is read by the helpers
   const IntKernels* gemm = gemm_kernels();
   const IntKernels* gemv = gemv_kernels(128);
-  const std::string weight_only = cpu_has_avx2() ? "avx2: codes converted to float in registers (GEMV) or decoded "
-                                                   "tiles and the BLAS"
-                                                 : "scalar: decoded tiles and the BLAS";
+  const std::string weight_only = std::string(isa_name(std::min(cpu_isa(), Isa::kAvx512))) +
+                                  ": weights dequantised in registers, batch < 16 (GEMV); dequantised tiles and the "
+                                  "BLAS from 16 rows";
   return {
       {"int8 activations, batch >= 4", gemm != nullptr ? std::string(gemm->name) + ": repacked weight blocks, GEMM"
                                                        : "scalar: exact integer dot products"},
