@@ -15,8 +15,14 @@ TORCH_LIBRARY(deepseek_ext, m) {
 
   // Integer quantization (deepseek_ext/ops/quant.py): weight packing and the quantized linear layer.
   m.def("quantize_weight(Tensor w, int bits, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
+  // codes: as quantize_weight returns them, or (CPU) rearranged by pack_quantized_weight for the integer GEMM.
   m.def("quantized_linear(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int bits, int group_size,"
         " int in_features, int act_bits, Tensor? bias=None, Tensor? act_scale=None, Tensor? code_sums=None) -> Tensor");
+  // The codes rearranged for the CPU's integer GEMM and back (csrc/include/deepseek_ext/quant.h has the layout);
+  // composite ATen ops, the same on every device.
+  m.def("pack_quantized_weight(Tensor codes, int bits, int group_size, int in_features) -> Tensor");
+  m.def("unpack_quantized_weight(Tensor packed, int bits, int group_size, int in_features, int out_features)"
+        " -> Tensor");
 
   // Mixed precision (deepseek_ext/ops/amp.py): one pass over every gradient that unscales it in place, flags
   // non-finite values (found_inf, as torch._amp_foreach_non_finite_check_and_unscale_) and returns the L2 norm

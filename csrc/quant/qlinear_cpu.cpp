@@ -59,7 +59,7 @@ void set_code(uint8_t* row, int64_t k, int64_t bits, int64_t code) {
 namespace vnni512 {
 struct Ops {
   using V = __m512i;
-  static constexpr int kBytes = 64, kNV = 4, kMR = 6;
+  static constexpr int kBytes = 64, kNV = 4, kMR = 6, kMR4 = 4;
   static inline V zero() { return _mm512_setzero_si512(); }
   static inline V load(const void* p) { return _mm512_loadu_si512(p); }
   static inline void store(void* p, V v) { _mm512_storeu_si512(p, v); }
@@ -70,6 +70,9 @@ struct Ops {
   }
   static inline V dot(V acc, V u, V w) { return _mm512_dpbusd_epi32(acc, u, w); }
   static inline int32_t hsum(V v) { return _mm512_reduce_add_epi32(v); }
+  static inline V bytes(int b) { return _mm512_set1_epi8(static_cast<char>(b)); }
+  static inline V band(V a, V b) { return _mm512_and_si512(a, b); }
+  static inline V shr4(V v) { return _mm512_srli_epi16(v, 4); }
   static inline V codes4(const uint8_t* p) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i m = _mm256_set1_epi8(0x0F);
@@ -91,7 +94,7 @@ struct Ops {
 namespace vnni256 {  // AVX512-VNNI on 256-bit vectors: the GEMV when the group is not a multiple of 64
 struct Ops {
   using V = __m256i;
-  static constexpr int kBytes = 32, kNV = 2, kMR = 4;
+  static constexpr int kBytes = 32, kNV = 2, kMR = 4, kMR4 = 3;
   static inline V zero() { return _mm256_setzero_si256(); }
   static inline V load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static inline void store(void* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
@@ -101,6 +104,9 @@ struct Ops {
     return _mm256_set1_epi32(v);
   }
   static inline V dot(V acc, V u, V w) { return _mm256_dpbusd_epi32(acc, u, w); }
+  static inline V bytes(int b) { return _mm256_set1_epi8(static_cast<char>(b)); }
+  static inline V band(V a, V b) { return _mm256_and_si256(a, b); }
+  static inline V shr4(V v) { return _mm256_srli_epi16(v, 4); }
   static inline int32_t hsum(V v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -129,7 +135,7 @@ struct Ops {
 namespace bw512 {  // AVX-512 without VNNI (Skylake-X, Cascade Lake without it): vpmaddubsw + vpmaddwd
 struct Ops {
   using V = __m512i;
-  static constexpr int kBytes = 64, kNV = 4, kMR = 4;
+  static constexpr int kBytes = 64, kNV = 4, kMR = 4, kMR4 = 3;
   static inline V zero() { return _mm512_setzero_si512(); }
   static inline V load(const void* p) { return _mm512_loadu_si512(p); }
   static inline void store(void* p, V v) { _mm512_storeu_si512(p, v); }
@@ -142,6 +148,9 @@ struct Ops {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, w), _mm512_set1_epi16(1)));
   }
   static inline int32_t hsum(V v) { return _mm512_reduce_add_epi32(v); }
+  static inline V bytes(int b) { return _mm512_set1_epi8(static_cast<char>(b)); }
+  static inline V band(V a, V b) { return _mm512_and_si512(a, b); }
+  static inline V shr4(V v) { return _mm512_srli_epi16(v, 4); }
   static inline V codes4(const uint8_t* p) { return vnni512::Ops::codes4(p); }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
@@ -157,7 +166,7 @@ struct Ops {
 namespace avx2k {
 struct Ops {
   using V = __m256i;
-  static constexpr int kBytes = 32, kNV = 2, kMR = 4;
+  static constexpr int kBytes = 32, kNV = 2, kMR = 4, kMR4 = 3;
   static inline V zero() { return _mm256_setzero_si256(); }
   static inline V load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static inline void store(void* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
@@ -169,6 +178,9 @@ struct Ops {
   static inline V dot(V acc, V u, V w) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), _mm256_set1_epi16(1)));
   }
+  static inline V bytes(int b) { return _mm256_set1_epi8(static_cast<char>(b)); }
+  static inline V band(V a, V b) { return _mm256_and_si256(a, b); }
+  static inline V shr4(V v) { return _mm256_srli_epi16(v, 4); }
   static inline int32_t hsum(V v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -198,17 +210,17 @@ namespace {
 // One instruction set's integer kernels, as function pointers (the driver below is plain C++).
 struct IntKernels {
   const char* name;
-  int64_t nb, mr, chunk;
+  int64_t mr8, mr4, chunk;
   void (*dot_rows)(int, int, const uint8_t* const*, const uint8_t* const*, int64_t, int64_t, int32_t*);
-  void (*pack_block)(int, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int8_t*);
-  void (*gemm_rows)(int, const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
+  void (*gemm_rows)(int, int, const uint8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*);
+  void (*widen_block)(const uint8_t*, int64_t, uint8_t*);
   void (*accumulate_group)(int, const int32_t*, const float*, const int32_t*, const int32_t*, const int32_t*, int64_t,
                            float*);
 };
 
 template <typename K>
 constexpr IntKernels kernels_of(const char* name) {
-  return {name, K::kNB, K::kMR, K::kChunk, &K::dot_rows, &K::pack_block, &K::gemm_rows, &K::accumulate_group};
+  return {name, K::kMR, K::kMR4, K::kChunk, &K::dot_rows, &K::gemm_rows, &K::widen_block, &K::accumulate_group};
 }
 
 #ifdef DSX_X86
@@ -243,6 +255,8 @@ const IntKernels* gemv_kernels(int64_t group) {
 
 // Rows from which the GEMM (repacked weight blocks) replaces the GEMV.
 constexpr int64_t kGemmRows = 4;
+// Rows from which 4-bit blocks are widened to bytes once per task instead of unpacked in every row tile.
+constexpr int64_t kWidenRows = 16;
 constexpr int64_t kTileN = 4;  // weight rows per GEMV tile
 
 // Dots of 7-bit activation codes (signed, q) with the stored codes: the scalar GEMV tile.
@@ -411,26 +425,35 @@ void int8_gemv(const QLinearPlan& p, const Weights& w, const Activations& a, con
   }
 }
 
-// GEMM path: tasks of (block of k.nb output columns, chunk of rows); each task repacks its weight block once and
-// runs every row of its chunk against it, group by group, with the shared epilogue.
-void int8_gemm(const QLinearPlan& p, const Weights& w, const Activations& a, const int32_t* wsum,
-               const IntKernels& k, float* out) {
-  const int64_t nb = k.nb, blocks = (p.n + nb - 1) / nb;
+// GEMM path on packed codes: tasks of (block of kPackN output columns, chunk of rows); each task runs every row of
+// its chunk against its block, group by group, with the shared epilogue.
+void int8_gemm(const QLinearPlan& p, const Weights& w, const Activations& a, const int32_t* wsum, const IntKernels& k,
+               float* out) {
+  constexpr int64_t nb = kPackN;
+  const bool widen = p.bits == 4 && p.m >= kWidenRows;
+  const int bits = widen ? 8 : static_cast<int>(p.bits);  // the layout the tile kernel reads
+  const int64_t mr = bits == 8 ? k.mr8 : k.mr4;
+  const int64_t blocks = (p.n + nb - 1) / nb, block_bytes = p.bits == 8 ? p.kp * nb : p.kp * nb / 2;
   const int64_t threads = at::get_num_threads();
-  const int64_t chunks = std::clamp<int64_t>((2 * threads + blocks - 1) / blocks, 1, (p.m + k.mr - 1) / k.mr);
+  const int64_t chunks = std::clamp<int64_t>((2 * threads + blocks - 1) / blocks, 1, (p.m + mr - 1) / mr);
   const int64_t rows_per = (p.m + chunks - 1) / chunks;
   at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int8_t> packed(static_cast<size_t>(p.kp * nb));
     std::vector<float> sT(static_cast<size_t>(p.groups * nb));
     std::vector<int32_t> zT(static_cast<size_t>(p.groups * nb)), wT(static_cast<size_t>(p.groups * nb));
-    std::vector<int32_t> dots(static_cast<size_t>(k.mr * nb));
-    std::vector<float> acc(static_cast<size_t>(k.mr * nb));
-    int64_t packed_block = -1;
+    std::vector<int32_t> dots(static_cast<size_t>(mr * nb));
+    std::vector<float> acc(static_cast<size_t>(mr * nb));
+    std::vector<uint8_t> wide(widen ? static_cast<size_t>(p.kp * nb) : 0);
+    int64_t current = -1;
+    const uint8_t* wp = nullptr;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t / chunks, ch = t % chunks;
       const int64_t n0 = blk * nb, cols = std::min(nb, p.n - n0);
-      if (blk != packed_block) {
-        k.pack_block(static_cast<int>(p.bits), w.codes, w.row_bytes, n0, cols, p.kp, packed.data());
+      if (blk != current) {
+        wp = w.codes + blk * block_bytes;
+        if (widen) {
+          k.widen_block(wp, p.kp, wide.data());
+          wp = wide.data();
+        }
         for (int64_t g = 0; g < p.groups; ++g) {
           for (int64_t c = 0; c < nb; ++c) {
             const int64_t n = n0 + std::min(c, cols - 1);
@@ -439,15 +462,15 @@ void int8_gemm(const QLinearPlan& p, const Weights& w, const Activations& a, con
             wT[g * nb + c] = wsum[n * p.groups + g];
           }
         }
-        packed_block = blk;
+        current = blk;
       }
       const int64_t m_end = std::min(p.m, (ch + 1) * rows_per);
-      for (int64_t m0 = ch * rows_per; m0 < m_end; m0 += k.mr) {
-        const int rows = static_cast<int>(std::min<int64_t>(k.mr, m_end - m0));
+      for (int64_t m0 = ch * rows_per; m0 < m_end; m0 += mr) {
+        const int rows = static_cast<int>(std::min<int64_t>(mr, m_end - m0));
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t g = 0; g < p.groups; ++g) {
-          k.gemm_rows(rows, a.u.data() + m0 * p.kp, p.kp, packed.data(), g * p.group / 4, (g + 1) * p.group / 4,
-                      dots.data());
+          k.gemm_rows(bits, rows, a.u.data() + m0 * p.kp, p.kp, wp, g * p.group,
+                      (g + 1) * p.group, dots.data());
           k.accumulate_group(rows, dots.data(), sT.data() + g * nb, zT.data() + g * nb, wT.data() + g * nb,
                              a.sums.data() + m0 * p.groups + g, p.groups, acc.data());
         }
@@ -460,11 +483,23 @@ void int8_gemm(const QLinearPlan& p, const Weights& w, const Activations& a, con
   });
 }
 
-void int8_linear(const float* x, const QLinearPlan& p, const Weights& w, const float* static_scale,
+// codes: contiguous, in the stored layout or packed (p.packed); each layout is made from the other when a kernel
+// needs it (the GEMM: packed; the GEMV, the code sums and non-finite rows: stored).
+void int8_linear(const float* x, const QLinearPlan& p, const at::Tensor& codes, const float* scale,
+                 const int32_t* zero, int64_t group_size, const float* static_scale,
                  const std::optional<at::Tensor>& code_sums, float* out) {
   const Activations a = quantize_activations(x, p, static_scale);
-  const IntKernels* gemm = p.m >= kGemmRows ? gemm_kernels() : nullptr;
+  const IntKernels* gemm = p.packed || p.m >= kGemmRows ? gemm_kernels() : nullptr;
   const IntKernels* gemv = gemm == nullptr ? gemv_kernels(p.group) : nullptr;
+  at::Tensor stored = p.packed ? at::Tensor() : codes, packed = p.packed ? codes : at::Tensor();
+  auto view = [&](bool want_packed) {
+    at::Tensor& t = want_packed ? packed : stored;
+    if (!t.defined()) {
+      t = want_packed ? pack_quantized_weight(codes, p.bits, group_size, p.k)
+                      : unpack_quantized_weight(codes, p.bits, group_size, p.k, p.n);
+    }
+    return Weights{reinterpret_cast<const uint8_t*>(t.const_data_ptr()), want_packed ? 0 : t.size(1), scale, zero};
+  };
   std::vector<int32_t> wsum;
   if (gemm != nullptr || gemv != nullptr) {  // the +64 shift of the activation codes is undone with these sums
     wsum.resize(static_cast<size_t>(p.n * p.groups));
@@ -472,11 +507,12 @@ void int8_linear(const float* x, const QLinearPlan& p, const Weights& w, const f
       const at::Tensor cs = code_sums->cpu().contiguous();
       std::copy_n(cs.const_data_ptr<int32_t>(), wsum.size(), wsum.data());
     } else {
+      const Weights w = view(false);
       at::parallel_for(0, p.n, 64, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
           for (int64_t g = 0; g < p.groups; ++g) {
             int32_t s = 0;
-            for (int64_t kk = g * p.group; kk < (g + 1) * p.group; ++kk) s += code_at(w.codes + n * w.row_bytes, kk, p.bits);
+            for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) s += code_at(w.codes + n * w.row_bytes, k, p.bits);
             wsum[n * p.groups + g] = s;
           }
         }
@@ -484,12 +520,12 @@ void int8_linear(const float* x, const QLinearPlan& p, const Weights& w, const f
     }
   }
   if (gemm != nullptr) {
-    int8_gemm(p, w, a, wsum.data(), *gemm, out);
+    int8_gemm(p, view(true), a, wsum.data(), *gemm, out);
   } else {
-    int8_gemv(p, w, a, wsum.data(), gemv, out);
+    int8_gemv(p, view(false), a, wsum.data(), gemv, out);
   }
   if (std::any_of(a.nonfinite.begin(), a.nonfinite.end(), [](uint8_t f) { return f != 0; })) {
-    nonfinite_rows(x, p, w, a, out);
+    nonfinite_rows(x, p, view(false), a, out);
   }
 }
 
@@ -500,13 +536,14 @@ DSX_INLINE simd::Vec<float, VB> codes_as_float(const uint8_t* row, int64_t k) {
   constexpr int L = static_cast<int>(simd::kLanes<float, VB>);
   using VB8 = simd::Vec<uint8_t, L>;
   using VF = simd::Vec<float, VB>;
+  using VI = simd::Vec<int32_t, VB>;  // via int32: a direct byte -> float conversion is not vectorised
   if constexpr (Bits == 8) {
     using VS8 = simd::Vec<int8_t, L>;
-    return __builtin_convertvector(simd::load<VS8>(row + k), VF);
+    return __builtin_convertvector(__builtin_convertvector(simd::load<VS8>(row + k), VI), VF);
   } else {
     const VB8 b = simd::load<VB8>(row + 16 * (k / 32) + k % 16);
     const VB8 c = k % 32 < 16 ? VB8(b & 0x0F) : VB8(b >> 4);
-    return __builtin_convertvector(c, VF);
+    return __builtin_convertvector(__builtin_convertvector(c, VI), VF);
   }
 }
 
@@ -665,10 +702,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({p.m, p.n}, x.options().dtype(at::kFloat));
   const at::Tensor cc = codes.contiguous(), sc = scales.contiguous(), zc = zeros.contiguous();
-  const auto* wp = reinterpret_cast<const uint8_t*>(cc.const_data_ptr());
   const float* sw = sc.const_data_ptr<float>();
   const int32_t* zw = zc.const_data_ptr<int32_t>();
-  const int64_t row_bytes = cc.size(1);
   float* op = out.data_ptr<float>();
   if (p.m > 0 && p.n > 0) {
     if (p.act_bits == 8) {
@@ -678,10 +713,12 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
         TORCH_CHECK_VALUE(std::isfinite(static_scale) && static_scale > 0.0f,
                           "quantized_linear: expected act_scale to be positive and finite, but got ", static_scale);
       }
-      const Weights w{wp, row_bytes, sw, zw};
-      int8_linear(xf.const_data_ptr<float>(), p, w, act_scale.has_value() ? &static_scale : nullptr, code_sums, op);
+      int8_linear(xf.const_data_ptr<float>(), p, cc, sw, zw, group_size, act_scale.has_value() ? &static_scale : nullptr,
+                  code_sums, op);
     } else {
-      weight_only_linear(xf.const_data_ptr<float>(), p, Weights{wp, row_bytes, sw, zw}, op, xf);
+      const at::Tensor stored = p.packed ? unpack_quantized_weight(cc, bits, group_size, in_features, p.n) : cc;
+      const Weights w{reinterpret_cast<const uint8_t*>(stored.const_data_ptr()), stored.size(1), sw, zw};
+      weight_only_linear(xf.const_data_ptr<float>(), p, w, op, xf);
     }
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));

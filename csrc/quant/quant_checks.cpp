@@ -1,3 +1,5 @@
+#include <torch/library.h>
+
 #include "deepseek_ext/checks.h"
 #include "deepseek_ext/quant.h"
 
@@ -10,6 +12,20 @@ int64_t padded_k(int64_t k, int64_t group_size) {
 }
 
 int64_t effective_group(int64_t kp, int64_t group_size) { return group_size > 0 ? group_size : kp; }
+
+std::vector<int64_t> packed_shape(int64_t n, int64_t kp, int64_t bits) {
+  return {(n + kPackN - 1) / kPackN, bits == 8 ? kp / 4 : kp / 8, kPackN, 4};
+}
+
+static void check_codes(const char* op, const at::Tensor& codes, int64_t bits, int64_t group_size, int64_t in_features,
+                        int64_t kp) {
+  check_dtype(op, "codes", codes, {bits == 8 ? at::kChar : at::kByte});
+  const int64_t expect_cols = bits == 8 ? kp : kp / 2;
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(1) == expect_cols, op, ": expected codes of shape [",
+                    codes.dim() >= 1 ? codes.size(0) : 0, ", ", expect_cols, "] for ", bits,
+                    "-bit weights with in_features=", in_features, " and group_size=", group_size, ", but got ",
+                    codes.sizes());
+}
 
 static void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
   TORCH_CHECK_VALUE(bits == 8 || bits == 4, op, ": expected bits to be 8 or 4, but got ", bits);
@@ -40,17 +56,25 @@ QLinearPlan check_quantized_linear(const at::Tensor& x, const at::Tensor& codes,
                     in_features);
   TORCH_CHECK_VALUE(act_bits == 8 || act_bits == 16 || act_bits == 0, op,
                     ": expected act_bits to be 8, or 16 / 0 for weight-only, but got ", act_bits);
-  QLinearPlan p{x.size(0), codes.size(0), in_features, padded_k(in_features, group_size), 0, 0, bits, act_bits};
-  p.group = effective_group(p.kp, group_size);
-  p.groups = p.kp / p.group;
-  check_dtype(op, "codes", codes, {bits == 8 ? at::kChar : at::kByte});
-  const int64_t expect_cols = bits == 8 ? p.kp : p.kp / 2;
-  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(1) == expect_cols, op, ": expected codes of shape [",
-                    codes.size(0), ", ", expect_cols, "] for ", bits, "-bit weights with in_features=", in_features,
-                    " and group_size=", group_size, ", but got ", codes.sizes());
   check_dtype(op, "scales", scales, {at::kFloat});
   check_dtype(op, "zeros", zeros, {at::kInt});
-  TORCH_CHECK_VALUE(scales.sizes() == at::IntArrayRef({p.n, p.groups}) && zeros.sizes() == scales.sizes(), op,
+  TORCH_CHECK_VALUE(scales.dim() == 2, op, ": expected scales of shape [out_features, groups], but got ",
+                    scales.sizes());
+  QLinearPlan p{x.size(0), scales.size(0), in_features, padded_k(in_features, group_size), 0, 0, bits, act_bits,
+                codes.dim() == 4};
+  p.group = effective_group(p.kp, group_size);
+  p.groups = p.kp / p.group;
+  if (p.packed) {
+    check_dtype(op, "codes", codes, {bits == 8 ? at::kChar : at::kByte});
+    const std::vector<int64_t> want = packed_shape(p.n, p.kp, bits);
+    TORCH_CHECK_VALUE(codes.sizes() == at::IntArrayRef(want), op, ": expected packed codes of shape ", want,
+                      " (pack_quantized_weight for ", p.n, " outputs, in_features=", in_features, ", group_size=",
+                      group_size, "), but got ", codes.sizes());
+  } else {
+    check_codes(op, codes, bits, group_size, in_features, p.kp);
+    TORCH_CHECK_VALUE(codes.size(0) == p.n, op, ": codes have ", codes.size(0), " rows but scales ", p.n);
+  }
+  TORCH_CHECK_VALUE(scales.size(1) == p.groups && zeros.sizes() == scales.sizes(), op,
                     ": expected scales and zeros of shape [", p.n, ", ", p.groups, "], but got ", scales.sizes(),
                     " and ", zeros.sizes());
   for (const at::Tensor* t : {&codes, &scales, &zeros}) check_same_device(op, "x", x, "weights", *t);
@@ -70,5 +94,47 @@ QLinearPlan check_quantized_linear(const at::Tensor& x, const at::Tensor& codes,
   return p;
 }
 
+// The packed layout of quant.h, from and to the stored layout, with ATen ops (any device; traced by torch.compile).
+at::Tensor pack_quantized_weight(const at::Tensor& codes, int64_t bits, int64_t group_size, int64_t in_features) {
+  constexpr const char* op = "pack_quantized_weight";
+  check_bits_group(op, bits, group_size);
+  TORCH_CHECK_VALUE(in_features > 0, op, ": expected in_features to be positive, but got ", in_features);
+  const int64_t kp = padded_k(in_features, group_size);
+  check_codes(op, codes, bits, group_size, in_features, kp);
+  const int64_t n = codes.size(0), blocks = (n + kPackN - 1) / kPackN, steps = bits == 8 ? kp / 4 : kp / 8;
+  at::Tensor c = codes;
+  if (bits == 4) {  // runs of 16 bytes = 32 codes (low nibbles first) -> bytes of (code 8q + t, code 8q + 4 + t)
+    const at::Tensor b = codes.view({n, kp / 32, 16});
+    const at::Tensor all = at::stack({b.bitwise_and(0x0F), b.bitwise_right_shift(4)}, 2).reshape({n, steps, 2, 4});
+    c = all.select(2, 0).bitwise_or(all.select(2, 1).bitwise_left_shift(4));
+  }
+  c = at::constant_pad_nd(c.reshape({n, steps, 4}), {0, 0, 0, 0, 0, blocks * kPackN - n});
+  return c.view({blocks, kPackN, steps, 4}).permute({0, 2, 1, 3}).contiguous();
+}
+
+at::Tensor unpack_quantized_weight(const at::Tensor& packed, int64_t bits, int64_t group_size, int64_t in_features,
+                                   int64_t out_features) {
+  constexpr const char* op = "unpack_quantized_weight";
+  check_bits_group(op, bits, group_size);
+  TORCH_CHECK_VALUE(in_features > 0 && out_features >= 0, op,
+                    ": expected positive in_features and non-negative out_features, but got ", in_features, " and ",
+                    out_features);
+  const int64_t kp = padded_k(in_features, group_size), n = out_features;
+  check_dtype(op, "packed", packed, {bits == 8 ? at::kChar : at::kByte});
+  const std::vector<int64_t> want = packed_shape(n, kp, bits);
+  TORCH_CHECK_VALUE(packed.sizes() == at::IntArrayRef(want), op, ": expected packed of shape ", want, ", but got ",
+                    packed.sizes());
+  const int64_t steps = want[1];
+  at::Tensor c = packed.permute({0, 2, 1, 3}).reshape({want[0] * kPackN, steps, 4}).narrow(0, 0, n);
+  if (bits == 8) return c.reshape({n, kp}).contiguous();
+  const at::Tensor all = at::stack({c.bitwise_and(0x0F), c.bitwise_right_shift(4)}, 2).reshape({n, kp / 32, 2, 16});
+  return all.select(2, 0).bitwise_or(all.select(2, 1).bitwise_left_shift(4)).reshape({n, kp / 2}).contiguous();
+}
+
 }  // namespace quant
 }  // namespace deepseek_ext
+
+TORCH_LIBRARY_IMPL(deepseek_ext, CompositeImplicitAutograd, m) {
+  m.impl("pack_quantized_weight", &deepseek_ext::quant::pack_quantized_weight);
+  m.impl("unpack_quantized_weight", &deepseek_ext::quant::unpack_quantized_weight);
+}

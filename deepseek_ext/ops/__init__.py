@@ -10,7 +10,7 @@ from .amp import unscale_check_norm_
 from .attention import fused_attention, fused_attention_varlen
 from .fp8 import dequantize_fp8, fp8_matmul, quantize_fp8
 from .privacy import clip_sum_noise, per_sample_sq_norms
-from .quant import quantize_weight, quantized_linear
+from .quant import pack_quantized_weight, quantize_weight, quantized_linear, unpack_quantized_weight
 
 __all__ = [
     "quantize_fp8",
@@ -21,6 +21,8 @@ __all__ = [
     "clip_sum_noise",
     "quantize_weight",
     "quantized_linear",
+    "pack_quantized_weight",
+    "unpack_quantized_weight",
     "fused_attention",
     "fused_attention_varlen",
 ]

@@ -53,7 +53,11 @@ def quantized_linear(
 
     Args:
         x: ``(M, in_features)`` float32/float16/bfloat16 (the output has its dtype).
-        codes, scales, zeros, bits, group_size: from :func:`quantize_weight`; in_features: the unpadded K.
+        codes, scales, zeros, bits, group_size: from :func:`quantize_weight`; in_features: the unpadded K. On the CPU
+            the codes may also be in the layout of :func:`pack_quantized_weight` (what ``QuantizedLinear`` keeps),
+            which the integer GEMM reads directly; with the stored layout the CPU kernel rearranges the weight on
+            every call with 4 rows or more. Results are the same either way, and bit-identical across CPU
+            instruction sets and batch sizes.
         act_bits: 8 — activations are quantised to symmetric 7-bit codes in [-63, 63] (per row, or with
             ``act_scale``; the reduce_range that keeps AVX2's u8 x s8 multiply-adds from saturating, as in fbgemm) and
             the products are integer (int32 accumulation per group); 16 or 0 — weight-only: activations stay float.
@@ -71,6 +75,45 @@ def quantized_linear(
     return torch.ops.deepseek_ext.quantized_linear.default(
         x, codes, scales, zeros, bits, group_size, in_features, act_bits, bias, act_scale, code_sums
     )
+
+
+def pack_quantized_weight(codes: torch.Tensor, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """Rearranges codes from :func:`quantize_weight` for the CPU's integer GEMM; :func:`quantized_linear` takes the
+    result in place of the codes.
+
+    The layout (``csrc/include/deepseek_ext/quant.h``) is blocks of 64 output columns with 4 bytes per column per
+    step, the operand order of the u8 x s8 multiply-add instructions (8 bits: 4 codes; 4 bits: 8 codes as nibble
+    pairs). It is the same on every CPU and holds the same bytes as the codes (plus padding to 64 outputs).
+    :func:`unpack_quantized_weight` is the inverse; state_dicts keep the stored layout.
+
+    Args:
+        codes: from :func:`quantize_weight`.
+        bits, group_size, in_features: as for :func:`quantized_linear`.
+
+    Returns:
+        int8 ``(ceil(N / 64), Kp / 4, 64, 4)`` for 8 bits, uint8 ``(ceil(N / 64), Kp / 8, 64, 4)`` for 4 bits.
+
+    Example:
+        >>> codes, scales, zeros = quantize_weight(w, 4, 128, True)
+        >>> packed = pack_quantized_weight(codes, 4, 128, w.shape[1])
+        >>> y = quantized_linear(x, packed, scales, zeros, 4, 128, w.shape[1], act_bits=8)
+    """
+    require_native("ops.pack_quantized_weight")
+    return torch.ops.deepseek_ext.pack_quantized_weight.default(codes, bits, group_size, in_features)
+
+
+def unpack_quantized_weight(
+    packed: torch.Tensor, bits: int, group_size: int, in_features: int, out_features: int
+) -> torch.Tensor:
+    """The inverse of :func:`pack_quantized_weight`: codes in :func:`quantize_weight`'s layout.
+
+    Example:
+        >>> codes2 = unpack_quantized_weight(pack_quantized_weight(codes, 8, 0, 512), 8, 0, 512, codes.shape[0])
+        >>> torch.equal(codes, codes2)
+        True
+    """
+    require_native("ops.unpack_quantized_weight")
+    return torch.ops.deepseek_ext.unpack_quantized_weight.default(packed, bits, group_size, in_features, out_features)
 
 
 def code_sums(codes: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
@@ -93,7 +136,17 @@ if NATIVE_AVAILABLE:
 
     @torch.library.register_fake("deepseek_ext::quantized_linear")
     def _quantized_linear_fake(
-        x, codes, scales, zeros, bits, group_size, in_features, act_bits, bias=None, act_scale=None, code_sums=None
+        x,
+        codes,
+        scales,
+        zeros,
+        bits,
+        group_size,
+        in_features,
+        act_bits,
+        bias=None,
+        act_scale=None,
+        code_sums=None,
     ):
         torch._check(x.dim() == 2 and x.shape[1] == in_features, lambda: "quantized_linear: x must be (M, in_features)")
-        return x.new_empty((x.shape[0], codes.shape[0]))
+        return x.new_empty((x.shape[0], scales.shape[0]))

@@ -6,12 +6,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.quant import code_sums, quantize_weight, quantized_linear
+from ..ops.quant import (
+    code_sums,
+    pack_quantized_weight,
+    quantize_weight,
+    quantized_linear,
+    unpack_quantized_weight,
+)
 from .config import QuantConfig
 
 
 class _QuantizedWeight(nn.Module):
-    """Packed weight buffers and the config they were made with (checked when a state_dict is loaded)."""
+    """Packed weight buffers and the config they were made with (checked when a state_dict is loaded).
+
+    On the CPU, integer-activation layers keep ``codes`` in the layout of the integer GEMM
+    (:func:`~deepseek_ext.ops.quant.pack_quantized_weight`: same bytes, no second copy); the state_dict always holds
+    :func:`~deepseek_ext.ops.quant.quantize_weight`'s portable layout, and moving the module to another device
+    converts between the two."""
 
     def _init_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig) -> None:
         self.config = config
@@ -23,9 +34,47 @@ class _QuantizedWeight(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("code_sums", code_sums(codes, config.weight_bits, scales.shape[1]))
+        self.codes = self._layout_for_device(codes)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # Static activation scale, set by Quantizer.calibrate(); a NaN placeholder until then.
         self.register_buffer("act_scale", torch.full((), float("nan")) if config.method == "static" else None)
+
+    def _packs(self, device: torch.device) -> bool:
+        return device.type == "cpu" and self.config.activation_bits == 8
+
+    def _stored_codes(self) -> torch.Tensor:
+        """The codes in quantize_weight's (portable) layout."""
+        if self.codes.dim() == 2:
+            return self.codes
+        c = self.config
+        return unpack_quantized_weight(
+            self.codes, c.weight_bits, c.group_size or 0, self.in_features, self.scales.shape[0]
+        )
+
+    def _layout_for_device(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes in the layout the kernels of their device read (packed on the CPU for integer activations)."""
+        c = self.config
+        packed = codes.dim() == 4
+        if self._packs(codes.device) and not packed:
+            return pack_quantized_weight(codes, c.weight_bits, c.group_size or 0, self.in_features)
+        if not self._packs(codes.device) and packed:
+            return unpack_quantized_weight(codes, c.weight_bits, c.group_size or 0, self.in_features, self.scales.shape[0])
+        return codes
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if isinstance(getattr(self, "codes", None), torch.Tensor):
+            self.codes = self._layout_for_device(self.codes)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "codes"] = self._stored_codes() if keep_vars else self._stored_codes().detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.codes = self._stored_codes()  # compare and copy in the portable layout
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.codes = self._layout_for_device(self.codes)
 
     def get_extra_state(self):
         return {"config": self.config.to_dict(), "in_features": self.in_features}

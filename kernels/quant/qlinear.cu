@@ -110,6 +110,8 @@ at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& codes, c
                                  const std::optional<at::Tensor>& code_sums) {
   const QLinearPlan p = check_quantized_linear(x, codes, scales, zeros, bits, group_size, in_features, act_bits, bias,
                                                act_scale, code_sums);
+  TORCH_CHECK_VALUE(!p.packed, "quantized_linear: codes in pack_quantized_weight's layout are for CPU kernels; on CUDA "
+                               "pass the codes of quantize_weight (unpack_quantized_weight converts)");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out;
   const bool int8_gemm = act_bits == 8 && bits == 8 && p.groups == 1 && p.m > 16 && p.k % 8 == 0 && p.n % 8 == 0 &&

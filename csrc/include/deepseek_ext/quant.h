@@ -13,17 +13,31 @@
 // [1, 127] for vpmaddubsw, whose u8 x s8 pair sums then cannot saturate, and undoes the shift with the per-group
 // sums of the weight codes: pass them as code_sums (N, G) int32, computed once per weight, or the kernel computes
 // them on every call.
+// For the CPU's integer GEMM, pack_quantized_weight rearranges the codes once (quantized_linear takes them in either
+// layout; with stored-layout codes the CPU kernel rearranges them per call from 4 rows on): blocks of kPackN = 64
+// output columns, and per block steps of 4 bytes per column, the operand layout of the u8 x s8 multiply-add
+// instructions (vpdpbusd / vpmaddubsw):
+//   8 bits: int8 (ceil(N / 64), Kp / 4, 64, 4), byte t of step q of column c = code[64 b + c][4 q + t]
+//   4 bits: uint8 (ceil(N / 64), Kp / 8, 64, 4), byte t = code[.][8 q + t] | code[.][8 q + 4 + t] << 4
+// Columns past N are zero. The layout is the same for every instruction set.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <vector>
 
 namespace deepseek_ext {
 namespace quant {
 
 constexpr int64_t kKAlign = 32;
+constexpr int64_t kPackN = 64;
+
+// Shape of pack_quantized_weight's result for n output rows, padded k and bits.
+std::vector<int64_t> packed_shape(int64_t n, int64_t kp, int64_t bits);
 
 struct QLinearPlan {
   int64_t m, n, k, kp, group, groups, bits, act_bits;
+  bool packed;  // codes in pack_quantized_weight's layout
 };
 
 int64_t padded_k(int64_t k, int64_t group_size);
@@ -35,6 +49,9 @@ QLinearPlan check_quantized_linear(const at::Tensor& x, const at::Tensor& codes,
                                    int64_t act_bits, const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& act_scale,
                                    const std::optional<at::Tensor>& code_sums);
+at::Tensor pack_quantized_weight(const at::Tensor& codes, int64_t bits, int64_t group_size, int64_t in_features);
+at::Tensor unpack_quantized_weight(const at::Tensor& packed, int64_t bits, int64_t group_size, int64_t in_features,
+                                   int64_t out_features);
 
 }  // namespace quant
 }  // namespace deepseek_ext
