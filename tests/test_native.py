@@ -56,3 +56,46 @@ def test_failed_native_load_warns_once_and_ops_explain_why():
     assert "WARNINGS 1 RuntimeWarning deepseek_ext: the native module failed to load" in out
     assert "rebuild against it with: pip install --no-build-isolation" in out
     assert "ERROR deepseek_ext.ops.quantize_fp8 needs the native module, which failed to load" in out
+
+
+def test_cpu_isa_levels_cap_and_report():
+    caps = deepseek_ext.capabilities()
+    levels = ("scalar", "avx2", "avx512", "amx")
+    assert caps["cpu_isa_detected"] in levels and caps["cpu_isa"] == deepseek_ext.cpu_isa()
+    assert caps["cpu_model"] and isinstance(caps["cpu_features"], list)
+    assert {"fused_attention", "quantized_linear", "fp8_matmul"} <= set(caps["cpu_paths"])
+    best = levels.index(caps["cpu_isa_detected"])
+    for i, level in enumerate(levels):
+        with deepseek_ext.capped_cpu_isa(level) as now:
+            assert now == levels[min(i, best)] == deepseek_ext.cpu_isa()
+            paths = deepseek_ext.capabilities()["cpu_paths"]["fused_attention"]
+            assert all(p.startswith(("scalar", "avx2", "avx512")) for p in paths.values())
+        assert deepseek_ext.cpu_isa() == caps["cpu_isa"]  # restored
+    with deepseek_ext.capped_cpu_isa("scalar"):
+        assert "scalar" in deepseek_ext.capabilities()["cpu_paths"]["fused_attention"]["float64"]
+
+
+def test_cpu_isa_bad_names_are_value_errors():
+    import pytest
+
+    with pytest.raises(ValueError, match="expected one of 'scalar', 'avx2', 'avx512' or 'amx', but got 'sse4'"):
+        deepseek_ext.set_cpu_isa_cap("sse4")
+    with pytest.raises(TypeError, match="expected a level name or None"):
+        deepseek_ext.set_cpu_isa_cap(2)
+    assert deepseek_ext.cpu_isa() == deepseek_ext.capabilities()["cpu_isa_detected"]
+
+
+def test_cpu_isa_environment_variable():
+    script = "import deepseek_ext; print(deepseek_ext.cpu_isa())"
+    env = {**__import__("os").environ, "DEEPSEEK_EXT_CPU_ISA": "scalar"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+    env["DEEPSEEK_EXT_CPU_ISA"] = "neon"
+    bad = subprocess.run(
+        [sys.executable, "-c", "import torch, deepseek_ext; deepseek_ext.ops.quantize_fp8(torch.ones(4))"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "DEEPSEEK_EXT_CPU_ISA: expected one of 'scalar'" in bad.stderr

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "deepseek_ext/attention.h"
@@ -679,7 +680,7 @@ std::vector<std::pair<std::string, std::string>> describe_paths(Isa isa) {
       {"float32 / float16 forward and backward", fma},
       {"bfloat16 forward", bf16dp ? "avx512_bf16: bf16 dot products (vdpbf16ps), float32 softmax" : fma},
       {"bfloat16 backward", fma},
-      {"float64", isa >= Isa::kAvx512 ? "avx512: float64 FMA micro-kernel" : "float64 FMA micro-kernel"},
+      {"float64", std::string(isa_name(std::min(isa, Isa::kAvx512))) + ": float64 FMA micro-kernel"},
   };
 }
 

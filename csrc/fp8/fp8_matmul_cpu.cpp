@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -263,6 +264,20 @@ at::Tensor fp8_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   });
   return out;
 }
+
+namespace {
+
+std::vector<std::pair<std::string, std::string>> describe_paths(Isa isa) {
+  if (cpu_has(CpuFeature::kAvx512Bf16)) {
+    return {{"all scalings", "avx512_bf16: tiles decoded exactly to bf16, vdpbf16ps with float32 accumulation"}};
+  }
+  return {{"all scalings", std::string(isa_name(std::min(isa, Isa::kAvx512))) +
+                               ": tiles decoded to float32, the BLAS sgemm (at::mm)"}};
+}
+
+const DescribeCpuPaths kPaths("fp8_matmul", &describe_paths);
+
+}  // namespace
 
 }  // namespace fp8
 }  // namespace deepseek_ext

@@ -83,12 +83,14 @@ def test_empty_list_gives_zero_norm():
         ),
     ],
 )
+@pytest.mark.any_isa
 def test_bad_arguments(args, error, match):
     with pytest.raises(error, match=match):
         unscale_check_norm_(*args())
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.any_isa
 def test_opcheck(device):
     grads = [torch.randn(5, 3, device=device), torch.randn(7, device=device).half()]
     torch.library.opcheck(
@@ -97,6 +99,7 @@ def test_opcheck(device):
     )
 
 
+@pytest.mark.any_isa
 def test_torch_compile_fullgraph():
     def fn(a, b, found, inv):
         grads = [a * 2, b * 2]

@@ -108,6 +108,7 @@ def test_gradcheck_float64(causal):
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
+@pytest.mark.any_isa
 def test_double_backward_is_a_clear_error():
     q, k, v = _inputs(1, 1, 1, 4, 4, 8, torch.float64, "cpu", requires_grad=True)
     (dq,) = torch.autograd.grad(fused_attention(q, k, v).sum(), q, create_graph=True)
@@ -220,6 +221,7 @@ def test_varlen_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
+@pytest.mark.any_isa
 def test_head_dim_over_256_falls_back_to_sdpa_with_one_warning():
     import deepseek_ext.ops.attention as attn
 
@@ -337,12 +339,14 @@ def _op(*args, **kw):
         ),
     ],
 )
+@pytest.mark.any_isa
 def test_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.any_isa
 def test_opcheck(dtype):
     q, k, v = _inputs(2, 4, 2, 9, 11, 16, dtype, "cpu", requires_grad=True)
     m = torch.rand(2, 1, 9, 11) > 0.2
@@ -359,6 +363,7 @@ def test_opcheck(dtype):
     )
 
 
+@pytest.mark.any_isa
 def test_torch_compile_fullgraph_forward_and_backward():
     q, k, v = _inputs(2, 4, 2, 33, 33, 32, torch.float32, "cpu", requires_grad=True)
 
@@ -376,6 +381,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.any_isa
 def test_cuda_matches_cpu(dtype, causal):
     q, k, v = _inputs(2, 8, 2, 257, 300, 128, dtype, "cpu", requires_grad=True)
     out = fused_attention(q, k, v, is_causal=causal, enable_gqa=True)

@@ -217,6 +217,7 @@ def test_non_contiguous_input(device, granularity):
         ),
     ],
 )
+@pytest.mark.any_isa
 def test_bad_arguments_raise_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
@@ -249,6 +250,7 @@ ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "t
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.any_isa
 def test_opcheck(device):
     for op, args in opcheck_samples(device):
         fp8_input = any(isinstance(a, torch.Tensor) and a.dtype in FP8_DTYPES for a in args)
@@ -256,6 +258,7 @@ def test_opcheck(device):
         torch.library.opcheck(op, args, test_utils=checks)
 
 
+@pytest.mark.any_isa
 def test_torch_compile_fullgraph():
     def fake_quant(x):
         q, s = quantize_fp8(x, torch.float8_e4m3fn, "block", 32)

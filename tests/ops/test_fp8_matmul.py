@@ -122,12 +122,14 @@ def _fp8(*shape, dtype=torch.float8_e4m3fn):
         ),
     ],
 )
+@pytest.mark.any_isa
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.any_isa
 def test_opcheck(device):
     # test_schema compares inputs with allclose, which float8 lacks (see test_fp8.py).
     checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -140,6 +142,7 @@ def test_opcheck(device):
         )
 
 
+@pytest.mark.any_isa
 def test_torch_compile_fullgraph():
     def fp8_linear(x, w):
         xq, sx = quantize_fp8(x, torch.float8_e4m3fn, "row")

@@ -63,12 +63,14 @@ def test_clip_sum_noise(device, dtype, shape, with_noise):
         ),
     ],
 )
+@pytest.mark.any_isa
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.any_isa
 def test_opcheck(device):
     g = torch.randn(6, 4, 5, device=device)
     torch.library.opcheck(torch.ops.deepseek_ext.per_sample_sq_norms.default, (g,))
@@ -79,6 +81,7 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.deepseek_ext.clip_sum_noise.default, (g, torch.rand(6, device=device), None, 1.0))
 
 
+@pytest.mark.any_isa
 def test_torch_compile_fullgraph():
     def dp_reduce(g, c):
         f = (c / (per_sample_sq_norms(g).sqrt() + 1e-6)).clamp(max=1.0)

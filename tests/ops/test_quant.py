@@ -123,12 +123,14 @@ def test_static_scale_and_low_precision_inputs():
         ),
     ],
 )
+@pytest.mark.any_isa
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.any_isa
 def test_opcheck(device):
     w = torch.randn(24, 96, device=device)
     torch.library.opcheck(torch.ops.deepseek_ext.quantize_weight.default, (w, 4, 32, True))
@@ -150,3 +152,53 @@ def test_opcheck(device):
                 None,
             ),
         )
+
+
+@pytest.mark.parametrize("bits,group,sym", CONFIGS, ids=str)
+def test_packed_layout_round_trips_and_gives_identical_results(bits, group, sym):
+    from deepseek_ext.ops.quant import pack_quantized_weight, unpack_quantized_weight
+
+    g = torch.Generator().manual_seed(bits + group)
+    k, n = 300, 130
+    w, x = torch.randn(n, k, generator=g), torch.randn(9, k, generator=g)
+    codes, scales, zeros = quantize_weight(w, bits, group, sym)
+    packed = pack_quantized_weight(codes, bits, group, k)
+    assert packed.shape == (3, (codes.shape[1] * (8 // bits)) // (4 if bits == 8 else 8), 64, 4)
+    assert torch.equal(unpack_quantized_weight(packed, bits, group, k, n), codes)
+    for act_bits in (8, 16):
+        a = quantized_linear(x, codes, scales, zeros, bits, group, k, act_bits)
+        b = quantized_linear(x, packed, scales, zeros, bits, group, k, act_bits)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.any_isa
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (8, 128), (4, 32)], ids=str)
+def test_int8_results_are_bit_identical_across_instruction_sets_and_batch_sizes(bits, group):
+    """The integer kernels differ per CPU level and batch size (GEMV, GEMM, widened 4-bit blocks); the promise is one
+    result for a row whatever the level and whatever else is in its batch."""
+    import deepseek_ext
+    from tests.ops.conftest import LEVELS
+
+    g = torch.Generator().manual_seed(7)
+    k, n = 1000, 70
+    x, w = torch.randn(33, k, generator=g), torch.randn(n, k, generator=g)
+    codes, scales, zeros = quantize_weight(w, bits, group, True)
+    want = quantized_linear(x, codes, scales, zeros, bits, group, k, 8)
+    for level in LEVELS:
+        with deepseek_ext.capped_cpu_isa(level):
+            for rows in (1, 2, 5, 17, 33):
+                y = quantized_linear(x[:rows], codes, scales, zeros, bits, group, k, 8)
+                assert torch.equal(y, want[:rows]), (level, rows)
+
+
+def test_non_finite_inputs_propagate_as_in_float():
+    w = torch.randn(8, 64)
+    codes, scales, zeros = quantize_weight(w, 8, 0, True)
+    x = torch.randn(3, 64)
+    x[1, 5], x[2, 3] = float("nan"), float("inf")
+    y = quantized_linear(x, codes, scales, zeros, 8, 0, 64, 8)
+    deq = ref.dequantize_weight(codes, scales, zeros, 8, 0, 64)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+    torch.testing.assert_close(y[2], x[2] @ deq.t(), equal_nan=True)
+    with pytest.raises(ValueError, match="expected act_scale to be positive and finite, but got 0"):
+        quantized_linear(x, codes, scales, zeros, 8, 0, 64, 8, None, torch.tensor(0.0))
