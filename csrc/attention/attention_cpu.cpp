@@ -195,6 +195,19 @@ DSX_INLINE void finish_rows(const ForwardWork<S, T>& w, const Seq& s, int64_t b,
   }
 }
 
+// Asks for the K and V rows of the next key block [kb, kb + n) while the current one is being computed, so its
+// packing reads from cache rather than waiting on memory row by row.
+template <typename S>
+DSX_INLINE void prefetch_rows(const S* k, int64_t k_stride, const S* v, int64_t v_stride, int64_t kb, int64_t n,
+                              int64_t D, int64_t Dv) {
+  for (int64_t j = kb; j < kb + n; ++j) {
+    const char* kr = reinterpret_cast<const char*>(k + j * k_stride);
+    const char* vr = reinterpret_cast<const char*>(v + j * v_stride);
+    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(S)); b += 64) __builtin_prefetch(kr + b);
+    for (int64_t b = 0; b < Dv * static_cast<int64_t>(sizeof(S)); b += 64) __builtin_prefetch(vr + b);
+  }
+}
+
 // Query blocks [qb_begin, qb_end) of one (batch, query head). Every key block is packed once (K transposed, V
 // padded) and then meets each query block of the range, which keeps its own output tile, row maxima and sums.
 template <typename S, typename T, int VB>
@@ -241,6 +254,7 @@ DSX_INLINE void forward_item(const ForwardWork<S, T>& w, int64_t b, int64_t h, i
       load_row(vh + (kb + j) * g.v.s, Dv, T(1), vt + j * Dvp);
       std::fill(vt + j * Dvp + Dv, vt + (j + 1) * Dvp, T(0));
     }
+    if (kb + kBlockK < kend) prefetch_rows(kh, g.k.s, vh, g.v.s, kb + kBlockK, std::min(kBlockK, kend - kb - kBlockK), D, Dv);
     for (int64_t i0 = 0; i0 < rows; i0 += kBlockQ) {
       const int64_t nq = std::min(kBlockQ, rows - i0);
       const int64_t vis = visible_keys(g, s, row0 + i0 + nq - 1);
@@ -323,6 +337,7 @@ DSX_TARGET_AVX512_BF16 void forward_item_bf16(const ForwardWork<c10::BFloat16, f
       for (int64_t d = 0; d < Dv; ++d) out[d] = v0[d] | (v1 != nullptr ? uint32_t{v1[d]} << 16 : 0u);
       std::fill(out + Dv, out + Dvp, 0u);
     }
+    if (kb + kBlockK < kend) prefetch_rows(kh, g.k.s, vh, g.v.s, kb + kBlockK, std::min(kBlockK, kend - kb - kBlockK), D, Dv);
     for (int64_t i0 = 0; i0 < rows; i0 += kBlockQ) {
       const int64_t nq = std::min(kBlockQ, rows - i0);
       if (visible_keys(g, s, row0 + i0 + nq - 1) <= kb) continue;  // causal: every key is in the future
@@ -494,6 +509,10 @@ DSX_INLINE void backward_item(const BackwardWork<S, T>& w, int64_t b, int64_t hk
     }
     for (int64_t d = 0; d < D; ++d) std::fill(kt + d * nkp + nk, kt + (d + 1) * nkp, T(0));
     for (int64_t d = 0; d < Dv; ++d) std::fill(vtt + d * nkp + nk, vtt + (d + 1) * nkp, T(0));
+    if (kb + kBlockK < nk_all) {
+      prefetch_rows(w.k + b * g.k.b + hk * g.k.h + s.k0 * g.k.s, g.k.s, w.v + b * g.v.b + hk * g.v.h + s.k0 * g.v.s,
+                    g.v.s, kb + kBlockK, std::min(kBlockK, nk_all - kb - kBlockK), D, Dv);
+    }
     // First query that sees this key block (causal): key kb is visible from row kb - causal_off on.
     const int64_t ifirst = g.causal ? std::clamp<int64_t>(kb - s.causal_off, 0, nq_all) : 0;
     for (int64_t gi = 0; gi < G; ++gi) {

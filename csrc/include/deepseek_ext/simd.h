@@ -67,18 +67,21 @@ DSX_INLINE V vmax(V a, V b) {
   return a > b ? a : b;
 }
 
-// 2^t for float lanes, with arguments below -125 (and -inf) giving exactly 0. k = round(t), f = t - k in
-// [-1/2, 1/2]; 2^f by a degree-6 polynomial (relative error < 2e-7), 2^k added to the exponent bits.
+// 2^t for float lanes, with arguments below -125 (and -inf) giving exactly 0. k = round(t) (to nearest even, by
+// adding and subtracting 1.5 * 2^23, whose bits then also hold k), f = t - k in [-1/2, 1/2]; 2^f by a degree-6
+// polynomial (relative error < 2e-7), 2^k added to the exponent bits.
 template <int Bytes>
 DSX_INLINE Vec<float, Bytes> exp2(Vec<float, Bytes> t) {
   using VF = Vec<float, Bytes>;
   using VI = Vec<int32_t, Bytes>;
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   const VI dead = t < -125.0f;
   t = dead ? VF{} - 125.0f : t;
-  const VF th = t + 0.5f;
-  VI k = __builtin_convertvector(th, VI);
-  k += (__builtin_convertvector(k, VF) > th);  // truncation rounded a negative value up: subtract one
-  const VF f = t - __builtin_convertvector(k, VF);
+  const VF shifted = t + kMagic;
+  VI k;
+  std::memcpy(&k, &shifted, sizeof(k));
+  k -= 0x4B400000;  // the bits of kMagic: what remains is round(t)
+  const VF f = t - (shifted - kMagic);
   VF p = f * 1.5403530393381606e-4f + 1.3333558146428443e-3f;
   p = p * f + 9.6181291076284772e-3f;
   p = p * f + 5.5504108664821580e-2f;
