@@ -15,6 +15,7 @@
 // instantiated per instruction-set level (cpu.h) and the level is chosen on every call. bfloat16 forwards use
 // AVX512-BF16 dot products where the CPU has them.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -607,10 +608,6 @@ BackwardItem<S, T> backward_kernel() {
   return &backward_baseline<S, T>;
 }
 
-Strides strides_of(const at::Tensor& t, bool varlen) {
-  return varlen ? Strides{0, t.stride(1), t.stride(0)} : Strides{t.stride(0), t.stride(1), t.stride(2)};
-}
-
 template <typename S, typename T>
 void backward_all(const Geometry& g, bool varlen, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
@@ -636,13 +633,6 @@ void backward_all(const Geometry& g, bool varlen, const at::Tensor& dout, const 
   });
 }
 
-#define DSX_DISPATCH_ATTENTION(TYPE, NAME, ...)                                                             \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                                 \
-                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-template <typename S>
-using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 // The backend the shared entry points (Entry<CpuBackend> in attention.h) run.
 struct CpuBackend {
@@ -663,8 +653,8 @@ std::tuple<at::Tensor, at::Tensor> CpuBackend::forward(const Geometry& g, bool v
     lse.fill_(std::numeric_limits<double>::infinity());
     return {out, lse};
   }
-  DSX_DISPATCH_ATTENTION(q.scalar_type(), "fused_attention_cpu", [&] {
-    forward_all<scalar_t, compute_t<scalar_t>>(g, q, k, v, out, lse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attention_cpu", [&] {
+    forward_all<scalar_t, at::opmath_type<scalar_t>>(g, q, k, v, out, lse);
   });
   return {out, lse};
 }
@@ -683,8 +673,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuBackend::backward(const Geomet
   Geometry gg = g;
   gg.o = strides_of(o, varlen);
   gg.lse = varlen ? Strides{0, l.stride(0), l.stride(1)} : Strides{l.stride(0), l.stride(1), l.stride(2)};
-  DSX_DISPATCH_ATTENTION(q.scalar_type(), "fused_attention_backward_cpu", [&] {
-    backward_all<scalar_t, compute_t<scalar_t>>(gg, varlen, d_out, q, k, v, o, l, dq, dk, dv);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attention_backward_cpu", [&] {
+    backward_all<scalar_t, at::opmath_type<scalar_t>>(gg, varlen, d_out, q, k, v, o, l, dq, dk, dv);
   });
   return {dq, dk, dv};
 }

@@ -1,6 +1,7 @@
 // CPU kernels of the DP-SGD ops. Both read the per-sample gradients exactly once; accumulation is in float (double
 // for double inputs), vectorised with `omp simd` and split over threads by sample and column blocks.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -15,17 +16,10 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 14;
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-#define DSX_DISPATCH_DP_TYPES(TYPE, NAME, ...)                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 template <typename T>
-acc_t<T> sum_squares(const T* x, int64_t len) {
-  using A = acc_t<T>;
+at::opmath_type<T> sum_squares(const T* x, int64_t len) {
+  using A = at::opmath_type<T>;
   A s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < len; ++j) {
@@ -36,9 +30,9 @@ acc_t<T> sum_squares(const T* x, int64_t len) {
 }
 
 template <typename T>
-void add_scaled(acc_t<T>* acc, const T* x, acc_t<T> factor, int64_t len) {
+void add_scaled(at::opmath_type<T>* acc, const T* x, at::opmath_type<T> factor, int64_t len) {
 #pragma omp simd
-  for (int64_t j = 0; j < len; ++j) acc[j] += factor * static_cast<acc_t<T>>(x[j]);
+  for (int64_t j = 0; j < len; ++j) acc[j] += factor * static_cast<at::opmath_type<T>>(x[j]);
 }
 
 }  // namespace
@@ -52,8 +46,8 @@ at::Tensor per_sample_sq_norms_cpu(const at::Tensor& grads) {
   at::Tensor out = at::zeros({n}, grads.options().dtype(out_type));
   if (n == 0 || d == 0) return out;
   const int64_t chunks = (d + kChunk - 1) / kChunk;
-  DSX_DISPATCH_DP_TYPES(g.scalar_type(), "per_sample_sq_norms_cpu", [&] {
-    using A = acc_t<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "per_sample_sq_norms_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
     std::vector<A> partial(static_cast<size_t>(n * chunks));
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -82,8 +76,8 @@ at::Tensor clip_sum_noise_cpu(const at::Tensor& grads, const at::Tensor& factors
   const int64_t d = out.numel();
   if (d == 0) return out;
   const at::Tensor z = noise.has_value() ? noise->contiguous().to(at::kFloat) : at::Tensor();
-  DSX_DISPATCH_DP_TYPES(g.scalar_type(), "clip_sum_noise_cpu", [&] {
-    using A = acc_t<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "clip_sum_noise_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const float* fp = f.const_data_ptr<float>();
     const float* zp = z.defined() ? z.const_data_ptr<float>() : nullptr;

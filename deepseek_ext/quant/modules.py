@@ -58,7 +58,8 @@ class _QuantizedWeight(nn.Module):
         if self._packs(codes.device) and not packed:
             return pack_quantized_weight(codes, c.weight_bits, c.group_size or 0, self.in_features)
         if not self._packs(codes.device) and packed:
-            return unpack_quantized_weight(codes, c.weight_bits, c.group_size or 0, self.in_features, self.scales.shape[0])
+            n = self.scales.shape[0]
+            return unpack_quantized_weight(codes, c.weight_bits, c.group_size or 0, self.in_features, n)
         return codes
 
     def _apply(self, fn, *args, **kwargs):

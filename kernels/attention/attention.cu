@@ -10,6 +10,7 @@
 // of its group and one warp per query row accumulates dQ over the keys, both recomputing P from the saved
 // log-sum-exp and regenerating the dropout mask from the Philox seed (no atomics: deterministic).
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,8 +30,6 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kMaxPerLane = kMaxHeadDim / kWarp;  // head-dim elements a lane holds in the warp-per-row kernels
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 __host__ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -57,7 +56,7 @@ __device__ __forceinline__ A masked_score(const Geometry& g, const DevSeq& s, in
     if (g.mask_is_bool) {
       if (!static_cast<const bool*>(g.mask)[o]) return -std::numeric_limits<A>::infinity();
     } else {
-      x += static_cast<A>(static_cast<const acc_t<A>*>(g.mask)[o]);
+      x += static_cast<A>(static_cast<const at::opmath_type<A>*>(g.mask)[o]);
     }
   }
   return x;
@@ -97,9 +96,9 @@ __device__ __forceinline__ A warp_sum(A x) {
 // Forward, one warp per query row (float32 / float64, and any dtype as the general path).
 template <typename T>
 __global__ void forward_rows_kernel(Geometry g, const T* __restrict__ q, const T* __restrict__ k,
-                                    const T* __restrict__ v, T* __restrict__ o, acc_t<T>* __restrict__ lse,
+                                    const T* __restrict__ v, T* __restrict__ o, at::opmath_type<T>* __restrict__ lse,
                                     uint32_t threshold) {
-  using A = acc_t<T>;
+  using A = at::opmath_type<T>;
   const WarpRow w = warp_row(g);
   const int lane = w.lane;
   const int64_t row = w.row, b = w.b, h = w.h;
@@ -348,8 +347,8 @@ __global__ void __launch_bounds__(kTcWarps * kWarp)
 // Backward.
 template <typename T>
 __global__ void delta_kernel(Geometry g, const T* __restrict__ o, const T* __restrict__ dout, Strides ds,
-                             acc_t<T>* __restrict__ delta) {
-  using A = acc_t<T>;
+                             at::opmath_type<T>* __restrict__ delta) {
+  using A = at::opmath_type<T>;
   const WarpRow w = warp_row(g);
   const int lane = w.lane;
   const int64_t row = w.row, b = w.b, h = w.h;
@@ -384,10 +383,10 @@ __device__ __forceinline__ PairGrad<A> pair_grad(const Geometry& g, const DevSeq
 
 template <typename T>
 __global__ void dkdv_kernel(Geometry g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                            const T* __restrict__ dout, Strides ds, const acc_t<T>* __restrict__ lse,
-                            const acc_t<T>* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, Strides dks,
+                            const T* __restrict__ dout, Strides ds, const at::opmath_type<T>* __restrict__ lse,
+                            const at::opmath_type<T>* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, Strides dks,
                             Strides dvs, uint32_t threshold) {
-  using A = acc_t<T>;
+  using A = at::opmath_type<T>;
   const WarpRow w = warp_row(g);
   const int lane = w.lane;
   const int64_t j = w.row, b = w.b, hk = w.h;
@@ -440,9 +439,9 @@ __global__ void dkdv_kernel(Geometry g, const T* __restrict__ q, const T* __rest
 
 template <typename T>
 __global__ void dq_kernel(Geometry g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                          const T* __restrict__ dout, Strides ds, const acc_t<T>* __restrict__ lse,
-                          const acc_t<T>* __restrict__ delta, T* __restrict__ dq, Strides dqs, uint32_t threshold) {
-  using A = acc_t<T>;
+                          const T* __restrict__ dout, Strides ds, const at::opmath_type<T>* __restrict__ lse,
+                          const at::opmath_type<T>* __restrict__ delta, T* __restrict__ dq, Strides dqs, uint32_t threshold) {
+  using A = at::opmath_type<T>;
   const WarpRow w = warp_row(g);
   const int lane = w.lane;
   const int64_t i = w.row, b = w.b, h = w.h;
@@ -487,16 +486,7 @@ __global__ void dq_kernel(Geometry g, const T* __restrict__ q, const T* __restri
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host side.
-#define DSX_DISPATCH_ATTENTION_CUDA(TYPE, NAME, ...)                                                        \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                                 \
-                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 constexpr int kRowWarps = 4;  // warps per block in the warp-per-row kernels
-
-Strides strides_of(const at::Tensor& t, bool varlen) {
-  return varlen ? Strides{0, t.stride(1), t.stride(0)} : Strides{t.stride(0), t.stride(1), t.stride(2)};
-}
 
 // Device copies of the varlen offsets (the geometry's pointers are host memory after the checks).
 struct DeviceOffsets {
@@ -561,10 +551,10 @@ std::tuple<at::Tensor, at::Tensor> CudaBackend::forward(Geometry g, bool varlen,
     }));
   } else {
     const dim3 grid((g.seq_q + kRowWarps - 1) / kRowWarps, g.heads_q, g.batch);
-    DSX_DISPATCH_ATTENTION_CUDA(q.scalar_type(), "fused_attention_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attention_cuda", [&] {
       forward_rows_kernel<scalar_t><<<grid, kRowWarps * kWarp, 0, stream>>>(
           g, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t<scalar_t>>(), threshold);
+          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<at::opmath_type<scalar_t>>(), threshold);
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -592,8 +582,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> CudaBackend::backward(Geometry g,
   const dim3 block(kRowWarps * kWarp);
   const dim3 grid_q((imax(g.seq_q, 1) + kRowWarps - 1) / kRowWarps, g.heads_q, g.batch);
   const dim3 grid_k((imax(g.seq_k, 1) + kRowWarps - 1) / kRowWarps, g.heads_kv, g.batch);
-  DSX_DISPATCH_ATTENTION_CUDA(q.scalar_type(), "fused_attention_backward_cuda", [&] {
-    using A = acc_t<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attention_backward_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
     delta_kernel<scalar_t><<<grid_q, block, 0, stream>>>(g, o.const_data_ptr<scalar_t>(),
                                                          dout.const_data_ptr<scalar_t>(), ds, delta.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

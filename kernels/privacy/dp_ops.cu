@@ -2,6 +2,7 @@
 // its slice and adding it to the sample's total. clip_sum_noise: one thread per gradient element, walking the
 // samples; consecutive threads read consecutive addresses of each sample's row.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,12 +17,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 1 << 14;
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename T>
-__global__ void sq_norm_kernel(const T* __restrict__ g, int64_t d, acc_t<T>* __restrict__ out) {
-  using A = acc_t<T>;
+__global__ void sq_norm_kernel(const T* __restrict__ g, int64_t d, at::opmath_type<T>* __restrict__ out) {
+  using A = at::opmath_type<T>;
   __shared__ A partial[kThreads / 32];
   const int64_t i = blockIdx.y;
   const int64_t c0 = blockIdx.x * kChunk;
@@ -44,7 +43,7 @@ __global__ void sq_norm_kernel(const T* __restrict__ g, int64_t d, acc_t<T>* __r
 template <typename T>
 __global__ void clip_sum_kernel(const T* __restrict__ g, const float* __restrict__ f, const float* __restrict__ z,
                                 int64_t n, int64_t d, float scale, T* __restrict__ out) {
-  using A = acc_t<T>;
+  using A = at::opmath_type<T>;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     A acc = z ? static_cast<A>(z[j]) : A(0);
@@ -52,11 +51,6 @@ __global__ void clip_sum_kernel(const T* __restrict__ g, const float* __restrict
     out[j] = static_cast<T>(acc * static_cast<A>(scale));
   }
 }
-
-#define DSX_DISPATCH_DP_TYPES(TYPE, NAME, ...)                                                    \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                        \
-                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 }  // namespace
 
@@ -71,9 +65,9 @@ at::Tensor per_sample_sq_norms_cuda(const at::Tensor& grads) {
   if (n == 0 || d == 0) return out;
   TORCH_CHECK(n < 65536, "per_sample_sq_norms: at most 65535 samples per call on CUDA, got ", n);
   const dim3 grid(static_cast<unsigned>((d + kChunk - 1) / kChunk), static_cast<unsigned>(n));
-  DSX_DISPATCH_DP_TYPES(g.scalar_type(), "per_sample_sq_norms_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "per_sample_sq_norms_cuda", [&] {
     sq_norm_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.const_data_ptr<scalar_t>(), d, out.data_ptr<acc_t<scalar_t>>());
+        g.const_data_ptr<scalar_t>(), d, out.data_ptr<at::opmath_type<scalar_t>>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -90,7 +84,7 @@ at::Tensor clip_sum_noise_cuda(const at::Tensor& grads, const at::Tensor& factor
   if (d == 0) return out;
   const at::Tensor z = noise.has_value() ? noise->contiguous().to(at::kFloat) : at::Tensor();
   const int64_t blocks = std::min<int64_t>((d + kThreads - 1) / kThreads, 65535);
-  DSX_DISPATCH_DP_TYPES(g.scalar_type(), "clip_sum_noise_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "clip_sum_noise_cuda", [&] {
     clip_sum_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         g.const_data_ptr<scalar_t>(), f.const_data_ptr<float>(), z.defined() ? z.const_data_ptr<float>() : nullptr,
         grads.size(0), d, static_cast<float>(scale), out.data_ptr<scalar_t>());

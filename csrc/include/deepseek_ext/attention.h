@@ -17,6 +17,7 @@
 #include <optional>
 #include <tuple>
 
+#include "deepseek_ext/host_device.h"
 #include "deepseek_ext/philox.h"
 
 namespace deepseek_ext {
@@ -28,6 +29,11 @@ constexpr int64_t kMaxHeadDim = 256;
 struct Strides {
   int64_t b = 0, h = 0, s = 0;
 };
+
+// The strides of a (B, H, S, D) tensor, or of a varlen (T, H, D) one.
+inline Strides strides_of(const at::Tensor& t, bool varlen) {
+  return varlen ? Strides{0, t.stride(1), t.stride(0)} : Strides{t.stride(0), t.stride(1), t.stride(2)};
+}
 
 struct Geometry {
   int64_t batch = 0, heads_q = 0, heads_kv = 0, head_dim = 0, head_dim_v = 0;
@@ -135,13 +141,7 @@ struct Entry {
   m.impl("fused_attention_varlen_bwd", &deepseek_ext::attention::Entry<Backend>::varlen_bwd)
 
 // 32 random bits for score (b, h, i, j) of a call: one Philox block covers four neighbouring keys of a row.
-#if defined(__CUDACC__)
-__host__ __device__ __forceinline__
-#else
-inline
-#endif
-    uint32_t
-    dropout_bits(uint64_t seed, int64_t b, int64_t heads, int64_t h, int64_t i, int64_t j, int64_t seq_k) {
+DSX_HOST_DEVICE uint32_t dropout_bits(uint64_t seed, int64_t b, int64_t heads, int64_t h, int64_t i, int64_t j, int64_t seq_k) {
   const uint64_t stream = static_cast<uint64_t>(b * heads + h);
   const uint64_t position = static_cast<uint64_t>(i * ((seq_k + 3) / 4) + (j >> 2));
   return rng::philox(seed, stream, position).v[j & 3];

@@ -14,11 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define DSX_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define DSX_HOST_DEVICE inline
-#endif
+#include "deepseek_ext/host_device.h"
 
 namespace deepseek_ext {
 namespace fp8 {

@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define DSX_RNG_HD __host__ __device__ __forceinline__
-#else
-#define DSX_RNG_HD inline
-#endif
+#include "deepseek_ext/host_device.h"
 
 namespace deepseek_ext {
 namespace rng {
@@ -18,14 +14,14 @@ struct Philox4x32Out {
   uint32_t v[4];
 };
 
-DSX_RNG_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
+DSX_HOST_DEVICE void mulhilo32(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
   const uint64_t p = static_cast<uint64_t>(a) * b;
   *hi = static_cast<uint32_t>(p >> 32);
   *lo = static_cast<uint32_t>(p);
 }
 
 // Ten rounds of Philox4x32 on counter (c0..c3) with key (k0, k1).
-DSX_RNG_HD Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+DSX_HOST_DEVICE Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                        uint32_t k1) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // multipliers
   constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // Weyl key increments
@@ -47,14 +43,14 @@ DSX_RNG_HD Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, ui
 }
 
 // Convenience: 64-bit seed as the key, a 64-bit position and a 64-bit stream id as the counter.
-DSX_RNG_HD Philox4x32Out philox(uint64_t seed, uint64_t stream, uint64_t position) {
+DSX_HOST_DEVICE Philox4x32Out philox(uint64_t seed, uint64_t stream, uint64_t position) {
   return philox4x32_10(static_cast<uint32_t>(position), static_cast<uint32_t>(position >> 32),
                        static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32),
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 // Uniform integer in [0, n) from 64 random bits (multiply-shift; bias below n / 2^64).
-DSX_RNG_HD uint64_t uniform_below(uint64_t bits, uint64_t n) {
+DSX_HOST_DEVICE uint64_t uniform_below(uint64_t bits, uint64_t n) {
   return static_cast<uint64_t>((static_cast<unsigned __int128>(bits) * n) >> 64);
 }
 
