@@ -156,7 +156,7 @@ int64_t BatchPolicy::target(double now) const {
   if (cfg_.latency_slo_s > 0) {
     // The largest size at least as large as b0 whose predicted latency meets the SLO (b0 itself if none does).
     for (int64_t b = max; b > b0; --b) {
-      if (predicted_latency(b, rate) <= cfg_.latency_slo_s) {
+      if (predicted_latency(b, rate) <= kSloHeadroom * cfg_.latency_slo_s) {
         b0 = b;
         break;
       }
@@ -171,7 +171,7 @@ int64_t BatchPolicy::take(int64_t available, double oldest_age, double now) cons
     // Backlog under an SLO: no more than what can still finish in time, but never below the target (the smallest
     // batch that keeps up with arrivals).
     int64_t cap = 1;
-    const double budget = cfg_.latency_slo_s - oldest_age;
+    const double budget = kSloHeadroom * cfg_.latency_slo_s - oldest_age;
     for (int64_t b = cfg_.max_batch_size; b >= 1; --b) {
       if (service_time(b) <= budget) {
         cap = b;

@@ -12,7 +12,7 @@
 // size b with rate * L(b) / workers <= b, i.e. the batch that arrives while one batch is served. L(b) is a moving
 // estimate per batch size, interpolated for sizes not measured yet. With a latency SLO the target is the largest
 // size whose predicted queueing (99th percentile of Poisson arrivals, at most max_delay) plus service time fits in
-// the SLO. The fixed policy (Ray Serve's @serve.batch, TorchServe) always waits for max_batch_size or max_delay.
+// 85% of the SLO. The fixed policy (Ray Serve's @serve.batch, TorchServe) always waits for max_batch_size or max_delay.
 //
 // Standalone C++ (no torch), tested with GoogleTest in tests/cpp/test_batch_queue.cpp; bound to Python as
 // torch.classes.deepseek_ext.BatchQueue in batcher_binding.cpp.
@@ -92,6 +92,8 @@ class BatchPolicy {
 
   static constexpr double kRateTau = 0.25;      // seconds
   static constexpr double kLatencyAlpha = 0.25;  // weight of a new sample in the per-size average
+  // Plans use this share of the SLO: the rest absorbs scheduling noise and error in the estimates.
+  static constexpr double kSloHeadroom = 0.85;
 
  private:
   int64_t round_to_preferred(int64_t size) const;

@@ -376,9 +376,7 @@ class DynamicBatcher:
             entry = self._pending.pop(rid, None)
             if entry is not None and entry[1].set_running_or_notify_cancel():
                 entry[1].set_exception(
-                    BatcherClosed(
-                        f"DynamicBatcher {self.name!r} was closed with drain=False before this request ran"
-                    )
+                    BatcherClosed(f"DynamicBatcher {self.name!r} was closed with drain=False before this request ran")
                 )
         _LIVE.discard(self)
         current = threading.current_thread()

@@ -81,7 +81,8 @@ class ServedModel:
             except (TypeError, ValueError, KeyError, IndexError) as e:
                 raise ValueError(f"invalid inputs: {e}") from e
         if isinstance(value, (str, bytes, dict)) or value is None:
-            raise ValueError(f"invalid inputs: expected a number or a nested list of numbers, got {type(value).__name__}")
+            kind = type(value).__name__
+            raise ValueError(f"invalid inputs: expected a number or a nested list of numbers, got {kind}")
         try:
             x = torch.tensor(value, dtype=self.input_dtype)
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:

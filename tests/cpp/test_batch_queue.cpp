@@ -119,12 +119,13 @@ TEST(BatchPolicy, SloPicksTheLargestBatchThatFits) {
   arrive(p, 1000, 2.0, 2.0);
   const int64_t t = p.target(2.0);
   const double rate = p.arrival_rate(2.0);
-  EXPECT_LE(p.predicted_latency(t, rate), 0.030);
-  EXPECT_GT(p.predicted_latency(t + 1, rate), 0.030);
+  const double budget = BatchPolicy::kSloHeadroom * 0.030;
+  EXPECT_LE(p.predicted_latency(t, rate), budget);
+  EXPECT_GT(p.predicted_latency(t + 1, rate), budget);
   EXPECT_GT(t, 4);  // larger than the no-SLO target (3 or 4)
-  // A backlog whose oldest request already waited 19.9 ms: no batch that cannot finish in the 10.1 ms left,
-  // unless the target itself is larger.
-  const int64_t k = p.take(64, 0.0199, 2.0);
+  // A backlog whose oldest request already waited long enough to leave 10.1 ms: no batch that cannot finish in
+  // it, unless the target itself is larger.
+  const int64_t k = p.take(64, budget - 0.0101, 2.0);
   EXPECT_EQ(k, std::max<int64_t>(t, 32));  // L(32) = 10 ms
 }
 
