@@ -97,19 +97,25 @@ async def _load(
         nonlocal opened
         body = make_body(i)
         async with slots:
-            conn = idle.pop() if idle else None
-            try:
-                if conn is None:
-                    opened += 1
-                    conn = _Connection(*await asyncio.open_connection(host, port))
-                status, _ = await conn.post(head, body)
-                idle.append(conn)
-            except _Closed as e:
-                status = e.status
-            except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
-                status = 0  # transport failure
-                if conn is not None:
-                    conn.writer.close()
+            status = 0  # a transport failure unless a response comes
+            for _attempt in range(2):
+                reused = bool(idle)
+                conn = idle.pop() if reused else None
+                try:
+                    if conn is None:
+                        opened += 1
+                        conn = _Connection(*await asyncio.open_connection(host, port))
+                    status, _ = await conn.post(head, body)
+                    idle.append(conn)
+                    break
+                except _Closed as e:
+                    status = e.status
+                    break
+                except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    if conn is not None:
+                        conn.writer.close()
+                    if not reused:  # a pooled connection the server had closed (keep-alive timeout): retry once
+                        break
         now = time.perf_counter()
         statuses[status] += 1
         if status == 200:

@@ -405,7 +405,9 @@ class DynamicBatcher:
             ``compute_ms`` (per batch: collate + ``fn`` + split) and ``latency_ms`` (per request, queue to result),
             each ``{'p50', 'p90', 'p99', 'mean', 'max', 'sum', 'count'}``, the current ``target_batch_size`` and
             ``arrival_rate`` (requests/s), and ``compute_estimate_ms`` (the policy's ``{size: ms}`` model).
-            Percentiles come from log-scale histograms (within about 2%).
+            Percentiles come from log-scale histograms (within about 2%). A batch's compute time, its requests'
+            latencies and ``in_flight`` are booked when its worker comes back for the next batch, right after
+            completing the futures.
 
         Example:
             >>> import torch

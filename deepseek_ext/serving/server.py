@@ -115,6 +115,9 @@ class ModelServer:
         if name not in self.models:
             return self._error(name, 404, f"unknown model {name!r}; available: {sorted(self.models)}")
         model, batcher = self.models[name], self.batchers[name]
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # before reading it
+            return self._error(name, 413, f"request body of {declared} bytes exceeds {MAX_BODY_BYTES}")
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return self._error(name, 413, f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")

@@ -309,6 +309,9 @@ def test_stats():
     with DynamicBatcher(lambda x: x, max_batch_size=8) as b:
         for f in [b.submit(torch.zeros(2)) for _ in range(50)]:
             f.result()
+        deadline = time.time() + 5
+        while b.stats()["in_flight"] and time.time() < deadline:  # the worker books a batch when it returns
+            time.sleep(0.001)
         s = b.stats()
     assert s["requests"] == 50 and s["rejected"] == s["timed_out"] == s["failed"] == 0
     assert sum(n for n in s["batch_sizes"].values()) == s["batches"]

@@ -128,7 +128,13 @@ def test_bad_requests_get_a_4xx_with_a_message(live, body, status, message):
         assert re.search(message, r.json()["error"]), r.json()
 
 
-def test_other_client_errors(live):
+def test_other_client_errors(live, monkeypatch):
+    import deepseek_ext.serving.server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_BODY_BYTES", 100)
+    r = live.client.post("/predict/affine", json={"inputs": [1.0] * 100})
+    assert r.status_code == 413 and "exceeds 100" in r.json()["error"]
+    monkeypatch.undo()
     r = live.client.post("/predict/nope", json={"inputs": 1})
     assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
     assert live.client.get("/predict").status_code == 405
