@@ -98,8 +98,8 @@ async def _load(
         body = make_body(i)
         async with slots:
             status = 0  # a transport failure unless a response comes
-            for _attempt in range(2):
-                reused = bool(idle)
+            for attempt in range(2):
+                reused = bool(idle) and attempt == 0  # a retry always opens a fresh connection
                 conn = idle.pop() if reused else None
                 try:
                     if conn is None:

@@ -132,6 +132,13 @@ double BatchPolicy::predicted_latency(int64_t size, double rate) const {
   return std::min(fill, cfg_.max_delay_s) + service;
 }
 
+double BatchPolicy::max_wait(int64_t size) const {
+  if (cfg_.policy != Policy::kAdaptive || cfg_.latency_slo_s <= 0) return cfg_.max_delay_s;
+  const double service = service_time(std::min(size, cfg_.max_batch_size));
+  if (service < 0) return cfg_.max_delay_s;
+  return std::min(cfg_.max_delay_s, std::max(0.0, kSloHeadroom * cfg_.latency_slo_s - service));
+}
+
 int64_t BatchPolicy::round_to_preferred(int64_t size) const {
   const auto& p = cfg_.preferred_sizes;
   if (p.empty()) return size;
@@ -145,10 +152,11 @@ int64_t BatchPolicy::target(double now) const {
   if (measured_.empty()) return round_to_preferred(1);
   const double rate = arrival_rate(now);
   const double per_worker = rate / static_cast<double>(cfg_.num_workers);
-  // The batch that arrives while one is served: smallest b with per_worker * L(b) <= b (max if none: overload).
+  // The smallest batch that keeps up with arrivals with headroom: per_worker * L(b) <= kUtilization * b, i.e. what
+  // arrives while one batch is served, plus a margin for bursts (max if none: overload).
   int64_t b0 = max;
   for (int64_t b = 1; b <= max; ++b) {
-    if (per_worker * service_time(b) <= static_cast<double>(b)) {
+    if (per_worker * service_time(b) <= kUtilization * static_cast<double>(b)) {
       b0 = b;
       break;
     }
@@ -165,7 +173,7 @@ int64_t BatchPolicy::target(double now) const {
   return round_to_preferred(b0);
 }
 
-int64_t BatchPolicy::take(int64_t available, double oldest_age, double now) const {
+int64_t BatchPolicy::take(int64_t available, double oldest_age, int64_t target) const {
   int64_t n = std::min(available, cfg_.max_batch_size);
   if (cfg_.policy == Policy::kAdaptive && cfg_.latency_slo_s > 0 && !measured_.empty()) {
     // Backlog under an SLO: no more than what can still finish in time, but never below the target (the smallest
@@ -178,7 +186,7 @@ int64_t BatchPolicy::take(int64_t available, double oldest_age, double now) cons
         break;
       }
     }
-    n = std::min(n, std::max(cap, target(now)));
+    n = std::min(n, std::max(cap, target));
   }
   const auto& p = cfg_.preferred_sizes;
   auto it = std::upper_bound(p.begin(), p.end(), n);
@@ -232,12 +240,20 @@ PushStatus BatchQueue::push(int64_t id, int64_t group, double timeout_s) {
     if (waiting_ > 0) {
       // Wake a worker only when this request changes what it waits for: a batch became due by size, or a wake-up
       // (this group's max_delay, this request's deadline) is now earlier than the one it planned.
-      notify = t + cfg_.max_delay_s < planned_wake_ || deadline < planned_wake_ ||
-               static_cast<int64_t>(q.size()) >= policy_.target(t);
+      const double due = q.front().enqueued + policy_.max_wait(static_cast<int64_t>(q.size()));
+      notify = due < planned_wake_ || deadline < planned_wake_ || static_cast<int64_t>(q.size()) >= target_locked(t);
     }
   }
   if (notify) cv_.notify_one();
   return PushStatus::kOk;
+}
+
+int64_t BatchQueue::target_locked(double now) {
+  if (target_at_ < 0 || now - target_at_ >= kTargetRefresh || now < target_at_) {
+    target_ = policy_.target(now);
+    target_at_ = now;
+  }
+  return target_;
 }
 
 void BatchQueue::finish_in_flight_locked(int64_t worker, double now, double service_s) {
@@ -245,7 +261,10 @@ void BatchQueue::finish_in_flight_locked(int64_t worker, double now, double serv
   if (!f.active) return;
   const int64_t size = static_cast<int64_t>(f.enqueued.size());
   stats_.service.add(service_s >= 0 ? service_s : now - f.dispatched);
-  if (service_s >= 0) policy_.record(size, service_s);
+  if (service_s >= 0) {
+    policy_.record(size, service_s);
+    target_at_ = -1.0;  // a new measurement: recompute the target
+  }
   for (double e : f.enqueued) stats_.latency.add(now - e);
   stats_.in_flight -= size;
   f.active = false;
@@ -279,13 +298,14 @@ int64_t BatchQueue::due_group_locked(double now, int64_t target, double& wake_at
   for (const auto& [group, q] : groups_) {
     const double oldest = q.front().enqueued;
     const double age = now - oldest;
-    if (closed_ || static_cast<int64_t>(q.size()) >= target || age >= cfg_.max_delay_s) {
+    const double wait = policy_.max_wait(static_cast<int64_t>(q.size()));
+    if (closed_ || static_cast<int64_t>(q.size()) >= target || age >= wait) {
       if (age > best_age) {
         best = group;
         best_age = age;
       }
     } else {
-      wake_at = std::min(wake_at, oldest + cfg_.max_delay_s);
+      wake_at = std::min(wake_at, oldest + wait);
     }
   }
   return best;
@@ -303,13 +323,13 @@ Batch BatchQueue::next_batch(int64_t worker, double timeout_s, double service_s)
   for (;;) {
     t = now();
     if (t >= next_deadline_) expire_locked(t, b.expired);
-    const int64_t target = policy_.target(t);
+    const int64_t target = target_locked(t);
     stats_.target = target;
     double wake = end;
     const int64_t g = due_group_locked(t, target, wake);
     if (g >= 0) {
       auto& q = groups_[g];
-      const int64_t k = policy_.take(static_cast<int64_t>(q.size()), t - q.front().enqueued, t);
+      const int64_t k = policy_.take(static_cast<int64_t>(q.size()), t - q.front().enqueued, target);
       InFlight& f = in_flight_[worker];
       f.enqueued.clear();
       b.ids.reserve(k);

@@ -6,11 +6,12 @@
 //   - a group holds at least the current target size, or
 //   - the oldest request of a group has waited max_delay, or
 //   - the queue is closed with drain (everything left goes out at once).
-// Requests whose deadline has passed are returned separately (to fail with a timeout), never in a batch.
+// With a latency SLO, a batch also goes out once waiting longer would leave too little time to serve it within
+// the SLO. Requests whose deadline has passed are returned separately (to fail with a timeout), never in a batch.
 //
 // The target size (BatchPolicy) follows the arrival rate times the measured service time per batch: the smallest
-// size b with rate * L(b) / workers <= b, i.e. the batch that arrives while one batch is served. L(b) is a moving
-// estimate per batch size, interpolated for sizes not measured yet. With a latency SLO the target is the largest
+// size b with rate * L(b) / workers <= 0.8 b, i.e. the batch that arrives while one batch is served, with 20%
+// headroom for bursts. L(b) is a moving estimate per batch size, interpolated for sizes not measured yet. With a latency SLO the target is the largest
 // size whose predicted queueing (99th percentile of Poisson arrivals, at most max_delay) plus service time fits in
 // 85% of the SLO. The fixed policy (Ray Serve's @serve.batch, TorchServe) always waits for max_batch_size or max_delay.
 //
@@ -83,15 +84,22 @@ class BatchPolicy {
   // The size a batch waits for (until max_delay): see the file comment. Rounded up to a preferred size.
   int64_t target(double now) const;
   // How many of `available` queued requests to take when a batch goes out; `oldest_age` is how long the oldest of
-  // them has waited. At most max_batch_size; with an SLO, no more than what can still finish in time (but at least
-  // the target); the largest preferred size that fits, when there is one.
-  int64_t take(int64_t available, double oldest_age, double now) const;
+  // them has waited and `target` the current target(). At most max_batch_size; with an SLO, no more than what can
+  // still finish in time (but at least the target); the largest preferred size that fits, when there is one.
+  int64_t take(int64_t available, double oldest_age, int64_t target) const;
+
+  // How long the oldest request of a group of `size` may wait before its batch must go out: max_delay, and with
+  // an SLO no longer than what still leaves time to serve the batch within it.
+  double max_wait(int64_t size) const;
 
   // Predicted latency of a request in a batch of `size` at arrival rate `rate`: queueing + service.
   double predicted_latency(int64_t size, double rate) const;
 
   static constexpr double kRateTau = 0.25;      // seconds
   static constexpr double kLatencyAlpha = 0.25;  // weight of a new sample in the per-size average
+  // The target keeps the model at most this busy: batches of the bare minimum size (utilization 1) would turn
+  // every burst into a backlog.
+  static constexpr double kUtilization = 0.8;
   // Plans use this share of the SLO: the rest absorbs scheduling noise and error in the estimates.
   static constexpr double kSloHeadroom = 0.85;
 
@@ -167,6 +175,10 @@ class BatchQueue {
   };
 
   void finish_in_flight_locked(int64_t worker, double now, double service_s);
+  // policy_.target(now), recomputed at most every kTargetRefresh seconds or after a new measurement (the search is
+  // O(max_batch_size) and runs on every push while a worker waits).
+  int64_t target_locked(double now);
+  static constexpr double kTargetRefresh = 0.001;
   void expire_locked(double now, std::vector<int64_t>& out);
   // The group to dispatch now (-1: none) and the earliest time one becomes due by age.
   int64_t due_group_locked(double now, int64_t target, double& wake_at) const;
@@ -181,6 +193,8 @@ class BatchQueue {
   double next_deadline_;  // no queued deadline is earlier (may be stale-early)
   bool closed_ = false;
   int64_t waiting_ = 0;  // workers blocked in next_batch
+  int64_t target_ = 1;
+  double target_at_ = -1.0;  // when target_ was computed (< 0: stale)
   double planned_wake_ = std::numeric_limits<double>::infinity();  // when a blocked worker plans to wake
   std::vector<InFlight> in_flight_;
   QueueStats stats_;

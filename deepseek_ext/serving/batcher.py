@@ -75,13 +75,15 @@ class DynamicBatcher:
     one result per request, so every caller gets its own slice, as if it had called ``fn`` alone.
 
     Policy (in C++): a batch goes out when its group holds the current *target* size or its oldest request has
-    waited ``max_delay_ms``. The target is the batch that arrives while one batch is served: the smallest ``b`` with
-    ``arrival_rate * L(b) / num_workers <= b``, where ``L(b)`` is a moving estimate of ``fn``'s measured time per
-    batch size (interpolated for sizes not seen yet). At light load that is 1 (no waiting at all); as the load grows
-    so does the batch, up to ``max_batch_size``. With ``latency_slo_ms`` the target is instead the largest size
-    whose predicted queueing (the 99th percentile of Poisson arrivals, at most ``max_delay_ms``) plus compute time
-    fits in the SLO, and a backlog is served in batches that can still finish in time. When a batch goes out it
-    takes every queued request of its group up to that cap (a backlog is never split into small batches).
+    waited ``max_delay_ms``. The target is the batch that arrives while one batch is served, with 20% headroom: the
+    smallest ``b`` with ``arrival_rate * L(b) / num_workers <= 0.8 * b``, where ``L(b)`` is a moving estimate of
+    ``fn``'s measured time per batch size (interpolated for sizes not seen yet). At light load that is 1 (no
+    waiting at all); as the load grows so does the batch, up to ``max_batch_size``. With ``latency_slo_ms`` the
+    target is instead the largest size whose predicted queueing (the 99th percentile of Poisson arrivals, at most
+    ``max_delay_ms``) plus compute time fits in 85% of the SLO; a batch also goes out as soon as waiting longer would
+    leave too little time to compute it within that budget, and a backlog is served in batches that can still finish
+    in time. When a batch goes out it takes every queued request of its group up to that cap (a backlog is never
+    split into small batches).
     ``policy='fixed'`` is the fixed-window policy of Ray Serve's ``@serve.batch`` and TorchServe: always wait for
     ``max_batch_size`` or ``max_delay_ms``.
 

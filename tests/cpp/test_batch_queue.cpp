@@ -102,9 +102,9 @@ TEST(BatchPolicy, TargetGrowsWithTheArrivalRate) {
   BatchPolicy q(config(32, 0.005));
   measure_linear(q, 32);
   arrive(q, 1000, 2.0, 2.0);
-  // Smallest b with ~1000 * (2 + 0.25 b) ms <= b: b >= 2.67.
-  EXPECT_GE(q.target(2.0), 3);
-  EXPECT_LE(q.target(2.0), 4);
+  // Smallest b with ~1000 * (2 + 0.25 b) ms <= 0.8 b: b >= 3.64.
+  EXPECT_GE(q.target(2.0), 4);
+  EXPECT_LE(q.target(2.0), 5);
   BatchPolicy r(config(32, 0.005));
   measure_linear(r, 32);
   arrive(r, 4000, 2.0, 2.0);
@@ -122,11 +122,24 @@ TEST(BatchPolicy, SloPicksTheLargestBatchThatFits) {
   const double budget = BatchPolicy::kSloHeadroom * 0.030;
   EXPECT_LE(p.predicted_latency(t, rate), budget);
   EXPECT_GT(p.predicted_latency(t + 1, rate), budget);
-  EXPECT_GT(t, 4);  // larger than the no-SLO target (3 or 4)
+  EXPECT_GT(t, 5);  // larger than the no-SLO target (4 or 5)
   // A backlog whose oldest request already waited long enough to leave 10.1 ms: no batch that cannot finish in
   // it, unless the target itself is larger.
-  const int64_t k = p.take(64, budget - 0.0101, 2.0);
+  const int64_t k = p.take(64, budget - 0.0101, t);
   EXPECT_EQ(k, std::max<int64_t>(t, 32));  // L(32) = 10 ms
+}
+
+TEST(BatchPolicy, SloBoundsTheWait) {
+  BatcherConfig c = config(64, 0.100);
+  c.latency_slo_s = 0.020;
+  BatchPolicy p(c);
+  EXPECT_DOUBLE_EQ(p.max_wait(4), 0.100);  // nothing measured: max_delay
+  measure_linear(p, 64);
+  EXPECT_NEAR(p.max_wait(4), BatchPolicy::kSloHeadroom * 0.020 - 0.003, 1e-12);
+  EXPECT_EQ(p.max_wait(64), 0.0);  // L(64) = 18 ms > 85% of the 20 ms SLO: go at once
+  BatchPolicy no_slo(config(64, 0.100));
+  measure_linear(no_slo, 64);
+  EXPECT_DOUBLE_EQ(no_slo.max_wait(4), 0.100);
 }
 
 TEST(BatchPolicy, FixedPolicyAndPreferredSizes) {
@@ -136,9 +149,9 @@ TEST(BatchPolicy, FixedPolicyAndPreferredSizes) {
   c.preferred_sizes = {4, 8, 16};
   BatchPolicy p(c);
   EXPECT_EQ(p.target(0.0), 4);  // 1 rounded up to a preferred size
-  EXPECT_EQ(p.take(7, 0.0, 0.0), 4);
-  EXPECT_EQ(p.take(31, 0.0, 0.0), 16);
-  EXPECT_EQ(p.take(3, 0.0, 0.0), 3);  // forced out by the delay: smaller than every preferred size
+  EXPECT_EQ(p.take(7, 0.0, 4), 4);
+  EXPECT_EQ(p.take(31, 0.0, 4), 16);
+  EXPECT_EQ(p.take(3, 0.0, 4), 3);  // forced out by the delay: smaller than every preferred size
 }
 
 TEST(BatchQueue, DispatchesAtTheTargetSizeOrAfterTheDelay) {
