@@ -9,7 +9,10 @@ a high rate, 1:5 apart: 100 and 500 requests/s when this machine's model capacit
 the same way. For each run the script prints and plots the batch-size histogram, throughput and p50/p99 latency, and
 measures throughput at saturation in-process (batched against unbatched).
 
-    python examples/serving_bert.py [--quick] [--out demo-output]
+    python examples/serving_bert.py [--quick] [--out demo-output] [--ray]
+
+With ``--ray`` (where ``ray[serve]`` is installed; it is not a dependency) the same runs also go to Ray Serve itself:
+the same model behind Ray's HTTP proxy, batched by ``@serve.batch`` with the same max batch size and wait.
 
 Needs the serving extra (starlette, uvicorn) and transformers; everything runs offline on the CPU.
 """
@@ -240,6 +243,8 @@ def run(args) -> dict:
     finally:
         server.terminate()
         server.wait(30)
+    if args.ray:
+        probe["ray_serve"], runs["ray_serve"] = ray_serve_runs(args, rates, duration, bodies, run_load)
     return {
         "model": model,
         "rates": list(rates),
@@ -253,15 +258,42 @@ def run(args) -> dict:
     }
 
 
+def ray_serve_runs(args, rates, duration: float, bodies, run_load) -> tuple[dict, dict]:
+    """The same probe and runs against Ray Serve itself (examples/_ray_serve_peer.py: @serve.batch with the same
+    max batch size and wait), when ray[serve] is installed."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(HERE / "_ray_serve_peer.py"), str(port), str(MAX_BATCH), str(MAX_DELAY_MS)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit("Ray Serve did not start")
+        url = f"http://127.0.0.1:{port}/predict/ray"
+        run_load(url, 50, 0.5, bodies, max_requests=25)
+        run_load(url, 2000, 1.0, bodies, max_requests=2000, grace=30, seed=args.seed + 2)
+        probe = run_load(url, 2000, 1.5 if args.quick else 3.0, bodies, grace=30, seed=args.seed + 1)
+        runs = {}
+        for rate in rates:
+            time.sleep(0.5)
+            runs[str(rate)] = run_load(url, rate, duration, bodies, max_requests=int(rate * duration * 2) + 1, grace=30)
+            runs[str(rate)].update(batch_sizes={}, mean_batch_size=float("nan"))  # not observable from outside
+        probe.update(batch_sizes={}, mean_batch_size=float("nan"))
+        print(f"Ray Serve: saturation over HTTP {probe['throughput']:.0f}/s")
+        return probe, runs
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def report(r: dict) -> None:
     print(f"\n{'rate/s':>7} {'route':<10} {'throughput/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10}  errors")
     for rate in r["rates"]:
-        for route in ROUTES:
+        for route in r["runs"]:
             x = r["runs"][route][str(rate)]
             lat = x["latency_ms"]
             print(
                 f"{rate:>7} {route:<10} {x['throughput']:>12.0f} {lat['p50']:>8.1f} {lat['p99']:>8.1f} "
-                f"{x['mean_batch_size']:>10.2f}  {x['errors'] or '-'}"
+                f"{x['mean_batch_size']:>10.2f}  {x['errors'] or '-'}".replace("nan", "  -")
             )
     for rate in r["rates"]:
         for route in ("adaptive", "fixed"):
@@ -289,9 +321,10 @@ def plot(r: dict, out: Path) -> Path | None:
     ax.set_ylabel("share of requests")
     ax.set_title("batch-size histogram")
     ax.legend(fontsize=7)
-    width = 0.27
-    for i, (route, color) in enumerate(zip(ROUTES, ("tab:blue", "tab:orange", "tab:green"))):
-        xs = [j + (i - 1) * width for j in range(len(r["rates"]))]
+    routes = list(r["runs"])
+    width = 0.8 / len(routes)
+    for i, (route, color) in enumerate(zip(routes, ("tab:blue", "tab:orange", "tab:green", "tab:purple"))):
+        xs = [j + (i - (len(routes) - 1) / 2) * width for j in range(len(r["rates"]))]
         runs = [r["runs"][route][str(rate)] for rate in r["rates"]]
         axes[1].bar(xs, [x["latency_ms"]["p99"] for x in runs], width, color=color, alpha=0.35, label=f"{route} p99")
         axes[1].bar(xs, [x["latency_ms"]["p50"] for x in runs], width * 0.5, color=color, label=f"{route} p50")
@@ -302,7 +335,8 @@ def plot(r: dict, out: Path) -> Path | None:
         ax.legend(fontsize=7)
     axes[1].set_yscale("log")
     fig.suptitle(
-        f"BERT classifier over HTTP: DynamicBatcher vs fixed window ({r['max_delay_ms']:g} ms) vs no batching",
+        f"BERT classifier over HTTP: DynamicBatcher vs fixed window ({r['max_delay_ms']:g} ms) vs no batching"
+        + (" vs Ray Serve" if "ray_serve" in r["runs"] else ""),
         fontsize=10,
     )
     fig.tight_layout()
@@ -316,7 +350,13 @@ def main(argv=None) -> None:
     from _common import parser, save_results
 
     p = parser(__doc__)
+    p.add_argument("--ray", action="store_true", help="also measure Ray Serve itself (needs ray[serve] installed)")
     args = p.parse_args(argv)
+    if args.ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"--ray needs ray[serve]: {e}") from e
     try:
         import starlette  # noqa: F401
         import transformers  # noqa: F401
