@@ -124,12 +124,13 @@ def summary_rows(out: Path) -> list[tuple[str, str, str, str]]:
         run = {route: r["runs"][route][high] for route in ("adaptive", "fixed", "unbatched")}
 
         def cell(x):
-            return f"p99 {x['latency_ms']['p99']:.0f} ms, {x['throughput']:.0f}/s"
+            lat = x["latency_ms"]
+            return f"p50/p99 {lat['p50']:.0f}/{lat['p99']:.0f} ms, {x['throughput']:.0f}/s"
 
         rows.append(
             (
                 "DynamicBatcher (serving)",
-                f"BERT over HTTP at {high} req/s offered: p99 latency, throughput",
+                f"BERT over HTTP at {high} req/s offered: latency, throughput",
                 f"{cell(run['adaptive'])}, mean batch {run['adaptive']['mean_batch_size']:.1f}",
                 f"{cell(run['fixed'])} (fixed window); {cell(run['unbatched'])} (unbatched)",
             )
