@@ -221,7 +221,7 @@ bool BatchQueue::closed() const {
 }
 
 PushStatus BatchQueue::push(int64_t id, int64_t group, double timeout_s) {
-  bool notify = false;
+  bool notify = false, notify_reaper = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return PushStatus::kClosed;
@@ -237,6 +237,7 @@ PushStatus BatchQueue::push(int64_t id, int64_t group, double timeout_s) {
     ++stats_.requests;
     policy_.on_arrival(t);
     next_deadline_ = std::min(next_deadline_, deadline);
+    notify_reaper = deadline < reaper_wake_;
     if (waiting_ > 0) {
       // Wake a worker only when this request changes what it waits for: a batch became due by size, or a wake-up
       // (this group's max_delay, this request's deadline) is now earlier than the one it planned.
@@ -245,7 +246,24 @@ PushStatus BatchQueue::push(int64_t id, int64_t group, double timeout_s) {
     }
   }
   if (notify) cv_.notify_one();
+  if (notify_reaper) reap_cv_.notify_all();
   return PushStatus::kOk;
+}
+
+std::vector<int64_t> BatchQueue::reap(double timeout_s, bool& finished) {
+  std::unique_lock<std::mutex> lock(mu_);
+  const double end = now() + std::max(0.0, timeout_s);
+  std::vector<int64_t> out;
+  for (;;) {
+    const double t = now();
+    if (t >= next_deadline_) expire_locked(t, out);
+    finished = closed_;
+    if (!out.empty() || closed_ || t >= end) return out;
+    reaper_wake_ = std::min(end, next_deadline_);
+    reap_cv_.wait_until(lock,
+                        epoch_ + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(reaper_wake_)));
+    reaper_wake_ = kInf;
+  }
 }
 
 int64_t BatchQueue::target_locked(double now) {
@@ -384,6 +402,7 @@ std::vector<int64_t> BatchQueue::close(bool drain) {
     }
   }
   cv_.notify_all();
+  reap_cv_.notify_all();
   return cancelled;
 }
 

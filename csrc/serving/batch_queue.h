@@ -152,6 +152,11 @@ class BatchQueue {
   // call took to serve (< 0: not representative, e.g. retried request by request; not used for the policy).
   Batch next_batch(int64_t worker, double timeout_s, double service_s);
 
+  // Blocks until a queued request's deadline passes (returns the expired ids, removed from the queue), timeout_s
+  // passes, or the queue closes (`finished` set). Lets a separate thread fail timed-out requests on time while
+  // every worker is busy.
+  std::vector<int64_t> reap(double timeout_s, bool& finished);
+
   // Stops accepting requests. drain: what is queued still goes out (immediately, ignoring target and delay);
   // otherwise the queued ids are removed and returned (to be failed). Wakes every worker.
   std::vector<int64_t> close(bool drain);
@@ -188,6 +193,8 @@ class BatchQueue {
   Clock::time_point epoch_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
+  std::condition_variable reap_cv_;
+  double reaper_wake_ = std::numeric_limits<double>::infinity();  // when a blocked reap() plans to wake
   std::unordered_map<int64_t, std::deque<Entry>> groups_;
   int64_t queued_ = 0;
   double next_deadline_;  // no queued deadline is earlier (may be stale-early)

@@ -98,6 +98,12 @@ TORCH_LIBRARY_FRAGMENT(deepseek_ext, m) {
              return static_cast<int64_t>(self->queue.push(id, group, timeout_s));
            })
       .def("next_batch", &BatchQueueHolder::next_batch)
+      .def("reap",
+           [](const c10::intrusive_ptr<BatchQueueHolder>& self, double timeout_s) {
+             bool finished = false;
+             std::vector<int64_t> ids = self->queue.reap(timeout_s, finished);
+             return std::make_tuple(ids, finished);
+           })
       .def("close", [](const c10::intrusive_ptr<BatchQueueHolder>& self,
                        bool drain) { return self->queue.close(drain); })
       .def("closed", [](const c10::intrusive_ptr<BatchQueueHolder>& self) { return self->queue.closed(); })

@@ -1,4 +1,4 @@
-// The two hot calls of deepseek_ext.serving.DynamicBatcher as plain C-API functions of deepseek_ext._C, beside the
+// The hot calls of deepseek_ext.serving.DynamicBatcher as plain C-API functions of deepseek_ext._C, beside the
 // torch.classes.deepseek_ext.BatchQueue methods of the same name (batcher_binding.cpp), which own the queue.
 //
 // Why: a custom-class method call goes through TorchScript's argument matching and always releases and re-takes the
@@ -76,6 +76,22 @@ PyObject* py_next_batch(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                        b.finished ? Py_True : Py_False);
 }
 
+// _serving_reap(handle, timeout_s) -> (expired ids, finished); waits without the GIL
+PyObject* py_reap(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "_serving_reap(handle, timeout_s)");
+    return nullptr;
+  }
+  BatchQueue* q = from_handle(args[0]);
+  if (q == nullptr) return nullptr;
+  const double timeout = PyFloat_AsDouble(args[1]);
+  if (PyErr_Occurred()) return nullptr;
+  std::vector<int64_t> ids;
+  bool finished = false;
+  Py_BEGIN_ALLOW_THREADS ids = q->reap(timeout, finished);
+  Py_END_ALLOW_THREADS return Py_BuildValue("(NO)", list_of(ids), finished ? Py_True : Py_False);
+}
+
 PyMethodDef methods[] = {
     {"_serving_push", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_push)), METH_FASTCALL,
      "_serving_push(handle, id, group, timeout_s) -> status: DynamicBatcher's submit path (keeps the GIL)"},
@@ -83,6 +99,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "_serving_next_batch(handle, worker, timeout_s, service_s) -> (ids, expired, group, finished): waits without "
      "the GIL"},
+    {"_serving_reap", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_reap)), METH_FASTCALL,
+     "_serving_reap(handle, timeout_s) -> (expired ids, finished): waits for deadlines without the GIL"},
     {nullptr, nullptr, 0, nullptr},
 };
 

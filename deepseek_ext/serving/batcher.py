@@ -90,7 +90,8 @@ class DynamicBatcher:
     Failures stay with their request: if ``fn`` (or collate / split) raises on a batch, the batch is retried request
     by request and only the requests that fail alone get the exception. A full queue rejects at once with
     :class:`~deepseek_ext.serving.QueueFull`; a request whose deadline passed in the queue fails with
-    :class:`~deepseek_ext.serving.RequestTimeout` and is not run; a cancelled future is dropped before it runs.
+    :class:`~deepseek_ext.serving.RequestTimeout` and is not run (at its deadline, even while every worker is busy);
+    a cancelled future is dropped before it runs.
     ``fn`` runs under ``torch.no_grad()`` in the batcher's worker threads.
 
     Args:
@@ -184,6 +185,7 @@ class DynamicBatcher:
         self._handle = self._queue.handle()
         self._push = _native._C._serving_push
         self._next_batch = _native._C._serving_next_batch
+        self._reaper: threading.Thread | None = None  # fails timed-out requests while workers are busy
         self._ids = itertools.count()
         self._pending: dict[int, tuple[Any, Future, float | None]] = {}
         self._groups: dict[Any, int] = {}
@@ -200,6 +202,8 @@ class DynamicBatcher:
         for w in self._workers:
             w.start()
         _LIVE.add(self)
+        if self.timeout_ms is not None:
+            self._start_reaper()
 
     # -- submitting ---------------------------------------------------------------------------------------------
 
@@ -233,6 +237,8 @@ class DynamicBatcher:
                     self._groups.clear()
                 group = self._groups.setdefault(key, next(self._group_ids))
         timeout = self.timeout_ms if timeout_ms is None else _check_ms("timeout_ms", timeout_ms, False, True)
+        if timeout is not None and self._reaper is None:
+            self._start_reaper()
         rid = next(self._ids)
         future: Future = Future()
         self._pending[rid] = (request, future, timeout)
@@ -299,18 +305,39 @@ class DynamicBatcher:
                 ids, expired, _group, finished = next_batch(handle, slot, _POLL_S, service)
                 service = -1.0
                 for rid in expired:
-                    _request, future, timeout = pending.pop(rid)
-                    if future.set_running_or_notify_cancel():
-                        future.set_exception(
-                            RequestTimeout(
-                                f"DynamicBatcher {self.name!r}: request timed out after {timeout:g} ms in the queue; "
-                                "it was not run"
-                            )
-                        )
+                    self._expire(rid)
                 if ids:
                     service = self._serve([pending.pop(rid) for rid in ids])
                 elif finished:
                     return
+
+    def _expire(self, rid: int) -> None:
+        _request, future, timeout = self._pending.pop(rid)
+        if future.set_running_or_notify_cancel():
+            future.set_exception(
+                RequestTimeout(
+                    f"DynamicBatcher {self.name!r}: request timed out after {timeout:g} ms in the queue; it was not run"
+                )
+            )
+
+    def _start_reaper(self) -> None:
+        with self._groups_lock:
+            if self._reaper is None:
+                self._reaper = threading.Thread(
+                    target=self._reap, name=f"DynamicBatcher-{self.name}-timeouts", daemon=True
+                )
+                self._reaper.start()
+
+    def _reap(self) -> None:
+        # Waits in C++ (without the GIL) for the next deadline, so a request times out on time even while every
+        # worker is busy in fn; workers also drop expired requests when they form a batch.
+        reap, handle = _native._C._serving_reap, self._handle
+        while True:
+            ids, finished = reap(handle, _POLL_S)
+            for rid in ids:
+                self._expire(rid)
+            if finished:
+                return
 
     def _serve(self, entries: list[tuple[Any, Future, float | None]]) -> float:
         """Runs one batch; returns its time in seconds, or -1 when it is not a clean measurement of its size."""
@@ -382,7 +409,7 @@ class DynamicBatcher:
                 )
         _LIVE.discard(self)
         current = threading.current_thread()
-        for w in self._workers:
+        for w in [*self._workers, *([self._reaper] if self._reaper is not None else [])]:
             if w is not current:
                 w.join(timeout)
 

@@ -223,6 +223,24 @@ TEST(BatchQueue, ExpiredRequestsAreReturnedNotRun) {
   EXPECT_EQ(q.stats().queued, 1);
 }
 
+TEST(BatchQueue, ReapFailsDeadlinesWhileWorkersAreBusy) {
+  BatchQueue q(config(8, 10.0, Policy::kFixed));
+  bool finished = false;
+  std::vector<int64_t> reaped;
+  std::thread reaper([&] { reaped = q.reap(2.0, finished); });  // waits before any request exists
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  q.push(0, 0, 0.020);  // an earlier deadline than the reaper planned for: it must wake for it
+  q.push(1, 0, 0);
+  const auto start = std::chrono::steady_clock::now();
+  reaper.join();
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 1.0);
+  EXPECT_EQ(reaped, (std::vector<int64_t>{0}));
+  EXPECT_FALSE(finished);
+  q.close(true);
+  EXPECT_TRUE(q.reap(1.0, finished).empty());
+  EXPECT_TRUE(finished);
+}
+
 TEST(BatchQueue, ManyProducersOneConsumerLoseNothing) {
   BatchQueue q(config(32, 0.001));
   constexpr int kThreads = 4, kEach = 5000;

@@ -215,7 +215,7 @@ def test_timeouts_fail_queued_requests_without_running_them():
 
     def fn(x):
         ran.extend(x.flatten().tolist())
-        gate.wait(5)
+        gate.wait(20)
         return x
 
     with DynamicBatcher(fn, max_batch_size=1) as b:
@@ -224,9 +224,10 @@ def test_timeouts_fail_queued_requests_without_running_them():
             time.sleep(0.001)
         late = [b.submit(torch.tensor([float(i)]), timeout_ms=30) for i in range(1, 4)]
         patient = b.submit(torch.tensor([9.0]), timeout_ms=10_000)
-        for f in late:
+        for f in late:  # on time, while the only worker is still busy with the first request
             with pytest.raises(RequestTimeout, match="timed out after 30 ms in the queue; it was not run"):
                 f.result(timeout=5)
+        assert not first.done()
         gate.set()
         assert first.result().item() == 0.0 and patient.result().item() == 9.0
         assert b.stats()["timed_out"] == 3
