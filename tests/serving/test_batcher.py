@@ -459,3 +459,36 @@ def test_batcher_overhead_is_small():
     rate = 1 / _overhead_per_request(20_000)
     print(f"{rate:,.0f} requests/s through a no-op fn")
     assert rate > 20_000
+
+
+def test_preferred_batch_sizes_are_formed():
+    sizes = []
+
+    def fn(x):
+        sizes.append(x.shape[0])
+        return x
+
+    with DynamicBatcher(fn, max_batch_size=16, max_delay_ms=50, preferred_batch_sizes=[4, 8], policy="fixed") as b:
+        for f in [b.submit(torch.zeros(1)) for _ in range(20)]:
+            f.result()
+    assert sum(sizes) == 20 and set(sizes) <= {4, 8}  # never 16 nor the 12 or 20 that were queued at some point
+
+
+def test_several_workers_run_batches_concurrently():
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def fn(x):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.1)  # releases the GIL, as torch ops do
+        with lock:
+            running[0] -= 1
+        return x
+
+    with DynamicBatcher(fn, max_batch_size=1, num_workers=3) as b:
+        t = time.perf_counter()
+        for f in [b.submit(torch.zeros(1)) for _ in range(3)]:
+            f.result()
+        elapsed = time.perf_counter() - t
+    assert peak[0] >= 2 and elapsed < 0.28  # one worker alone would take 0.3 s
