@@ -123,8 +123,8 @@ class ModelServer:
             return self._error(name, 413, f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return self._error(name, 400, f"request body is not valid JSON: {e}")
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            return self._error(name, 400, f"request body is not valid JSON: {type(e).__name__}: {e}")
         if not isinstance(payload, dict) or ("inputs" in payload) == ("instances" in payload):
             return self._error(
                 name, 400, 'expected a JSON object with either "inputs" (one input) or "instances" (a list of inputs)'

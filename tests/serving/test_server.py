@@ -101,6 +101,8 @@ BAD_REQUESTS = [
     (b"{not json", 400, "not valid JSON"),
     (b"\xff\xfe", 400, "not valid JSON"),
     (b"", 400, "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # nested too deep for the parser
+    (b'{"inputs": ' + b"[" * 200 + b"1" + b"]" * 200 + b"}", 422, "invalid inputs"),  # too many dims
     (b"[1, 2, 3]", 400, 'either "inputs"'),
     (b'{"input": [1, 2, 3]}', 400, 'either "inputs"'),
     (b'{"inputs": [1, 2, 3], "instances": [[1, 2, 3]]}', 400, 'either "inputs"'),
