@@ -1,6 +1,6 @@
 """python -m benchmarks [--family NAME ...] [--device cpu|cuda] [--quick] [--no-compile] [--json PATH]
 
-Families: fp8, attention, data, amp, privacy, distributed, quant (all by default)."""
+Families: fp8, attention, data, amp, privacy, distributed, quant, serving (all by default)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import amp, attention, data, distributed, fp8, privacy, quant, runner
+from benchmarks import amp, attention, data, distributed, fp8, privacy, quant, runner, serving
 
 FAMILIES = {
     "fp8": fp8.cases,
@@ -19,6 +19,7 @@ FAMILIES = {
     "privacy": privacy.cases,
     "distributed": distributed.cases,
     "quant": quant.cases,
+    "serving": serving.cases,
 }
 
 

@@ -11,6 +11,10 @@
 #include "distributed/crc32c.h"
 #include "distributed/flat_layout.h"
 
+namespace deepseek_ext::serving {
+int add_python_functions(PyObject* module);  // csrc/serving/serving_capi.cpp
+}
+
 namespace {
 
 namespace dist = deepseek_ext::distributed;
@@ -155,7 +159,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (PyModule_AddStringConstant(m, "TORCH_VERSION", DEEPSEEK_EXT_TORCH_VERSION) < 0 ||
       PyModule_AddStringConstant(m, "CUDA_VERSION", DEEPSEEK_EXT_CUDA_VERSION) < 0 ||
       PyModule_AddStringConstant(m, "CUDA_ARCHS", DEEPSEEK_EXT_CUDA_ARCHS) < 0 ||
-      PyModule_AddIntConstant(m, "WITH_CUDA", DEEPSEEK_EXT_WITH_CUDA) < 0) {
+      PyModule_AddIntConstant(m, "WITH_CUDA", DEEPSEEK_EXT_WITH_CUDA) < 0 ||
+      deepseek_ext::serving::add_python_functions(m) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -1,6 +1,6 @@
 """The deepseek-ext tour (``make demo``): every example in quick mode, the benchmark report, one summary.
 
-Runs the six example scripts one after another (each in its own process, as a user would), then the benchmark
+Runs the example scripts one after another (each in its own process, as a user would), then the benchmark
 suite in quick mode, and ends with one table -- feature, what was measured, ours, the PyTorch baseline -- printed
 and written with the plots to ``demo-output/`` (``summary.md``, ``*.png``, ``*.json``). Offline, CPU only.
 
@@ -27,8 +27,9 @@ EXAMPLES = [
     ("private_training", "DifferentialPrivacy + membership attack"),
     ("gpt_fp8_attention", "FP8 + fused attention in a GPT"),
     ("zero3_train", "ZeRO-3 on 2 processes, crash and resume"),
+    ("serving_bert", "Serving: DynamicBatcher behind the HTTP server"),
 ]
-BENCH_FAMILIES = ["attention", "fp8", "quant", "data", "amp", "privacy"]
+BENCH_FAMILIES = ["attention", "fp8", "quant", "data", "amp", "privacy", "serving"]
 
 
 def run_step(title: str, cmd: list[str], log: Path) -> float:
@@ -116,6 +117,22 @@ def summary_rows(out: Path) -> list[tuple[str, str, str, str]]:
                 f"{r['per_rank_bytes'] / 2**20:.1f} MiB; resumed at step {r['resumed_from']}, "
                 f"identical: {r['identical_to_uninterrupted']}",
                 f"{r['unsharded_bytes'] / 2**20:.1f} MiB (unsharded)",
+            )
+        )
+    if r := load("serving_bert"):
+        high = str(r["rates"][1])
+        run = {route: r["runs"][route][high] for route in ("adaptive", "fixed", "unbatched")}
+
+        def cell(x):
+            lat = x["latency_ms"]
+            return f"p50/p99 {lat['p50']:.0f}/{lat['p99']:.0f} ms, {x['throughput']:.0f}/s"
+
+        rows.append(
+            (
+                "DynamicBatcher (serving)",
+                f"BERT over HTTP at {high} req/s offered: latency, throughput",
+                f"{cell(run['adaptive'])}, mean batch {run['adaptive']['mean_batch_size']:.1f}",
+                f"{cell(run['fixed'])} (fixed window); {cell(run['unbatched'])} (unbatched)",
             )
         )
     if r := load("benchmarks"):

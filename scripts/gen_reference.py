@@ -20,6 +20,8 @@ SECTIONS = [
     ("deepseek_ext.amp", "Mixed precision: AutoMixedPrecision", None),
     ("deepseek_ext.privacy", "Differential privacy", None),
     ("deepseek_ext.distributed", "ZeRO-3 and checkpoints", None),
+    ("deepseek_ext.serving", "Serving: DynamicBatcher", None),
+    ("deepseek_ext.serving.server", "Serving: the reference HTTP server", ["ModelServer", "build_app", "serve"]),
 ]
 
 

@@ -72,3 +72,19 @@ def test_zero3_train(tmp_path):
     assert r["resumed_from"] > 0
     assert r["identical_to_uninterrupted"]
     assert r["per_rank_bytes"] < 0.6 * r["unsharded_bytes"]
+
+
+def test_serving_bert(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    r = run_example("serving_bert", tmp_path)
+    low, high = (str(x) for x in r["rates"])
+    assert r["rates"][1] == 5 * r["rates"][0]
+    adaptive, fixed = r["runs"]["adaptive"], r["runs"]["fixed"]
+    for route in r["runs"].values():
+        assert route[low]["ok"] > 0.9 * route[low]["sent"]  # the low rate is sustainable for every route
+    assert adaptive[high]["ok"] > 0.9 * adaptive[high]["sent"]
+    assert adaptive[high]["mean_batch_size"] > adaptive[low]["mean_batch_size"]  # batches grow with the load
+    assert adaptive[low]["latency_ms"]["p50"] < fixed[low]["latency_ms"]["p50"]  # no window wait at light load
+    assert (tmp_path / "serving_bert.png").exists()
