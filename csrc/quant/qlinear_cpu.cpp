@@ -501,12 +501,15 @@ void int8_linear(const float* x, const QLinearPlan& p, const at::Tensor& codes, 
     return Weights{reinterpret_cast<const uint8_t*>(t.const_data_ptr()), want_packed ? 0 : t.size(1), scale, zero};
   };
   std::vector<int32_t> wsum;
+  const int32_t* wsum_p = nullptr;
+  at::Tensor given_sums;
   if (gemm != nullptr || gemv != nullptr) {  // the +64 shift of the activation codes is undone with these sums
-    wsum.resize(static_cast<size_t>(p.n * p.groups));
     if (code_sums.has_value()) {
-      const at::Tensor cs = code_sums->cpu().contiguous();
-      std::copy_n(cs.const_data_ptr<int32_t>(), wsum.size(), wsum.data());
+      given_sums = code_sums->cpu().contiguous();
+      wsum_p = given_sums.const_data_ptr<int32_t>();
     } else {
+      wsum.resize(static_cast<size_t>(p.n * p.groups));
+      wsum_p = wsum.data();
       const Weights w = view(false);
       at::parallel_for(0, p.n, 64, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
@@ -520,9 +523,9 @@ void int8_linear(const float* x, const QLinearPlan& p, const at::Tensor& codes, 
     }
   }
   if (gemm != nullptr) {
-    int8_gemm(p, view(true), a, wsum.data(), *gemm, out);
+    int8_gemm(p, view(true), a, wsum_p, *gemm, out);
   } else {
-    int8_gemv(p, view(false), a, wsum.data(), gemv, out);
+    int8_gemv(p, view(false), a, wsum_p, gemv, out);
   }
   if (std::any_of(a.nonfinite.begin(), a.nonfinite.end(), [](uint8_t f) { return f != 0; })) {
     nonfinite_rows(x, p, view(false), a, out);
@@ -721,8 +724,17 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
       weight_only_linear(xf.const_data_ptr<float>(), p, w, op, xf);
     }
   }
-  if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  return out.to(x.scalar_type());
+  if (bias.has_value() && p.m > 0) {  // in place, without another dispatcher call per layer
+    const at::Tensor bf = bias->to(at::kFloat).contiguous();
+    const float* bp = bf.const_data_ptr<float>();
+    at::parallel_for(0, p.m, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(p.n, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        float* row = op + m * p.n;
+        for (int64_t n = 0; n < p.n; ++n) row[n] += bp[n];
+      }
+    });
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 namespace {

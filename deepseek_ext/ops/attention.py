@@ -36,6 +36,17 @@ def _draw_seed(dropout_p: float) -> torch.Tensor | None:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
 
+def _call_forward(op, args, inputs):
+    """Calls a forward op; when no gradient can flow (eager, grad disabled or no input requiring it), below the
+    autograd layer, whose Python formula would otherwise cost about 5 us per call on small inputs."""
+    q, k, v = inputs
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if wants_grad or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _fallback_reason(q, k, v, attn_mask) -> str | None:
     """Why the kernels cannot run this call (and SDPA should), or None."""
     if q.size(-1) > MAX_HEAD_DIM or v.size(-1) > MAX_HEAD_DIM:
@@ -108,9 +119,8 @@ def fused_attention(
         )
     else:
         sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
-        out, _ = torch.ops.deepseek_ext.fused_attention_fwd.default(
-            q, k, v, attn_mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p)
-        )
+        args = (q, k, v, attn_mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p))
+        out, _ = _call_forward(torch.ops.deepseek_ext.fused_attention_fwd.default, args, (q, k, v))
     return out.squeeze(0) if unbatched else out
 
 
@@ -148,7 +158,7 @@ def fused_attention_varlen(
     """
     require_native("ops.fused_attention_varlen")
     sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
-    out, _ = torch.ops.deepseek_ext.fused_attention_varlen_fwd.default(
+    args = (
         q,
         k,
         v,
@@ -159,6 +169,7 @@ def fused_attention_varlen(
         bool(is_causal),
         sc,
     )
+    out, _ = _call_forward(torch.ops.deepseek_ext.fused_attention_varlen_fwd.default, args, (q, k, v))
     return out
 
 

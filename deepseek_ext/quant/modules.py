@@ -6,14 +6,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._native import require_native
 from ..ops.quant import (
     code_sums,
     pack_quantized_weight,
     quantize_weight,
-    quantized_linear,
     unpack_quantized_weight,
 )
 from .config import QuantConfig
+
+
+def _quantized_linear_op():
+    """The op itself (one Python layer less than ops.quant.quantized_linear on every layer call)."""
+    require_native("quant.QuantizedLinear")
+    return torch.ops.deepseek_ext.quantized_linear.default
 
 
 class _QuantizedWeight(nn.Module):
@@ -97,7 +103,7 @@ class _QuantizedWeight(nn.Module):
                     "before the first forward"
                 )
             act_scale = self.act_scale
-        return quantized_linear(
+        return _quantized_linear_op()(
             x2d,
             self.codes,
             self.scales,
@@ -129,6 +135,8 @@ class QuantizedLinear(_QuantizedWeight):
         self._init_weight(linear.weight, linear.bias, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return self._linear(x)
         y = self._linear(x.reshape(-1, x.shape[-1]))
         return y.reshape(*x.shape[:-1], self.out_features)
 
