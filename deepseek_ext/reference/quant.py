@@ -81,3 +81,48 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     q = torch.where(torch.isnan(g), zeros.unsqueeze(-1).float(), q)
     q = torch.maximum(torch.minimum(q, hi.unsqueeze(-1).float()), lo.unsqueeze(-1).float())
     return q.view(n, kp).to(torch.int32), scales, zeros
+
+
+def quantized_conv2d(
+    x,
+    codes,
+    w_scale,
+    w_zero,
+    bias,
+    kernel,
+    stride,
+    padding,
+    dilation,
+    out_channels,
+    bits,
+    in_scale,
+    in_zero,
+    out_scale=1.0,
+    out_zero=0,
+    relu=False,
+    residual=None,
+    res_scale=1.0,
+    res_zero=0,
+    output_float=False,
+):
+    """float64 reference of ``quantized_conv2d`` from the stored-layout codes ``(Cout, kh * kw * Cp)`` (taps outer,
+    channels inner): the same integer products, then the requantisation."""
+    n, h, w, cp = x.shape
+    kh, kw = kernel
+    k = kh * kw * cp
+    wc = unpack_codes(codes, bits)[:, :k].double() - w_zero.double().view(-1, 1)
+    weight = wc.view(out_channels, kh, kw, cp).permute(0, 3, 1, 2)  # integer-valued (Cout, Cp, kh, kw)
+    xf = (x.double() - in_zero).permute(0, 3, 1, 2)
+    acc = torch.nn.functional.conv2d(xf, weight, None, stride, padding, dilation)  # exact integers
+    y = acc * (in_scale * w_scale.double()).view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + res_scale * (residual[..., :out_channels].double() - res_zero).permute(0, 3, 1, 2)
+    if relu:
+        y = y.clamp_min(0)
+    if output_float:
+        return y
+    codes_out = torch.round(y / out_scale + out_zero).clamp(0, 127).to(torch.uint8).permute(0, 2, 3, 1)
+    coutp = -(-out_channels // 8) * 8
+    return torch.nn.functional.pad(codes_out, (0, coutp - out_channels), value=out_zero)
