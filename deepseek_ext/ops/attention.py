@@ -36,6 +36,12 @@ def _draw_seed(dropout_p: float) -> torch.Tensor | None:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
 
+def _default_scale(q: torch.Tensor) -> float:
+    """``1 / sqrt(head_dim)``; 1.0 for a head dim of 0 or a 0-d query, which the op's checks then reject by name."""
+    d = q.size(-1) if q.dim() > 0 else 0
+    return 1.0 / math.sqrt(d) if d > 0 else 1.0
+
+
 def _fallback_reason(q, k, v, attn_mask) -> str | None:
     """Why the kernels cannot run this call (and SDPA should), or None."""
     if q.size(-1) > MAX_HEAD_DIM or v.size(-1) > MAX_HEAD_DIM:
@@ -107,7 +113,7 @@ def fused_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
     else:
-        sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+        sc = _default_scale(q) if scale is None else float(scale)
         out, _ = torch.ops.deepseek_ext.fused_attention_fwd.default(
             q, k, v, attn_mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p)
         )
@@ -147,7 +153,7 @@ def fused_attention_varlen(
         >>> out = fused_attention_varlen(q, k, v, cu, cu, is_causal=True)
     """
     require_native("ops.fused_attention_varlen")
-    sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    sc = _default_scale(q) if scale is None else float(scale)
     out, _ = torch.ops.deepseek_ext.fused_attention_varlen_fwd.default(
         q,
         k,
