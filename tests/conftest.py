@@ -33,8 +33,8 @@ def pytest_configure(config):
     except ImportError:  # hypothesis is a dev requirement; tests that need it import it and fail clearly
         return
     common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    settings.register_profile("ci", max_examples=12, derandomize=True, **common)
-    settings.register_profile("slow", max_examples=300, **common)
+    settings.register_profile("ci", max_examples=50, derandomize=True, database=None, **common)
+    settings.register_profile("slow", max_examples=500, **common)
     settings.load_profile("slow" if config.getoption("--slow") else "ci")
 
 

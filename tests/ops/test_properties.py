@@ -19,7 +19,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given  # noqa: E402
+from hypothesis import Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from deepseek_ext.ops.amp import unscale_check_norm_  # noqa: E402
@@ -31,6 +31,9 @@ from deepseek_ext.reference import fp8 as ref_fp8  # noqa: E402
 from deepseek_ext.reference import quant as ref_quant  # noqa: E402
 from tests.helpers import assert_clear_error, result_of, run_isolated  # noqa: E402
 
+# The properties marked xfail (pending kernel fixes) skip shrinking, which would only spend time on a known failure;
+# drop this when they pass.
+NO_SHRINK = settings(phases=[Phase.explicit, Phase.reuse, Phase.generate])
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 SIZES = [0, 1, 2, 3, 5, 7, 16, 17, 33, 64, 129]
@@ -307,6 +310,7 @@ def test_quantize_weight(data):
     reason="pending kernel fix in csrc/quant/qlinear_cpu.cpp (issue 16, other engineer): quantize_weight turns NaN "
     "weights into finite codes and inf weights into a NaN group",
 )
+@NO_SHRINK
 @given(data=st.data())
 def test_quantize_weight_non_finite(data):
     """NaN cannot be an integer code: NaN weights are an error. Infinite weights are an error too, or saturate to the
@@ -412,6 +416,7 @@ def test_quantized_linear(data):
     reason="pending kernel fix in csrc/quant/qlinear_cpu.cpp (issue 16, other engineer): W8A8 quantized_linear turns a "
     "NaN input row finite and flips the signs of inf",
 )
+@NO_SHRINK
 @given(data=st.data())
 def test_quantized_linear_non_finite_rows(data):
     """A NaN in an input row makes that output row NaN. A row with infinities (no NaN) gives an all-NaN row, or
