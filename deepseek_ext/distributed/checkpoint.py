@@ -41,10 +41,6 @@ MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KiB per unit; anything larg
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _RANK_FILE = re.compile(r"^rank_\d+(-[0-9a-f]+)?\.pt$")
 _TEMP_FILE = re.compile(r"^\..+\.tmp$")
-_DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
-}
 
 
 class CheckpointError(ValueError):
@@ -53,6 +49,10 @@ class CheckpointError(ValueError):
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _is_dtype_name(name) -> bool:
+    return isinstance(name, str) and name.isidentifier() and isinstance(getattr(torch, name, None), torch.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- reading safely
@@ -153,7 +153,7 @@ def _check_schema(m, step: int | None) -> None:
         for key in ("used", "padded", "shard"):
             _require(_is_int(u.get(key)), f"units[{i}].{key} is {u.get(key)!r}")
         _require(u["used"] <= u["padded"] == u["shard"] * world, f"units[{i}] sizes do not add up")
-        _require(u.get("dtype") in _DTYPES, f"units[{i}].dtype is {u.get('dtype')!r}")
+        _require(_is_dtype_name(u.get("dtype")), f"units[{i}].dtype is {u.get('dtype')!r}")
         params = u.get("params")
         _require(isinstance(params, list), f"units[{i}].params is not a list")
         for j, p in enumerate(params):
@@ -174,7 +174,7 @@ def _check_schema(m, step: int | None) -> None:
             isinstance(b, dict)
             and isinstance(b.get("shape"), list)
             and all(_is_int(s) for s in b["shape"])
-            and b.get("dtype") in _DTYPES,
+            and _is_dtype_name(b.get("dtype")),
             f"buffers[{name!r}]",
         )
 
@@ -261,11 +261,10 @@ def _check_shards(payload: dict, manifest: dict, name: str) -> None:
     if len(shards) != len(units):
         raise CheckpointError(f"{name} holds {len(shards)} shards, the manifest has {len(units)} units")
     for i, (s, u) in enumerate(zip(shards, units)):
-        if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.numel() != u["shard"] or _dtype_name(s.dtype) != u[
-            "dtype"
-        ]:
-            got = f"{tuple(s.shape)} {_dtype_name(s.dtype)}" if isinstance(s, torch.Tensor) else type(s).__name__
-            raise CheckpointError(f"{name}: shard {i} is {got}, the manifest says ({u['shard']},) {u['dtype']}")
+        if isinstance(s, torch.Tensor) and tuple(s.shape) == (u["shard"],) and _dtype_name(s.dtype) == u["dtype"]:
+            continue
+        got = f"{tuple(s.shape)} {_dtype_name(s.dtype)}" if isinstance(s, torch.Tensor) else type(s).__name__
+        raise CheckpointError(f"{name}: shard {i} is {got}, the manifest says ({u['shard']},) {u['dtype']}")
 
 
 def _check_buffers(buffers: dict, manifest: dict, name: str) -> None:
@@ -374,9 +373,7 @@ def _reshard(pieces: list[torch.Tensor], used: int, padded: int, rank: int) -> t
 
 
 def _structure(units: list[dict]) -> list:
-    return [
-        (u["used"], [(p["shape"], p["offset"], sorted(p["names"])) for p in u["params"]]) for u in units
-    ]
+    return [(u["used"], [(p["shape"], p["offset"], sorted(p["names"])) for p in u["params"]]) for u in units]
 
 
 def _broadcast_object(obj, src: int = 0):
