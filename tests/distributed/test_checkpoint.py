@@ -455,20 +455,26 @@ def test_a_second_job_saving_into_the_same_directory_is_refused(two_checkpoints,
     assert_state(state, states[3])
 
 
-def _write_many(path: str, value: float, rounds: int) -> None:
+def _write_many(path: str, payload: dict, rounds: int) -> None:
+    torch.set_num_threads(1)  # a forked child must not touch the parent's OpenMP pool
     for _ in range(rounds):
-        ck._atomic_save({"value": torch.full((50_000,), value)}, Path(path))
+        ck._atomic_save(payload, Path(path))
+    os._exit(0)
 
 
 def test_temporary_names_are_unique_per_process(tmp_path):
     """Two processes writing the same file at once never write into each other's temporary."""
     target = tmp_path / "rank_00000.pt"
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_write_many, args=(str(target), float(v), 30)) for v in (1, 2)]
+    payloads = [{"value": torch.full((50_000,), float(v))} for v in (1, 2)]
+    procs = [ctx.Process(target=_write_many, args=(str(target), payload, 30)) for payload in payloads]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(60)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
     assert [p.exitcode for p in procs] == [0, 0]
     value = torch.load(target, weights_only=True)["value"]
     assert torch.equal(value, torch.full_like(value, value[0].item())) and value[0].item() in (1.0, 2.0)
