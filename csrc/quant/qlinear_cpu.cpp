@@ -438,6 +438,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_weight_cpu(const at::Ten
   // 4 bits unsigned [0, 15].
   const float qmax_sym = bits == 8 ? 127.0f : 7.0f;
   const int64_t lo_code = bits == 8 ? -127 : 0, hi_code = bits == 8 ? 127 : 15;
+  // An integer code cannot stand for inf or NaN: such weights are an error, reported before anything is packed.
+  const bool finite = at::parallel_reduce(
+      0, n * k, int64_t{1} << 16, true,
+      [&](int64_t b, int64_t e, bool ok) {
+        float probe = 0.0f;
+        for (int64_t i = b; i < e; ++i) probe += wp[i] * 0.0f;  // stays 0 unless some value is inf or NaN
+        return ok && probe == 0.0f;
+      },
+      [](bool a, bool b) { return a && b; });
+  TORCH_CHECK_VALUE(finite, "quantize_weight: w has non-finite values (inf or nan); integer codes cannot represent "
+                            "them");
   at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* row = wp + r * k;
@@ -488,12 +499,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
   float* op = out.data_ptr<float>();
   if (p.m > 0 && p.n > 0) {
     if (p.act_bits == 8) {
-      float static_scale = 0.0f;
-      if (act_scale.has_value()) {
-        static_scale = act_scale->to(at::kFloat).cpu().item<float>();
-        TORCH_CHECK_VALUE(std::isfinite(static_scale) && static_scale > 0.0f,
-                          "quantized_linear: expected act_scale to be positive and finite, but got ", static_scale);
-      }
+      // The checks have made sure a static scale is a finite, positive float32 value.
+      const float static_scale = act_scale.has_value() ? act_scale->cpu().item<float>() : 0.0f;
       int8_linear(xf.const_data_ptr<float>(), p, cc, sw, zw, group_size, act_scale.has_value() ? &static_scale : nullptr,
                   code_sums, op);
     } else {

@@ -47,6 +47,12 @@ def _call_forward(op, args, inputs):
         return op(*args)
 
 
+def _default_scale(q: torch.Tensor) -> float:
+    """``1 / sqrt(head_dim)``; 1.0 for a head dim of 0 or a 0-d query, which the op's checks then reject by name."""
+    d = q.size(-1) if q.dim() > 0 else 0
+    return 1.0 / math.sqrt(d) if d > 0 else 1.0
+
+
 def _fallback_reason(q, k, v, attn_mask) -> str | None:
     """Why the kernels cannot run this call (and SDPA should), or None."""
     if q.size(-1) > MAX_HEAD_DIM or v.size(-1) > MAX_HEAD_DIM:
@@ -118,7 +124,7 @@ def fused_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
     else:
-        sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+        sc = _default_scale(q) if scale is None else float(scale)
         args = (q, k, v, attn_mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p))
         out, _ = _call_forward(torch.ops.deepseek_ext.fused_attention_fwd.default, args, (q, k, v))
     return out.squeeze(0) if unbatched else out
@@ -157,7 +163,7 @@ def fused_attention_varlen(
         >>> out = fused_attention_varlen(q, k, v, cu, cu, is_causal=True)
     """
     require_native("ops.fused_attention_varlen")
-    sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    sc = _default_scale(q) if scale is None else float(scale)
     args = (
         q,
         k,

@@ -121,7 +121,7 @@ def code_sums(codes: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     from ..reference.quant import unpack_codes
 
     c = unpack_codes(codes, bits)
-    return c.view(c.shape[0], groups, -1).sum(-1, dtype=torch.int32)
+    return c.view(c.shape[0], groups, c.shape[1] // groups).sum(-1, dtype=torch.int32)
 
 
 if NATIVE_AVAILABLE:

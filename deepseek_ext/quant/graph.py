@@ -541,7 +541,7 @@ class StaticQuantizedModel(nn.Module):
 
     def calibrate(self, batches) -> dict[str, float]:
         """Observes the fused float graph on ``batches`` (an iterable of model inputs) and builds the int8 graph.
-        Returns the scale of every quantized tensor by node name."""
+        Returns each quantized layer's input activation scale, by the name of its (first) float module."""
         obs = _RangeObserver(self.float_graph)
         seen = 0
         with torch.no_grad():
@@ -553,7 +553,7 @@ class StaticQuantizedModel(nn.Module):
         self.shapes = obs.shapes
         self.encodings = encodings_from_ranges(self.float_graph, obs.ranges, obs.shapes)
         self._build()
-        return {k: v.scale for k, v in self.encodings.items()}
+        return {layer.names[0]: layer.in_scale for layer in self.quantized_layers()}
 
     def _build(self) -> None:
         self.int8 = convert(self.float_graph, self.encodings, self.shapes, self.config)

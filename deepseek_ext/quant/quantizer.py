@@ -12,7 +12,7 @@ from torch import nn
 
 from ..amp.patterns import matches
 from .config import QuantConfig
-from .modules import QuantizedConv2d, QuantizedLinear, _QuantizedWeight
+from .modules import QuantizedConv2d, QuantizedLinear, _QuantizedWeight, check_quantized_state_dict
 
 # module type -> (can_take(module) -> reason or None, factory(module, config) -> quantized module)
 _HANDLERS: dict[type, tuple[Callable, Callable]] = {}
@@ -139,6 +139,8 @@ class Quantizer:
                 setattr(module, child_name, handler[1](child, self.config))
         self._last = qmodel
         self._apply_act_scales(qmodel)
+        if not isinstance(qmodel, _QuantizedWeight):
+            qmodel.register_load_state_dict_pre_hook(check_quantized_state_dict)
         return qmodel
 
     def _quantize_graph(self) -> nn.Module | None:

@@ -14,9 +14,9 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(N, Kp) integer codes from the packed storage (see csrc/include/deepseek_ext/quant.h)."""
     if bits == 8:
         return codes.to(torch.int32)
-    n = codes.shape[0]
-    b = codes.to(torch.int32).view(n, -1, 16)
-    return torch.cat([b & 0x0F, b >> 4], dim=2).view(n, -1)
+    n, cols = codes.shape
+    b = codes.to(torch.int32).view(n, cols // 16, 16)
+    return torch.cat([b & 0x0F, b >> 4], dim=2).view(n, 2 * cols)
 
 
 def dequantize_weight(codes, scales, zeros, bits: int, group_size: int, in_features: int) -> torch.Tensor:
@@ -34,7 +34,8 @@ def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor | None = None)
     do (the reduce_range that keeps AVX2's vpmaddubsw from saturating)."""
     x = x.float()
     if act_scale is None:
-        s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 63.0
+        amax = x.abs().amax(1, keepdim=True) if x.shape[1] else x.new_zeros(x.shape[0], 1)
+        s = amax.clamp_min(1e-12) / 63.0
     else:
         s = act_scale.float().reshape(1, 1).expand(x.shape[0], 1)
     return torch.round(x / s).clamp(-63, 63), s

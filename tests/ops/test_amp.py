@@ -111,3 +111,24 @@ def test_torch_compile_fullgraph():
     eager = fn(a, b, found.clone(), inv)
     compiled = torch.compile(fn, fullgraph=True)(a, b, found.clone(), inv)
     torch.testing.assert_close(compiled, eager)
+
+
+def test_an_expanded_gradient_is_refused_before_any_gradient_is_unscaled():
+    """Issue 16: it used to fail only after the other gradients had been halved."""
+    from tests.helpers import result_of, run_isolated
+
+    grads = [torch.full((4,), 2.0), torch.full((3,), 4.0, dtype=torch.bfloat16), torch.ones(1, 5).expand(3, 5)]
+    found = torch.zeros(1)
+
+    def call():
+        try:
+            unscale_check_norm_(grads, found, torch.tensor([0.5]))
+            return None, grads, found
+        except ValueError as e:
+            return str(e), grads, found
+
+    message, after, found_after = result_of(run_isolated(call))
+    assert message is not None and "unscale_check_norm_: expected grads[2] to be writable in place" in message
+    assert "expanded or self-overlapping" in message
+    assert torch.equal(after[0], torch.full((4,), 2.0)) and torch.equal(after[1], torch.full((3,), 4.0).bfloat16())
+    assert found_after.item() == 0.0

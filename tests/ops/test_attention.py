@@ -394,3 +394,13 @@ def test_cuda_matches_cpu(dtype, causal):
     for a, b in zip(gradsc, grads):
         scale = max(1.0, b.abs().max().item())
         _check(a.float() / scale, b.float() / scale, GRAD_TOL[dtype] * 2)
+
+
+def test_head_dim_0_is_a_clear_error_not_a_zero_division():
+    """Issue 16: the default scale 1 / sqrt(0) raised ZeroDivisionError in the wrapper."""
+    q = torch.randn(1, 2, 3, 0)
+    with pytest.raises(ValueError, match=r"fused_attention_fwd: expected head dims of at least 1, but got 0"):
+        fused_attention(q, q, q)
+    with pytest.raises(ValueError, match=r"fused_attention_varlen_fwd: expected head dims of at least 1, but got 0"):
+        fused_attention_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1),
+                               torch.tensor([0, 3]), torch.tensor([0, 3]))  # fmt: skip
