@@ -250,6 +250,48 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
   return output_float ? out.permute({0, 3, 1, 2}) : out;
 }
 
+// Patches of a few-channel input (a network's first layer: 3 channels padded to 8 would waste most of the
+// implicit GEMM's work): codes (N, Ho, Wo, round8(kh * kw * channels)), taps outer, channels inner, padding taps
+// and the tail filled with the zero point.
+at::Tensor quantized_im2col_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t channels, int64_t zero) {
+  constexpr const char* op = "quantized_im2col";
+  check_codes_tensor(op, "x", x, 4);
+  const auto [kh, kw] = pair_of(op, "kernel", kernel, 1);
+  const auto [sh, sw] = pair_of(op, "stride", stride, 1);
+  const auto [ph, pw] = pair_of(op, "padding", padding, 0);
+  const auto [dh, dw] = pair_of(op, "dilation", dilation, 1);
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cp = x.size(3);
+  TORCH_CHECK_VALUE(channels > 0 && channels <= cp, op, ": expected 0 < channels <= ", cp, ", but got ", channels);
+  TORCH_CHECK_VALUE(zero >= 0 && zero <= 127, op, ": expected zero in [0, 127], but got ", zero);
+  const int64_t ho = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, wo = (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK_VALUE(ho > 0 && wo > 0, op, ": the kernel does not fit the padded input (", h, "x", w, ")");
+  const int64_t k = kh * kw * channels, kp = round8(k);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({n, ho, wo, kp}, x.options());
+  const uint8_t* xp = xc.const_data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n * ho * wo, 64, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const int64_t bi = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+      uint8_t* row = dst + m * kp;
+      for (int64_t ty = 0; ty < kh; ++ty) {
+        for (int64_t tx = 0; tx < kw; ++tx) {
+          const int64_t iy = oy * sh - ph + ty * dh, ix = ox * sw - pw + tx * dw;
+          uint8_t* d = row + (ty * kw + tx) * channels;
+          if (iy < 0 || iy >= h || ix < 0 || ix >= w) {
+            std::memset(d, static_cast<int>(zero), static_cast<size_t>(channels));
+          } else {
+            std::memcpy(d, xp + ((bi * h + iy) * w + ix) * cp, static_cast<size_t>(channels));
+          }
+        }
+      }
+      std::memset(row + k, static_cast<int>(zero), static_cast<size_t>(kp - k));
+    }
+  });
+  return out;
+}
+
 at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   constexpr const char* op = "quantized_max_pool2d";
@@ -284,8 +326,9 @@ at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel,
         for (int64_t tx = 0; tx < kw; ++tx) {
           const int64_t ix = ox * sw - pw + tx * dw;
           if (ix < 0 || ix >= w) continue;
-          const uint8_t* row = xp + ((bi * h + iy) * w + ix) * cp;
-          for (int64_t c = 0; c < cp; ++c) best[c] = std::max(best[c], row[c]);
+          const uint8_t* __restrict__ row = xp + ((bi * h + iy) * w + ix) * cp;
+          uint8_t* __restrict__ bp = best.data();
+          for (int64_t c = 0; c < cp; ++c) bp[c] = bp[c] > row[c] ? bp[c] : row[c];
         }
       }
       std::memcpy(op_ + m * cp, best.data(), static_cast<size_t>(cp));
@@ -363,6 +406,7 @@ TORCH_LIBRARY_IMPL(deepseek_ext, CPU, m) {
   m.impl("quantize_activation", &deepseek_ext::quant::quantize_activation_cpu);
   m.impl("dequantize_activation", &deepseek_ext::quant::dequantize_activation_cpu);
   m.impl("quantized_conv2d", &deepseek_ext::quant::quantized_conv2d_cpu);
+  m.impl("quantized_im2col", &deepseek_ext::quant::quantized_im2col_cpu);
   m.impl("quantized_max_pool2d", &deepseek_ext::quant::quantized_max_pool2d_cpu);
   m.impl("quantized_adaptive_avg_pool2d", &deepseek_ext::quant::quantized_adaptive_avg_pool2d_cpu);
   m.impl("quantized_add", &deepseek_ext::quant::quantized_add_cpu);

@@ -230,6 +230,20 @@ def quantized_conv2d(
     )  # fmt: skip
 
 
+def quantized_im2col(x, kernel, stride, padding, dilation, channels: int, zero: int) -> torch.Tensor:
+    """Patches of codes ``(N, H, W, Cp)`` -> ``(N, Ho, Wo, round8(kh * kw * channels))`` (taps outer, channels
+    inner, out-of-image taps and the tail filled with ``zero``): a first layer with few channels then runs as a
+    1x1 :func:`quantized_conv2d` without multiplying channel padding.
+
+    Example:
+        >>> patches = quantized_im2col(codes, (7, 7), (2, 2), (3, 3), (1, 1), 3, 64)
+    """
+    require_native("ops.quantized_im2col")
+    return torch.ops.deepseek_ext.quantized_im2col.default(
+        x, list(kernel), list(stride), list(padding), list(dilation), int(channels), int(zero)
+    )
+
+
 def quantized_max_pool2d(x, kernel, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False) -> torch.Tensor:
     """Max pooling on codes ``(N, H, W, Cp)`` (max commutes with the quantisation; scale and zero point are kept).
 
@@ -302,6 +316,13 @@ if NATIVE_AVAILABLE:
         if output_float:
             return x.new_empty((n, ho, wo, out_channels), dtype=torch.float32).permute(0, 3, 1, 2)
         return x.new_empty((n, ho, wo, _pad8(out_channels)), dtype=torch.uint8)
+
+    @torch.library.register_fake("deepseek_ext::quantized_im2col")
+    def _quantized_im2col_fake(x, kernel, stride, padding, dilation, channels, zero):
+        n, h, w, _ = x.shape
+        ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
+        wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
+        return x.new_empty((n, ho, wo, _pad8(kernel[0] * kernel[1] * channels)))
 
     @torch.library.register_fake("deepseek_ext::quantized_max_pool2d")
     def _quantized_max_pool2d_fake(x, kernel, stride, padding, dilation, ceil_mode=False):

@@ -243,15 +243,26 @@ class QuantizedConvNode(nn.Module):
         else:
             w = w.permute(0, 2, 3, 1)  # (Cout, kh, kw, Cin): taps outer, channels inner
         cout, kh, kw, cin = w.shape
-        cp = _pad8(cin)
-        w = F.pad(w, (0, cp - cin)).reshape(cout, kh * kw * cp)
+        # A few-channel input (a first layer) is gathered into patches first, so the GEMM does not multiply the
+        # channel padding of every tap: the layer then runs as a 1x1 convolution over round8(taps * cin) channels.
+        self.im2col = not fused.linear and kh * kw > 1 and cin < 8
+        if self.im2col:
+            k = _pad8(kh * kw * cin)
+            w = F.pad(w.reshape(cout, kh * kw * cin), (0, k - kh * kw * cin))
+        else:
+            cp = _pad8(cin)
+            w = F.pad(w, (0, cp - cin)).reshape(cout, kh * kw * cp)
+            k = kh * kw * cp
         codes, scales, zeros = quantize_weight(w, bits, 0, symmetric)
-        k = kh * kw * cp
         stored = codes
         rows = _unpacked(stored, bits)[:, :k]
         self.bits, self.k, self.cout = bits, k, cout
-        self.kernel = (kh, kw)
-        self.stride, self.padding, self.dilation = fused.stride, fused.padding, fused.dilation
+        self.patch = ((kh, kw), fused.stride, fused.padding, fused.dilation)
+        if self.im2col:
+            self.kernel, self.stride, self.padding, self.dilation = (1, 1), (1, 1), (0, 0), (1, 1)
+        else:
+            self.kernel = (kh, kw)
+            self.stride, self.padding, self.dilation = fused.stride, fused.padding, fused.dilation
         self.linear = fused.linear
         self.relu = fused.relu
         self.in_scale, self.in_zero = x.scale, x.zero
@@ -282,6 +293,11 @@ class QuantizedConvNode(nn.Module):
 
     def forward(self, x, residual=None):
         n = x.shape[0]
+        if self.im2col:
+            k, st, pd, dl = self.patch
+            x = torch.ops.deepseek_ext.quantized_im2col.default(
+                x, list(k), list(st), list(pd), list(dl), self.in_channels, self.in_zero
+            )
         if self.linear:
             x = x.reshape(n, 1, 1, x.shape[-1])
             if residual is not None:
