@@ -51,8 +51,9 @@ class FusedConv(nn.Module):
     """A float convolution (or Linear, as a 1x1 convolution on ``(N, K)``) with BatchNorm folded in, and optionally
     a residual input added and a ReLU: the unit that becomes one ``quantized_conv2d``."""
 
-    def __init__(self, weight, bias, stride, padding, dilation, linear: bool, names: list[str]):
+    def __init__(self, weight, bias, stride, padding, dilation, linear: bool, names: list[str], groups: int = 1):
         super().__init__()
+        self.groups = groups
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(
             (bias if bias is not None else torch.zeros(weight.shape[0])).detach().clone().float(), requires_grad=False
@@ -66,7 +67,7 @@ class FusedConv(nn.Module):
         if self.linear:
             y = F.linear(x, self.weight, self.bias)
         else:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if self.relu else y
@@ -100,9 +101,13 @@ def _is_add(node: fx.Node) -> bool:
     )
 
 
+def _depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
 def _conv_reason(conv: nn.Conv2d) -> str | None:
-    if conv.groups != 1:
-        return f"groups={conv.groups} (grouped/depthwise convolution)"
+    if conv.groups != 1 and not _depthwise(conv):
+        return f"groups={conv.groups} (grouped convolution that is not depthwise)"
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return f"padding {conv.padding!r} / {conv.padding_mode}"
     return None
@@ -140,12 +145,12 @@ def fuse(model: nn.Module, skip: Callable[[str], bool]) -> tuple[fx.GraphModule,
                 names.append(users[0].target)
                 last = users[0]
         if isinstance(mod, nn.Conv2d):
-            fused = FusedConv(weight, bias, mod.stride, mod.padding, mod.dilation, False, names)
+            fused = FusedConv(weight, bias, mod.stride, mod.padding, mod.dilation, False, names, mod.groups)
         else:
             fused = FusedConv(weight, bias, (1, 1), (0, 0), (1, 1), True, names)
         residual = None
         users = list(last.users)
-        if len(users) == 1 and _is_add(users[0]):
+        if len(users) == 1 and _is_add(users[0]) and fused.groups == 1:
             add = users[0]
             other = add.args[1] if add.args[0] is last else add.args[0]
             if other is not last:
@@ -312,6 +317,39 @@ class QuantizedConvNode(nn.Module):
         return y
 
 
+class QuantizedDepthwiseNode(nn.Module):
+    """A fused depthwise convolution of the int8 graph: per-channel symmetric weight codes and
+    ``quantized_depthwise_conv2d`` (no residual input: an add after it stays a separate add of codes)."""
+
+    def __init__(self, fused: FusedConv, bits: int, x: Encoding, out: Encoding | None):
+        super().__init__()
+        w = fused.weight.detach().float()  # (C, 1, kh, kw)
+        c, _, kh, kw = w.shape
+        qmax = 127 if bits == 8 else 7
+        scale = w.abs().amax((1, 2, 3)).clamp_min(1e-12) / qmax
+        codes = torch.round(w / scale.view(-1, 1, 1, 1)).clamp(-qmax, qmax).to(torch.int8)
+        weight = codes.reshape(c, kh * kw).t()  # (taps, C)
+        self.register_buffer("weight", F.pad(weight, (0, _pad8(c) - c)).contiguous())
+        self.register_buffer("w_scale", scale.float())
+        self.register_buffer("bias", fused.bias.detach().float().clone())
+        self.args = ([kh, kw], list(fused.stride), list(fused.padding), list(fused.dilation), c)
+        self.in_scale, self.in_zero = x.scale, x.zero
+        self.out_float = out is None
+        self.out_scale, self.out_zero = (1.0, 0) if out is None else (out.scale, out.zero)
+        self.relu = fused.relu
+        self.names = fused.names
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.w_scale))
+
+    def forward(self, x):
+        k, st, pd, dl, c = self.args
+        return torch.ops.deepseek_ext.quantized_depthwise_conv2d.default(
+            x, self.weight, self.w_scale, self.bias, k, st, pd, dl, c, self.in_scale, self.in_zero, self.out_scale,
+            self.out_zero, self.relu, self.out_float,
+        )  # fmt: skip
+
+
 def _unpacked(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.to(torch.int32)
@@ -455,6 +493,13 @@ def convert(float_gm: fx.GraphModule, encodings: dict[str, Encoding], shapes: di
             env[node.name] = (graph.placeholder(node.name), Encoding(False))
         elif node.op == "output":
             graph.output(map_float(node.args[0]))
+        elif isinstance(m, FusedConv) and m.groups > 1:
+            x, xenc = as_codes(node.args[0].name)
+            out_enc = encodings[node.name] if node.name in wants_codes else None
+            qm = QuantizedDepthwiseNode(m, config.weight_bits, xenc, out_enc)
+            new = graph.call_module(add_module("qdepthwise", qm), (x,))
+            cout = m.weight.shape[0]
+            env[node.name] = (new, Encoding(True, out_enc.scale, out_enc.zero, cout) if out_enc else Encoding(False))
         elif isinstance(m, FusedConv) and (not m.linear or len(shapes.get(node.args[0].name, ())) == 2):
             x, xenc = as_codes(node.args[0].name)
             res, renc = (None, None)
@@ -581,8 +626,9 @@ class StaticQuantizedModel(nn.Module):
             )
         return self.int8(*args, **kwargs)
 
-    def quantized_layers(self) -> list[QuantizedConvNode]:
-        return [] if self.int8 is None else [m for m in self.int8.modules() if isinstance(m, QuantizedConvNode)]
+    def quantized_layers(self) -> list[nn.Module]:
+        kinds = (QuantizedConvNode, QuantizedDepthwiseNode)
+        return [] if self.int8 is None else [m for m in self.int8.modules() if isinstance(m, kinds)]
 
     def get_extra_state(self):
         return {
