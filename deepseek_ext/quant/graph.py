@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops.quant import (
+    dequantize_activation,
     pack_quantized_weight,
     quantize_weight,
     unpack_quantized_weight,
@@ -262,6 +263,7 @@ class QuantizedConvNode(nn.Module):
         stored = codes
         rows = _unpacked(stored, bits)[:, :k]
         self.bits, self.k, self.cout = bits, k, cout
+        self.out_channels = cout
         self.patch = ((kh, kw), fused.stride, fused.padding, fused.dilation)
         if self.im2col:
             self.kernel, self.stride, self.padding, self.dilation = (1, 1), (1, 1), (0, 0), (1, 1)
@@ -333,6 +335,7 @@ class QuantizedDepthwiseNode(nn.Module):
         self.register_buffer("w_scale", scale.float())
         self.register_buffer("bias", fused.bias.detach().float().clone())
         self.args = ([kh, kw], list(fused.stride), list(fused.padding), list(fused.dilation), c)
+        self.out_channels = c
         self.in_scale, self.in_zero = x.scale, x.zero
         self.out_float = out is None
         self.out_scale, self.out_zero = (1.0, 0) if out is None else (out.scale, out.zero)
@@ -629,6 +632,36 @@ class StaticQuantizedModel(nn.Module):
     def quantized_layers(self) -> list[nn.Module]:
         kinds = (QuantizedConvNode, QuantizedDepthwiseNode)
         return [] if self.int8 is None else [m for m in self.int8.modules() if isinstance(m, kinds)]
+
+    def layer_outputs(self, *args) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """For every quantized layer (by its first float module's name): its output in the fused float graph and in
+        the int8 graph (dequantized), on the same inputs; what ``Quantizer.compare`` reports."""
+        floats: dict[str, torch.Tensor] = {}
+        graph = self.float_graph
+
+        class Capture(fx.Interpreter):
+            def call_module(self, target, a, kw):
+                out = super().call_module(target, a, kw)
+                m = graph.get_submodule(target)
+                if isinstance(m, FusedConv):
+                    floats[m.names[0]] = out.detach().float()
+                return out
+
+        quants: dict[str, torch.Tensor] = {}
+
+        def hook(mod, inputs, out):
+            y = out if mod.out_float else dequantize_activation(out, mod.out_scale, mod.out_zero, mod.out_channels)
+            quants[mod.names[0]] = y.detach().float().contiguous()
+
+        handles = [m.register_forward_hook(hook) for m in self.quantized_layers()]
+        try:
+            with torch.no_grad():
+                Capture(graph).run(*args)
+                self(*args)
+        finally:
+            for h in handles:
+                h.remove()
+        return {k: (floats[k].reshape(quants[k].shape), quants[k]) for k in quants if k in floats}
 
     def get_extra_state(self):
         return {

@@ -310,3 +310,16 @@ def test_depthwise_op_matches_the_integer_reference(stride, padding, dilation, k
     codes = ops.quantized_depthwise_conv2d(x, w, ws, bias, *args, 0.1, 64, relu=True)
     want_codes = torch.round(want.clamp_min(0) / 0.1 + 64).clamp(0, 127).permute(0, 2, 3, 1)
     assert (codes[..., :c].int() - want_codes.int()).abs().max() <= 1
+
+
+def test_compare_reports_every_fused_layer_of_a_static_model():
+    torch.manual_seed(0)
+    model = _randomise_bn(SmallResNet())
+    quantizer = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8, method="static"))
+    qmodel = quantizer.quantize()
+    quantizer.calibrate([torch.randn(2, 3, 16, 16) for _ in range(2)], 2)
+    rows = quantizer.compare(qmodel, torch.randn(2, 3, 16, 16), print_table=False)
+    layers = [r for r in rows if r.status.startswith("quantized")]
+    assert len(layers) == len(qmodel.quantized_layers()) == 9  # 8 convolutions (BN folded) and the Linear
+    assert layers[0].name == "stem.0+stem.1" and all(r.sqnr_db > 20 for r in layers)
+    assert rows[-1].name == "<model output>" and rows[-1].quantized_bytes < rows[-1].float_bytes / 2
