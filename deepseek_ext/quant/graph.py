@@ -296,7 +296,9 @@ class QuantizedConvNode(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.w_scale, self.w_zero))
+        """Bytes of the weight as stored (codes, scales, zero points; the in-memory layout pads outputs to 64)."""
+        side = sum(t.numel() * t.element_size() for t in (self.w_scale, self.w_zero))
+        return self.cout * self.k * self.bits // 8 + side
 
     def forward(self, x, residual=None):
         n = x.shape[0]
