@@ -25,7 +25,8 @@
 #include "deepseek_ext/cpu_gemm.h"
 #include "deepseek_ext/dispatch.h"
 #include "deepseek_ext/fp8_quant.h"
-#include "fp8_decode_avx2.h"
+#include "deepseek_ext/simd.h"
+#include "fp8_simd.h"
 #include "fp8_lut.h"
 
 namespace deepseek_ext {
@@ -34,16 +35,22 @@ namespace {
 
 constexpr int64_t kTileN = 512;
 
-// d[0:n] = decode(s[0:n]) * scale, vectorised where the CPU allows.
+// d[0:n] = decode(s[0:n]) * scale, vectorised for the current level.
+template <Format F>
+void decode_span_as(const uint8_t* s, float* d, int64_t n, float scale, const float* lut) {
+  const int64_t i0 = simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+    constexpr int VB = decltype(vb)::value;
+    constexpr int64_t L = simd::kLanes<float, VB>;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) simd::store(d + i, vec::decode<F, VB>(s + i) * scale);
+    return i;
+  });
+  for (int64_t i = i0; i < n; ++i) d[i] = lut[s[i]] * scale;
+}
+
 void decode_span(const uint8_t* s, float* d, int64_t n, float scale, Format f, const float* lut) {
-  int64_t i = 0;
-#ifdef DSX_HAVE_AVX2
-  if (cpu_has_avx2()) {
-    i = f == Format::kE4M3FN ? avx2::decode_span<Format::kE4M3FN>(s, d, n, scale)
-                             : avx2::decode_span<Format::kE5M2>(s, d, n, scale);
-  }
-#endif
-  for (; i < n; ++i) d[i] = lut[s[i]] * scale;
+  f == Format::kE4M3FN ? decode_span_as<Format::kE4M3FN>(s, d, n, scale, lut)
+                       : decode_span_as<Format::kE5M2>(s, d, n, scale, lut);
 }
 
 // dst (rows x cols, row-major) = decode(src rows of stride ld), each run of `group` columns multiplied by
@@ -63,20 +70,11 @@ void decode_tile(const uint8_t* src, int64_t ld, int64_t rows, int64_t cols, int
 // d[0:n] = decode(s[0:n]) as bfloat16 bits (exact: every FP8 value is a bfloat16 value).
 template <Format F>
 DSX_TARGET_AVX512_BF16 void decode_span_bf16(const uint8_t* s, uint16_t* d, int64_t n, const float* lut) {
+  using VU = simd::Vec<uint32_t, 64>;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-    __m512 f;
-    if (F == Format::kE5M2) {
-      f = _mm512_cvtph_ps(_mm256_slli_epi16(w, 8));
-    } else {
-      const __m256i mag = _mm256_and_si256(w, _mm256_set1_epi16(0x7F));
-      const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8);
-      f = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, _mm256_slli_epi16(mag, 7))), _mm512_set1_ps(256.0f));
-      const __mmask16 nan = _mm256_cmpeq_epi16_mask(mag, _mm256_set1_epi16(0x7F));  // e4m3fn's NaN
-      f = _mm512_mask_blend_ps(nan, f, _mm512_set1_ps(__builtin_nanf("")));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16)));
+    const VU bits = vec::bit_cast<VU>(vec::decode<F, 64>(s + i)) >> 16;
+    simd::store(d + i, __builtin_convertvector(bits, simd::Vec<uint16_t, 32>));
   }
   for (; i < n; ++i) {
     uint32_t bits;

@@ -2,9 +2,9 @@
 //
 // Per-tensor scaling takes two passes (a parallel amax, then scale-and-cast). Row and block scaling are fused:
 // each task takes whole tiles, finds the tile's amax and quantises it while it is still in cache.
-// The cast loop has an explicit AVX2 path (quantize_fp8_avx2.h) chosen at run time; the other loops are written
-// so that GCC vectorises them and are compiled for each instruction-set level (simd::dispatch, cpu.h). One binary
-// runs on every x86-64 machine and is fast where it can be.
+// The casts use fp8_simd.h's vector codec and the other loops are written so that GCC vectorises them; all are
+// compiled for each instruction-set level (simd::dispatch, cpu.h). One binary runs on every x86-64 machine and is
+// fast where it can be.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,7 +17,7 @@
 #include "deepseek_ext/fp8_quant.h"
 #include "deepseek_ext/simd.h"
 #include "fp8_lut.h"
-#include "quantize_fp8_avx2.h"
+#include "fp8_simd.h"
 
 namespace deepseek_ext {
 namespace fp8 {
@@ -76,20 +76,29 @@ typename InputBits<T>::U amax_finite_bits(const T* x, int64_t n) {
 // q[i] = saturate_cast<fp8>(x[i] / scale). A true division, so results equal PyTorch's `x / scale` bit for bit.
 template <typename T, Format F>
 void quantize_span(const T* x, uint8_t* q, int64_t n, float scale) {
-  int64_t i = 0;
-#ifdef DSX_HAVE_AVX2
-  if (cpu_has_avx2()) i = avx2::quantize_span<T, F>(x, q, n, scale);
-#endif
-  for (; i < n; ++i) {
-    q[i] = float_to_fp8_bits_sat<F>(static_cast<float>(x[i]) / scale);
-  }
+  const int64_t i0 = simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+    constexpr int VB = decltype(vb)::value;
+    constexpr int64_t L = simd::kLanes<float, VB>;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      const auto codes = vec::encode<F, VB>(vec::load_float<T, VB>(x + i) / scale);
+      simd::store(q + i, simd::narrow4<uint8_t>(codes));
+    }
+    return i;
+  });
+  for (int64_t i = i0; i < n; ++i) q[i] = float_to_fp8_bits_sat<F>(static_cast<float>(x[i]) / scale);
 }
 
-template <typename O>
+template <Format F, typename O>
 void dequantize_span(const uint8_t* q, O* out, int64_t n, float scale, const float* lut) {
-  simd::dispatch([&](auto) DSX_LAMBDA_INLINE {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<O>(lut[q[i]] * scale);
+  const int64_t i0 = simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+    constexpr int VB = decltype(vb)::value;
+    constexpr int64_t L = simd::kLanes<float, VB>;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) vec::store_as<O, VB>(out + i, vec::decode<F, VB>(q + i) * scale);
+    return i;
   });
+  for (int64_t i = i0; i < n; ++i) out[i] = static_cast<O>(lut[q[i]] * scale);
 }
 
 // Row and block scaling: the work is cut into strips of one tile-row by up to kMaxStripTiles tiles, walked
@@ -159,7 +168,7 @@ void quantize_impl(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, const 
   });
 }
 
-template <typename O>
+template <Format F, typename O>
 void dequantize_impl(const at::Tensor& q, const at::Tensor& scale, at::Tensor& out, const QuantLayout& l,
                      const float* lut) {
   const auto* qp = reinterpret_cast<const uint8_t*>(q.const_data_ptr());
@@ -169,7 +178,7 @@ void dequantize_impl(const at::Tensor& q, const at::Tensor& scale, at::Tensor& o
   if (l.granularity == Granularity::kTensor) {
     const float s = *sp;
     at::parallel_for(0, q.numel(), kGrain,
-                     [&](int64_t b, int64_t e) { dequantize_span<O>(qp + b, op + b, e - b, s, lut); });
+                     [&](int64_t b, int64_t e) { dequantize_span<F, O>(qp + b, op + b, e - b, s, lut); });
     return;
   }
   for_each_tile_strip(l, [&](int64_t r0, int64_t r1, int64_t tc0, int64_t tc1) {
@@ -178,7 +187,7 @@ void dequantize_impl(const at::Tensor& q, const at::Tensor& scale, at::Tensor& o
       for (int64_t tc = tc0; tc < tc1; ++tc) {
         const int64_t c0 = tc * l.tile_cols;
         const int64_t w = std::min(c0 + l.tile_cols, l.cols) - c0;
-        dequantize_span<O>(qp + r * l.cols + c0, op + r * l.cols + c0, w, strip_scales[tc], lut);
+        dequantize_span<F, O>(qp + r * l.cols + c0, op + r * l.cols + c0, w, strip_scales[tc], lut);
       }
     }
   });
@@ -214,8 +223,10 @@ at::Tensor dequantize_fp8_cpu(const at::Tensor& x, const at::Tensor& scale, c10:
   const at::Tensor xc = x.contiguous();
   const at::Tensor sc = scale.contiguous();
   const float* lut = decode_table(fp8_format("dequantize_fp8", "x", x.scalar_type()));
-  DSX_DISPATCH_FLOAT_HALF_BF16(dtype, "dequantize_fp8_cpu",
-                                  [&] { dequantize_impl<scalar_t>(xc, sc, out, l, lut); });
+  DSX_DISPATCH_FLOAT_HALF_BF16(dtype, "dequantize_fp8_cpu", [&] {
+    dispatch_format(fp8_format("dequantize_fp8", "x", x.scalar_type()),
+                    [&](auto fmt) { dequantize_impl<decltype(fmt)::value, scalar_t>(xc, sc, out, l, lut); });
+  });
   return out;
 }
 

@@ -1,5 +1,6 @@
 // CPU kernels of the DP-SGD ops. Both read the per-sample gradients exactly once; accumulation is in float (double
-// for double inputs), vectorised with `omp simd` and split over threads by sample and column blocks.
+// for double inputs), vectorised with `omp simd` for each instruction-set level (simd::dispatch) and split over
+// threads by sample and column blocks.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -9,6 +10,7 @@
 
 #include "deepseek_ext/dispatch.h"
 #include "deepseek_ext/privacy.h"
+#include "deepseek_ext/simd.h"
 
 namespace deepseek_ext {
 namespace privacy {
@@ -18,7 +20,7 @@ constexpr int64_t kChunk = 1 << 14;
 
 
 template <typename T>
-at::opmath_type<T> sum_squares(const T* x, int64_t len) {
+DSX_INLINE at::opmath_type<T> sum_squares(const T* x, int64_t len) {
   using A = at::opmath_type<T>;
   A s = 0;
 #pragma omp simd reduction(+ : s)
@@ -30,7 +32,7 @@ at::opmath_type<T> sum_squares(const T* x, int64_t len) {
 }
 
 template <typename T>
-void add_scaled(at::opmath_type<T>* acc, const T* x, at::opmath_type<T> factor, int64_t len) {
+DSX_INLINE void add_scaled(at::opmath_type<T>* acc, const T* x, at::opmath_type<T> factor, int64_t len) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) acc[j] += factor * static_cast<at::opmath_type<T>>(x[j]);
 }
@@ -53,7 +55,7 @@ at::Tensor per_sample_sq_norms_cpu(const at::Tensor& grads) {
     at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t w = begin; w < end; ++w) {
         const int64_t i = w / chunks, c0 = (w % chunks) * kChunk, c1 = std::min(d, c0 + kChunk);
-        partial[w] = sum_squares(gp + i * d + c0, c1 - c0);
+        partial[w] = simd::dispatch([&](auto) DSX_LAMBDA_INLINE { return sum_squares(gp + i * d + c0, c1 - c0); });
       }
     });
     A* op = out.data_ptr<A>();
@@ -85,14 +87,16 @@ at::Tensor clip_sum_noise_cpu(const at::Tensor& grads, const at::Tensor& factors
     // Column blocks small enough for the accumulator to stay in L1 while every sample's slice streams past once.
     constexpr int64_t kCols = 2048;
     at::parallel_for(0, (d + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
-      A acc[kCols];
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t c0 = blk * kCols, len = std::min(kCols, d - c0);
-        for (int64_t j = 0; j < len; ++j) acc[j] = zp ? static_cast<A>(zp[c0 + j]) : A(0);
-        for (int64_t i = 0; i < n; ++i) add_scaled(acc, gp + i * d + c0, static_cast<A>(fp[i]), len);
-        const A s = static_cast<A>(scale);
-        for (int64_t j = 0; j < len; ++j) op[c0 + j] = static_cast<scalar_t>(acc[j] * s);
-      }
+      simd::dispatch([&](auto) DSX_LAMBDA_INLINE {
+        A acc[kCols];
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t c0 = blk * kCols, len = std::min(kCols, d - c0);
+          for (int64_t j = 0; j < len; ++j) acc[j] = zp ? static_cast<A>(zp[c0 + j]) : A(0);
+          for (int64_t i = 0; i < n; ++i) add_scaled(acc, gp + i * d + c0, static_cast<A>(fp[i]), len);
+          const A s = static_cast<A>(scale);
+          for (int64_t j = 0; j < len; ++j) op[c0 + j] = static_cast<scalar_t>(acc[j] * s);
+        }
+      });
     });
   });
   return out;

@@ -39,7 +39,7 @@ struct Ops {
     S16 wb;
     std::memcpy(&ub, &u, sizeof(ub));
     std::memcpy(&wb, &w, sizeof(wb));
-    const W prod = __builtin_convertvector(ub, W) * __builtin_convertvector(wb, W);
+    const W prod = simd::widen4<int32_t>(ub) * simd::widen4<int32_t>(wb);
     return acc + __builtin_shufflevector(prod, prod, 0, 4, 8, 12) + __builtin_shufflevector(prod, prod, 1, 5, 9, 13) +
            __builtin_shufflevector(prod, prod, 2, 6, 10, 14) + __builtin_shufflevector(prod, prod, 3, 7, 11, 15);
   }

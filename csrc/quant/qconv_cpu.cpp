@@ -317,8 +317,8 @@ at::Tensor quantized_depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor&
             const uint8_t* row = xp + ((bi * h + iy) * w + ix) * cp;
             const int8_t* wt = wp + (ty * kw + tx) * cp;
             for (int64_t c = 0; c + L <= cp; c += L) {
-              const VI u = __builtin_convertvector(simd::load<VU8>(row + c), VI) - static_cast<int32_t>(in_zero);
-              const VI wv = __builtin_convertvector(simd::load<VS8>(wt + c), VI);
+              const VI u = simd::widen4<int32_t>(simd::load<VU8>(row + c)) - static_cast<int32_t>(in_zero);
+              const VI wv = simd::widen4<int32_t>(simd::load<VS8>(wt + c));
               simd::store(acc.data() + c, simd::load<VI>(acc.data() + c) + u * wv);
             }
             for (int64_t c = cp / L * L; c < cp; ++c) acc[c] += (row[c] - static_cast<int32_t>(in_zero)) * wt[c];
@@ -343,7 +343,7 @@ at::Tensor quantized_depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor&
           VI code = __builtin_convertvector((y + 12582912.0f) - 12582912.0f, VI) + static_cast<int32_t>(out_zero);
           code = code < 0 ? VI{} : code;
           code = code > 127 ? VI{} + 127 : code;
-          simd::store(dst + c, __builtin_convertvector(code, VU8));
+          simd::store(dst + c, simd::narrow4<uint8_t>(code));
         }
         for (int64_t c = cp / L * L; c < cp; ++c) {
           float y = static_cast<float>(acc[c]) * scale[c] + biasv[c];

@@ -316,14 +316,13 @@ DSX_INLINE simd::Vec<float, VB> codes_as_float(const uint8_t* row, int64_t k) {
   constexpr int L = static_cast<int>(simd::kLanes<float, VB>);
   using VB8 = simd::Vec<uint8_t, L>;
   using VF = simd::Vec<float, VB>;
-  using VI = simd::Vec<int32_t, VB>;  // via int32: a direct byte -> float conversion is not vectorised
-  if constexpr (Bits == 8) {
+  if constexpr (Bits == 8) {  // via int32 (widen4): direct byte -> float conversions are not vectorised
     using VS8 = simd::Vec<int8_t, L>;
-    return __builtin_convertvector(__builtin_convertvector(simd::load<VS8>(row + k), VI), VF);
+    return __builtin_convertvector(simd::widen4<int32_t>(simd::load<VS8>(row + k)), VF);
   } else {
     const VB8 b = simd::load<VB8>(row + 16 * (k / 32) + k % 16);
     const VB8 c = k % 32 < 16 ? VB8(b & 0x0F) : VB8(b >> 4);
-    return __builtin_convertvector(__builtin_convertvector(c, VI), VF);
+    return __builtin_convertvector(simd::widen4<int32_t>(c), VF);
   }
 }
 

@@ -72,14 +72,4 @@ struct DescribeCpuPaths {
 // {op: [(case, path)]} at the current level.
 std::vector<std::pair<std::string, std::vector<std::pair<std::string, std::string>>>> cpu_paths();
 
-// Kept for the AVX2 kernels: true when the current level allows AVX2 code.
-inline bool cpu_has_avx2() { return cpu_isa() >= Isa::kAvx2; }
-
 }  // namespace deepseek_ext
-
-#ifdef DSX_X86
-// Hand-written AVX2 kernels: functions marked DSX_AVX2_FN / DSX_AVX2_INLINE may only run when cpu_has_avx2().
-#define DSX_HAVE_AVX2 1
-#define DSX_AVX2_FN DSX_TARGET_AVX2
-#define DSX_AVX2_INLINE DSX_TARGET_AVX2 __attribute__((always_inline)) inline
-#endif

@@ -67,6 +67,28 @@ DSX_INLINE V vmax(V a, V b) {
   return a > b ? a : b;
 }
 
+// Byte lanes widened to 32-bit lanes, and back (truncating). In two steps through 16 bits: GCC 12 lowers a direct
+// four-fold __builtin_convertvector element by element.
+template <typename V>
+using LaneOf = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
+
+template <typename To, typename V>
+DSX_INLINE auto widen4(V v) {
+  using From = LaneOf<V>;
+  static_assert(sizeof(From) == 1 && sizeof(To) == 4);
+  using Mid = std::conditional_t<std::is_signed_v<From>, int16_t, uint16_t>;
+  constexpr int N = static_cast<int>(sizeof(V));
+  return __builtin_convertvector(__builtin_convertvector(v, Vec<Mid, 2 * N>), Vec<To, 4 * N>);
+}
+
+template <typename To, typename V>
+DSX_INLINE auto narrow4(V v) {
+  static_assert(sizeof(LaneOf<V>) == 4 && sizeof(To) == 1);
+  using Mid = std::conditional_t<std::is_signed_v<To>, int16_t, uint16_t>;
+  constexpr int Bytes = static_cast<int>(sizeof(V));
+  return __builtin_convertvector(__builtin_convertvector(v, Vec<Mid, Bytes / 2>), Vec<To, Bytes / 4>);
+}
+
 // 2^t for float lanes, with arguments below -125 (and -inf) giving exactly 0. k = round(t) (to nearest even, by
 // adding and subtracting 1.5 * 2^23, whose bits then also hold k), f = t - k in [-1/2, 1/2]; 2^f by a degree-6
 // polynomial (relative error < 2e-7), 2^k added to the exponent bits.
