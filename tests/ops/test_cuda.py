@@ -136,9 +136,15 @@ def test_attention_grids_over_65535_blocks():
 
 def test_attention_backward_edge_cases():
     # heads_q == 0: no grid is launched, and K / V get zero gradients.
-    q, k, v = torch.randn(1, 0, 4, 8, device="cuda"), torch.randn(1, 1, 4, 8, device="cuda"), torch.randn(1, 1, 4, 8, device="cuda")
+    q, k, v = (
+        torch.randn(1, 0, 4, 8, device="cuda"),
+        torch.randn(1, 1, 4, 8, device="cuda"),
+        torch.randn(1, 1, 4, 8, device="cuda"),
+    )
     out, lse = torch.ops.deepseek_ext.fused_attention_fwd(q, k, v, None, 0.0, False, 0.5, None)
-    dq, dk, dv = torch.ops.deepseek_ext.fused_attention_bwd(torch.ones_like(out), q, k, v, out, lse, None, 0.0, False, 0.5, None)
+    dq, dk, dv = torch.ops.deepseek_ext.fused_attention_bwd(
+        torch.ones_like(out), q, k, v, out, lse, None, 0.0, False, 0.5, None
+    )
     assert dq.shape == q.shape and torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
     # out on another device than q is an error naming it
     q = torch.randn(1, 1, 4, 8, device="cuda")
@@ -252,18 +258,21 @@ def _fp8_operands(m, k, n, mode, col_major_b=False, seed=0):
 @pytest.mark.parametrize("mode", ["tensor", "row", "block"])
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 512), (3, 640, 384), (129, 1024, 256), (64, 300, 100)], ids=str)
 @pytest.mark.parametrize("col_major_b", [False, True])
-@pytest.mark.parametrize("out_dtype,bias_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)], ids=str)
+@pytest.mark.parametrize(
+    "out_dtype,bias_dtype",
+    [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)],
+    ids=str,
+)
 def test_fp8_matmul_any_m_and_bias_added_in_float(mode, m, k, n, col_major_b, out_dtype, bias_dtype):
     a, b, sa, sb = _fp8_operands(m, k, n, mode, col_major_b)
     bias = (torch.randn(n) * 10).to(bias_dtype)
     want = fp8_matmul(a, b, sa, sb, bias, out_dtype)
     got = fp8_matmul(*_cuda(a, b, sa, sb), bias.cuda(), out_dtype)
     assert got.shape == (m, n) and got.dtype == out_dtype and got.is_contiguous()
-    # float32 accumulation in another order, then one rounding of the output dtype (bias included before it)
-    ref32 = (a.double() * (sa.double() if mode != "block" else 1)).float()
+    # float32 accumulation in another order, then one rounding of the output dtype (the bias added before it)
     tol = 4 * k * 2.0**-24 * 8 + 2 * torch.finfo(out_dtype).eps
     scale = want.float().abs().max().item() + 1
-    assert (got.cpu().float() - want.float()).abs().max().item() <= tol * scale, ref32.shape
+    assert (got.cpu().float() - want.float()).abs().max().item() <= tol * scale
 
 
 def test_fp8_block_scaling_needs_no_full_size_float_temporaries():
@@ -351,7 +360,10 @@ def _every_op(state):
     outs += [out, lse, *torch.ops.deepseek_ext.fused_attention_bwd(out, q, k, v, out, lse, None, 0.0, True, 0.2, None)]
     qv, kv, vv, cu_q, cu_k = s["varlen"]
     out, lse = torch.ops.deepseek_ext.fused_attention_varlen_fwd(qv, kv, vv, cu_q, cu_k, 20, 20, True, 0.3)
-    outs += [out, *torch.ops.deepseek_ext.fused_attention_varlen_bwd(out, qv, kv, vv, out, lse, cu_q, cu_k, 20, 20, True, 0.3)]
+    outs += [
+        out,
+        *torch.ops.deepseek_ext.fused_attention_varlen_bwd(out, qv, kv, vv, out, lse, cu_q, cu_k, 20, 20, True, 0.3),
+    ]
     return outs
 
 
@@ -367,12 +379,26 @@ def _state():
     w = r(96, 256)
     cu = torch.tensor([0, 7, 7, 20], dtype=torch.int32, device="cuda")
     return {
-        "x": x, "x8": x8, "sx8": sx8, "fp8": fp8, "bias": r(128), "w": w, "xq": r(24, 256),
-        "packed": quantize_weight(w, 4, 64, True), "packed8": quantize_weight(w, 8, 0, True),
+        "x": x,
+        "x8": x8,
+        "sx8": sx8,
+        "fp8": fp8,
+        "bias": r(128),
+        "w": w,
+        "xq": r(24, 256),
+        "packed": quantize_weight(w, 4, 64, True),
+        "packed8": quantize_weight(w, 8, 0, True),
         "grads": [r(1000), r(70001, dtype=torch.float16), r(33, 7, dtype=torch.bfloat16)],
-        "found": torch.zeros(1, device="cuda"), "inv": torch.tensor([0.5], device="cuda"),
-        "ps": r(6, 4, 5), "factors": torch.rand(6, generator=gen).cuda(), "noise": r(4, 5),
-        "qkv": (r(2, 4, 40, 64, dtype=torch.bfloat16), r(2, 4, 40, 64, dtype=torch.bfloat16), r(2, 4, 40, 64, dtype=torch.bfloat16)),
+        "found": torch.zeros(1, device="cuda"),
+        "inv": torch.tensor([0.5], device="cuda"),
+        "ps": r(6, 4, 5),
+        "factors": torch.rand(6, generator=gen).cuda(),
+        "noise": r(4, 5),
+        "qkv": (
+            r(2, 4, 40, 64, dtype=torch.bfloat16),
+            r(2, 4, 40, 64, dtype=torch.bfloat16),
+            r(2, 4, 40, 64, dtype=torch.bfloat16),
+        ),
         "varlen": (r(20, 2, 32), r(20, 1, 32), r(20, 1, 32), cu, cu.clone()),
     }
 
@@ -405,7 +431,9 @@ def test_every_op_captures_in_a_cuda_graph():
         if a.dtype.is_floating_point and a.element_size() >= 2:
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2, equal_nan=True)
         else:
-            assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a, b.view(torch.uint8) if b.element_size() == 1 else b)
+            assert torch.equal(
+                a.view(torch.uint8) if a.element_size() == 1 else a, b.view(torch.uint8) if b.element_size() == 1 else b
+            )
 
 
 # ------------------------------------------------------------------------------------------- sanitizer workload
@@ -415,7 +443,9 @@ def test_sanitizer_workload():
     state = _state()
     outs = _every_op(state)
     torch.cuda.synchronize()
-    assert all(torch.isfinite(o.float()).all() or o.dtype == torch.uint8 for o in outs if o.dtype != torch.float8_e4m3fn)
+    assert all(
+        torch.isfinite(o.float()).all() or o.dtype == torch.uint8 for o in outs if o.dtype != torch.float8_e4m3fn
+    )
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for d, mask in ((16, None), (72, "bool"), (128, "additive")):
             g = torch.Generator().manual_seed(d)
