@@ -2,9 +2,8 @@
 // shapes and strides we hand it:
 //   per tensor (sm_89+), per row / column (OUTER_VEC_32F, sm_90+), and DeepSeek-V3's 1x128 activation groups with
 //   128x128 weight blocks (cuBLASLt's VEC128_32F / BLK128x128_32F modes, CUDA 12.9+, sm_90 only).
-// No shape rule beyond cuBLASLt's own: M is free; K and N (or M, when the product is computed transposed) are padded
-// to multiples of 16 with zero rows when they are not. A row-major b (the usual (K, N) weight) is not copied: the
-// product is computed as C^T = b^T a^T, where b^T is the row-major operand cuBLASLt wants.
+// No shape rule beyond cuBLASLt's own: M is free (decode, M = 1, included); K and N are padded to multiples of 16
+// with zeros when they are not. b is read as is when it is column-major (an (N, K) weight passed as w.t()).
 // The bias is added in float32 before the output is rounded (the CPU's rule): in cuBLASLt's epilogue when it has the
 // output's dtype, otherwise to a float32 result that is then rounded.
 // Everything else (block_size != 128, e5m2 x e5m2, GPUs without FP8 tensor cores, a mode the installed torch or
@@ -52,61 +51,41 @@ at::Tensor block_scales(const at::Tensor& s_nk, bool pad4) {
   return buf.narrow(1, 0, kb);
 }
 
-std::atomic<int> g_block_layout{-1};  // -1: not known yet, 0: plain, 1: padded to 4, 2: rejected (fallback)
-std::atomic<bool> g_scaled_mm_failed{false};
+std::atomic<int> g_block_layout{-1};  // the 128x128 scale row stride this torch takes: -1 not known, 0 plain, 1 padded
+// Per (scaling mode, M % 16 == 0): torch._scaled_mm rejected such a call once; later ones go to the fallback.
+std::atomic<bool> g_rejected[3][2] = {};
 
-// (a * sa) @ (b * sb) [+ bias] through at::_scaled_mm; throws what _scaled_mm throws.
+// (a * sa) @ (b * sb) [+ bias] through at::_scaled_mm; throws what _scaled_mm throws. cuBLASLt's FP8 GEMM takes a
+// row-major a and a column-major b ("TN"): a b that is not column-major (an (N, K) weight passed as w.t() is) is
+// copied once per call.
 at::Tensor scaled_mm(const MatmulPlan& p, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
                      const at::Tensor& scale_b, const std::optional<at::Tensor>& bias, bool pad4) {
-  const int64_t M = p.m, N = p.n, K = p.k, Kp = round_up(K, 16);
+  const int64_t M = p.m, N = p.n, K = p.k, Kp = round_up(K, 16), Np = round_up(N, 16);
   const bool block = p.scaling == MatmulScaling::kBlock;
+  const int64_t Mp = block ? round_up(M, 4) : M;  // 1x128 scales are read with a 16-byte aligned column stride
   const int64_t kb = block ? (K + 127) / 128 : 1;
-  const bool swapped = !b.t().is_contiguous();  // b row-major (or strided): compute C^T = b^T a^T
-  const bool epilogue_bias = bias.has_value() && !swapped && bias->scalar_type() == p.out_dtype &&
+  const bool epilogue_bias = bias.has_value() && bias->scalar_type() == p.out_dtype &&
                              (p.out_dtype == at::kBFloat16 || p.out_dtype == at::kHalf);
   const at::ScalarType mm_dtype = bias.has_value() && !epilogue_bias ? at::kFloat : p.out_dtype;
-  at::Tensor out;
-  if (!swapped) {
-    // a (Mp, Kp) row-major; b (Kp, Np) column-major.
-    const int64_t Mp = block ? round_up(M, 4) : M, Np = round_up(N, 16);
-    const at::Tensor a2 = padded_rows(a, Mp, Kp);
-    const at::Tensor b2 = (Kp == K && Np == N) ? b : padded_rows(b.t(), Np, Kp).t();
-    at::Tensor sa, sb;
-    if (p.scaling == MatmulScaling::kTensor) {
-      sa = scale_a.reshape({});
-      sb = scale_b.reshape({});
-    } else if (p.scaling == MatmulScaling::kRow) {
-      sa = padded_rows(scale_a, Mp, 1, 1.0);
-      sb = padded_rows(scale_b, 1, Np, 1.0);
-    } else {  // a: 1x128 groups, (Mp, kb) outer-dim-major; b: 128x128 blocks, checked as b^T's (nb, kb)
-      sa = padded_rows(scale_a, Mp, kb, 1.0).t().contiguous().t();
-      sb = block_scales(scale_b.t(), pad4).t();
-    }
-    std::optional<at::Tensor> bias2;
-    if (epilogue_bias) bias2 = Np == N ? bias->contiguous() : padded_rows(bias->reshape({1, N}), 1, Np).reshape({Np});
-    out = at::_scaled_mm(a2, b2, sa, sb, bias2, std::nullopt, mm_dtype, false);
-    if (Mp != M || Np != N) out = out.narrow(0, 0, M).narrow(1, 0, N);
-  } else {
-    // b^T (N, Kp) row-major; a^T (Kp, Mp) column-major; the result is C^T (N, Mp).
-    const int64_t Mp = round_up(M, 16);
-    const at::Tensor bt = Kp == K && b.is_contiguous() ? b.t() : padded_rows(b.t(), N, Kp);
-    const at::Tensor a2 = padded_rows(a, Mp, Kp).t();
-    at::Tensor sa, sb;
-    if (p.scaling == MatmulScaling::kTensor) {
-      sa = scale_b.reshape({});
-      sb = scale_a.reshape({});
-    } else if (p.scaling == MatmulScaling::kRow) {
-      sa = scale_b.reshape({N, 1}).contiguous();
-      sb = padded_rows(scale_a, Mp, 1, 1.0).reshape({1, Mp});
-    } else {  // b^T: 128x128 blocks (nb, kb); a^T: checked as a's (Mp, kb) 1x128 groups, outer-dim-major
-      sa = block_scales(scale_b.t(), pad4);
-      sb = padded_rows(scale_a, Mp, kb, 1.0).t().contiguous();
-    }
-    out = at::_scaled_mm(bt, a2, sa, sb, std::nullopt, std::nullopt, mm_dtype, false);
-    out = out.narrow(1, 0, M).t();
+  const at::Tensor a2 = padded_rows(a, Mp, Kp);
+  const at::Tensor b2 = (Kp == K && Np == N && b.t().is_contiguous()) ? b : padded_rows(b.t(), Np, Kp).t();
+  at::Tensor sa, sb;
+  if (p.scaling == MatmulScaling::kTensor) {
+    sa = scale_a.reshape({});
+    sb = scale_b.reshape({});
+  } else if (p.scaling == MatmulScaling::kRow) {
+    sa = padded_rows(scale_a, Mp, 1, 1.0);
+    sb = padded_rows(scale_b, 1, Np, 1.0);
+  } else {  // a: 1x128 groups, (Mp, kb) outer-dim-major; b: 128x128 blocks, checked as b^T's (nb, kb) row-major
+    sa = padded_rows(scale_a, Mp, kb, 1.0).t().contiguous().t();
+    sb = block_scales(scale_b.t(), pad4).t();
   }
+  std::optional<at::Tensor> bias2;
+  if (epilogue_bias) bias2 = Np == N ? bias->contiguous() : padded_rows(bias->reshape({1, N}), 1, Np).reshape({Np});
+  at::Tensor out = at::_scaled_mm(a2, b2, sa, sb, bias2, std::nullopt, mm_dtype, false);
+  if (Mp != M || Np != N) out = out.narrow(0, 0, M).narrow(1, 0, N);
   if (bias.has_value() && !epilogue_bias) {
-    out = out.to(at::kFloat).add_(bias->to(at::kFloat)).to(p.out_dtype);  // mm_dtype was float32: rounded once
+    out = out.add(bias->to(at::kFloat)).to(p.out_dtype);  // out was float32: the sum is rounded once
   }
   return out.contiguous();
 }
@@ -156,12 +135,13 @@ at::Tensor fp8_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const at::T
   const int sm = compute_capability(a);
   const bool e5m2_pair = a.scalar_type() == at::kFloat8_e5m2 && b.scalar_type() == at::kFloat8_e5m2;
   bool tensor_cores = false;
-  if (!e5m2_pair && !g_scaled_mm_failed.load(std::memory_order_relaxed)) {
+  std::atomic<bool>& rejected = g_rejected[static_cast<int>(p.scaling)][p.m % 16 == 0];
+  if (!e5m2_pair && !rejected.load(std::memory_order_relaxed)) {
     switch (p.scaling) {
       case MatmulScaling::kTensor: tensor_cores = sm >= 89; break;
       case MatmulScaling::kRow: tensor_cores = sm >= 90; break;
       case MatmulScaling::kBlock:
-        tensor_cores = sm == 90 && p.block == 128 && g_block_layout.load(std::memory_order_relaxed) != 2;
+        tensor_cores = sm == 90 && p.block == 128;  // cuBLASLt's 1x128 / 128x128 modes exist on Hopper only
         break;
     }
   }
@@ -171,9 +151,10 @@ at::Tensor fp8_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const at::T
       try {
         return scaled_mm(p, a, b, sa, sb, bias, false);
       } catch (const c10::Error& e) {
-        g_scaled_mm_failed.store(true);
-        TORCH_WARN("fp8_matmul: torch._scaled_mm rejected this call (", e.what_without_backtrace(),
-                   "); fp8_matmul dequantises and multiplies in float32 from now on in this process");
+        rejected.store(true);
+        TORCH_WARN("fp8_matmul: torch._scaled_mm rejected a ", p.scaling == MatmulScaling::kTensor ? "per-tensor" : "per-row",
+                   " call with M = ", p.m, " (", e.what_without_backtrace(), "); such calls dequantise and multiply in "
+                   "float32 from now on in this process");
       }
     } else {
       // The row stride torch wants for 128x128 scales is only in question when ceil(K / 128) % 4 != 0: try the
@@ -188,10 +169,10 @@ at::Tensor fp8_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const at::T
           return out;
         } catch (const c10::Error& e) {
           if (!ambiguous || layout == 1 || known >= 0) {
-            g_block_layout.store(2);
-            TORCH_WARN("fp8_matmul: torch._scaled_mm rejected 1x128 / 128x128 block scaling (",
-                       e.what_without_backtrace(), "); block-scaled products dequantise slabs of K and multiply in "
-                       "float32 from now on in this process");
+            rejected.store(true);
+            TORCH_WARN("fp8_matmul: torch._scaled_mm rejected 1x128 / 128x128 block scaling with M = ", p.m, " (",
+                       e.what_without_backtrace(), "); such calls dequantise slabs of K and multiply in float32 from "
+                       "now on in this process");
           }
         }
       }
