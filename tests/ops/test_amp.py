@@ -111,3 +111,12 @@ def test_torch_compile_fullgraph():
     eager = fn(a, b, found.clone(), inv)
     compiled = torch.compile(fn, fullgraph=True)(a, b, found.clone(), inv)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_looks_at_the_stored_value(device):
+    """A finite float16 gradient that overflows once unscaled (inv_scale > 1) is flagged on both devices."""
+    g = [torch.tensor([60000.0, 1.0], dtype=torch.float16, device=device)]
+    found = torch.zeros(1, device=device)
+    norm = unscale_check_norm_(g, found, torch.tensor([2.0], device=device))
+    assert found.item() == 1.0 and torch.isinf(g[0][0]) and not torch.isfinite(norm)
