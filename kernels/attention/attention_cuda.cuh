@@ -273,10 +273,25 @@ struct Carver {
 };
 
 // Copies rows r < n of a (rows x cols) tile from global memory (row stride `stride`, `cols` valid columns) into shared
-// memory with leading dim ld and padded width `width`; padding is zero.
+// memory with leading dim ld and padded width `width`; padding is zero. 16-byte loads and stores when the layout
+// allows (the usual case: contiguous rows, head dims that are multiples of 8 / 4 / 2 elements), else element-wise.
 template <typename T, typename O>
 __device__ __forceinline__ void load_tile(O* dst, int ld, int rows, int width, const T* src, int64_t stride,
                                           int64_t n, int64_t cols) {
+  static_assert(sizeof(O) == sizeof(T), "shared-memory operands keep the input's bits");
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = cols % kVec == 0 && stride % kVec == 0 && ld % kVec == 0 && width % kVec == 0 &&
+                   reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (vec) {
+    const int chunks = width / kVec;
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
+      const int r = idx / chunks, c = (idx % chunks) * kVec;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits: +0 in every floating type
+      if (r < n && c < cols) v = *reinterpret_cast<const uint4*>(src + r * stride + c);
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+    }
+    return;
+  }
   using Op = Ops<T>;
   for (int idx = threadIdx.x; idx < rows * width; idx += blockDim.x) {
     const int r = idx / width, d = idx % width;
