@@ -41,6 +41,7 @@ pytest: build
 	$(PY) -m pytest
 
 cpp-test: $(DEPS)
+	scripts/ensure_gtest.sh
 	cmake -S . -B build/cpp -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release > /dev/null
 	cmake --build build/cpp
 	ctest --test-dir build/cpp --output-on-failure

@@ -72,7 +72,8 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math lets GCC if-convert (and so vectorise) loops with float ops under selects; results are
     # unchanged, only floating-point exception flags are not preserved.
-    extra = {"cxx": opt + ["-fvisibility=hidden", "-fno-trapping-math"]}
+    # -Wno-psabi: vector arguments of always-inlined helpers (simd.h) never cross an ABI boundary.
+    extra = {"cxx": opt + ["-fvisibility=hidden", "-fno-trapping-math", "-Wno-psabi"]}
     link = []
     if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
         # at::parallel_for is inline: without -fopenmp our loops would run on one thread. The libgomp.so.1 this

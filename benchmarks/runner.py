@@ -32,6 +32,9 @@ class Case:
     # Times measured elsewhere (e.g. inside a multi-process job), in seconds: used instead of timing ours/baseline.
     ours_s: float | None = None
     baseline_s: float | None = None
+    # False when the baseline is no real alternative on this device (e.g. torch._scaled_mm on a CPU, a reference
+    # implementation): the row is reported but kept out of charts and geometric means.
+    headline: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -65,11 +68,16 @@ def median_seconds(fn: Callable[[], Any], min_run_time: float) -> float:
 
 
 def environment(device: str) -> dict:
+    import deepseek_ext
+
+    caps = deepseek_ext.capabilities()
     env = {
         "torch": torch.__version__,
         "device": device,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": caps["cpu_model"] or platform.processor() or platform.machine(),
+        "cpu_isa": caps.get("cpu_isa"),
+        "cpu_features": caps.get("cpu_features", []),
     }
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
@@ -83,6 +91,7 @@ def run(cases: list[Case], device: str, min_run_time: float = 0.5, json_path: Pa
         + (f", {env['gpu']}" if "gpu" in env else "")
         + ")"
     )
+    print(f"CPU: {env['cpu']}; kernels at level {env['cpu_isa']} (features: {', '.join(env['cpu_features']) or '-'})")
     header = f"{'op':<16} {'config':<34} {'ours ms':>9} {'baseline ms':>12} {'speed-up':>9}  baseline"
     print(header)
     print("-" * (len(header) + 16))
@@ -106,6 +115,7 @@ def run(cases: list[Case], device: str, min_run_time: float = 0.5, json_path: Pa
             "baseline_ms": None if base is None else base * 1e3,
             "speedup": None if base is None else base / ours,
             "baseline": note,
+            "headline": case.headline,
             **case.extra,
         }
         if "flop" in case.extra:  # throughput next to the peer's (CUDA reports lead with it)

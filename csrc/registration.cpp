@@ -23,6 +23,20 @@ TORCH_LIBRARY(deepseek_ext, m) {
   m.def("pack_quantized_weight(Tensor codes, int bits, int group_size, int in_features) -> Tensor");
   m.def("unpack_quantized_weight(Tensor packed, int bits, int group_size, int in_features, int out_features)"
         " -> Tensor");
+  // The static int8 path (deepseek_ext/quant/graph.py): activations as 7-bit unsigned codes with a per-tensor scale
+  // and zero point, channels last, channels padded to a multiple of 8 (csrc/include/deepseek_ext/quant.h).
+  m.def("quantize_activation(Tensor x, float scale, int zero_point) -> Tensor");
+  m.def("dequantize_activation(Tensor codes, float scale, int zero_point, int channels) -> Tensor");
+  m.def("quantized_conv2d(Tensor x, Tensor packed, Tensor w_scale, Tensor w_sum, Tensor w_zero, Tensor? bias,"
+        " int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, int groups, int out_channels, int bits,"
+        " float in_scale, int in_zero, float out_scale, int out_zero, bool relu=False, Tensor? residual=None,"
+        " float res_scale=1.0, int res_zero=0, bool output_float=False) -> Tensor");
+  m.def("quantized_max_pool2d(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation,"
+        " bool ceil_mode=False) -> Tensor");
+  m.def("quantized_adaptive_avg_pool2d(Tensor x, int[2] output_size, float in_scale, int in_zero, float out_scale,"
+        " int out_zero) -> Tensor");
+  m.def("quantized_add(Tensor a, float a_scale, int a_zero, Tensor b, float b_scale, int b_zero, float out_scale,"
+        " int out_zero, bool relu=False) -> Tensor");
 
   // Mixed precision (deepseek_ext/ops/amp.py): one pass over every gradient that unscales it in place, flags
   // non-finite values (found_inf, as torch._amp_foreach_non_finite_check_and_unscale_) and returns the L2 norm

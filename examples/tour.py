@@ -138,7 +138,7 @@ def summary_rows(out: Path) -> list[tuple[str, str, str, str]]:
     if r := load("benchmarks"):
         by_family: dict[str, list[float]] = {}
         for row in r["results"]:
-            if row.get("speedup"):
+            if row.get("speedup") and row.get("headline", True):
                 by_family.setdefault(row["family"], []).append(row["speedup"])
         for fam, ups in by_family.items():
             geo = math.exp(sum(map(math.log, ups)) / len(ups))
@@ -153,6 +153,13 @@ def summary_rows(out: Path) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _cpu_line() -> str:
+    import deepseek_ext
+
+    caps = deepseek_ext.capabilities()
+    return f"{caps['cpu_model']}, kernels at level {caps.get('cpu_isa')} ({', '.join(caps.get('cpu_features', []))})"
+
+
 def plot_benchmarks(out: Path) -> None:
     path = out / "benchmarks.json"
     if not path.exists():
@@ -164,9 +171,10 @@ def plot_benchmarks(out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [r for r in json.loads(path.read_text())["results"] if r.get("speedup")]
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.2), dpi=110)
-    labels = [f"{r['op']} {r['config']}"[:60] for r in rows]
+    data = json.loads(path.read_text())
+    rows = [r for r in data["results"] if r.get("speedup") and r.get("headline", True)]
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(rows) + 1.4), dpi=110)
+    labels = [f"{r['op']} {r['config']} vs {r['baseline'].split(';')[0]}"[:90] for r in rows]
     ax.barh(
         range(len(rows)),
         [r["speedup"] for r in rows],
@@ -176,7 +184,10 @@ def plot_benchmarks(out: Path) -> None:
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("speed-up vs the PyTorch baseline (log scale; > 1 = ours faster)")
+    ax.set_xlabel("speed-up vs the named baseline (log scale; > 1 = ours faster)")
+    env = data.get("environment", {})
+    title = f"{env.get('cpu', '')}, kernels at {env.get('cpu_isa', '?')}, {env.get('threads', '?')} threads"
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "benchmarks.png")
     plt.close(fig)
@@ -214,7 +225,8 @@ def main(argv=None) -> None:
     md = [
         "# deepseek-ext tour",
         "",
-        f"Measured in one run ({'full' if args.full else 'quick'} mode) on {when}, {os.cpu_count()} CPU cores.",
+        f"Measured in one run ({'full' if args.full else 'quick'} mode) on {when}, {os.cpu_count()} CPU cores: "
+        f"{_cpu_line()}.",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",

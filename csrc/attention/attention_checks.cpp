@@ -26,8 +26,10 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   const int64_t hd = dims - 1, hh = 1;  // head dim, heads dim
   const int64_t d = q.size(hd), dv = v.size(hd);
   TORCH_CHECK_VALUE(k.size(hd) == d, op, ": expected key with the head dim of query (", d, "), but got ", k.size(hd));
-  TORCH_CHECK_VALUE(d >= 1 && d <= kMaxHeadDim && dv >= 1 && dv <= kMaxHeadDim, op,
-                    ": head dims from 1 to ", kMaxHeadDim, " are supported, but got ", d, " (query/key) and ", dv,
+  TORCH_CHECK_VALUE(d >= 1 && dv >= 1, op, ": expected head dims of at least 1, but got ", d, " (query/key) and ", dv,
+                    " (value)");
+  TORCH_CHECK_VALUE(d <= kMaxHeadDim && dv <= kMaxHeadDim, op, ": head dims from 1 to ", kMaxHeadDim,
+                    " are supported, but got ", d, " (query/key) and ", dv,
                     " (value); deepseek_ext.ops.fused_attention falls back to scaled_dot_product_attention for these");
   const int64_t hq = q.size(hh), hkv = k.size(hh);
   TORCH_CHECK_VALUE(v.size(hh) == hkv, op, ": expected key and value with the same number of heads, but got ", hkv,

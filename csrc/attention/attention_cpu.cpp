@@ -68,6 +68,20 @@ DSX_INLINE double exp2_sum(double* x, int64_t n, double shift) {
   return s;
 }
 
+// Work buffers live per thread across calls (a fresh allocation of a few hundred KB costs page faults on every call,
+// which dominates small problems); beyond kKeepBytes they are released after the call.
+template <typename T>
+std::vector<T>& thread_buffer() {
+  thread_local std::vector<T> buf;
+  return buf;
+}
+
+template <typename T>
+void release_if_large(std::vector<T>& buf) {
+  constexpr size_t kKeepBytes = size_t{8} << 20;
+  if (buf.capacity() * sizeof(T) > kKeepBytes) std::vector<T>().swap(buf);
+}
+
 // Per-row view of a call: the (batch, head) pair's sequence offsets, lengths and causal offset.
 struct Seq {
   int64_t q0, nq, k0, nk, causal_off;
@@ -408,11 +422,12 @@ void forward_all(const Geometry& g, const at::Tensor& q, const at::Tensor& k, co
   const int64_t per_chunk = (nqb + chunks - 1) / chunks;
   const ForwardItem<S, T> item = forward_kernel<S, T>();
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf;
+    std::vector<T>& buf = thread_buffer<T>();
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bh = it / chunks, c = it % chunks;
       item(w, bh / g.heads_q, bh % g.heads_q, c * per_chunk, (c + 1) * per_chunk, buf);
     }
+    release_if_large(buf);
   });
 }
 
@@ -628,8 +643,9 @@ void backward_all(const Geometry& g, bool varlen, const at::Tensor& dout, const 
                              strides_of(dv, varlen)};
   const BackwardItem<S, T> item = backward_kernel<S, T>();
   at::parallel_for(0, g.batch * g.heads_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf;
+    std::vector<T>& buf = thread_buffer<T>();
     for (int64_t it = begin; it < end; ++it) item(w, it / g.heads_kv, it % g.heads_kv, buf);
+    release_if_large(buf);
   });
 }
 

@@ -15,7 +15,8 @@ Granularity parse_granularity(const char* op, c10::string_view g) {
                     std::string(g), "'");
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without forming a + b - 1 (which overflows for block sizes near 2^63).
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 const char* granularity_name(Granularity g) {
   switch (g) {
@@ -50,10 +51,12 @@ QuantLayout make_layout(const char* op, const char* arg, const at::Tensor& x, Gr
     l.tiles_c = 1;
   } else {
     TORCH_CHECK_VALUE(block_size > 0, op, ": expected block_size to be a positive integer, but got ", block_size);
-    l.tile_rows = g == Granularity::kGroup ? 1 : block_size;
-    l.tile_cols = block_size;
-    l.tiles_r = ceil_div(l.rows, l.tile_rows);
+    l.tiles_r = g == Granularity::kGroup ? l.rows : ceil_div(l.rows, block_size);
     l.tiles_c = ceil_div(l.cols, block_size);
+    // A tile never needs to be larger than the tensor: clamping keeps the kernels' tile arithmetic (r0 + tile_rows,
+    // tiles * tile_cols) far from overflow for any block_size, and the tiling is unchanged.
+    l.tile_rows = g == Granularity::kGroup ? 1 : std::min(block_size, std::max<int64_t>(l.rows, 1));
+    l.tile_cols = std::min(block_size, std::max<int64_t>(l.cols, 1));
   }
   l.scale_shape = {l.tiles_r, l.tiles_c};
   return l;
@@ -119,11 +122,14 @@ MatmulPlan check_fp8_matmul(const at::Tensor& a, const at::Tensor& b, const at::
   check_same_device(op, "a", a, "scale_a", scale_a);
   check_same_device(op, "a", a, "scale_b", scale_b);
   TORCH_CHECK_VALUE(block_size > 0, op, ": expected block_size to be a positive integer, but got ", block_size);
-  MatmulPlan p{MatmulScaling::kTensor, a.size(0), b.size(1), a.size(1), block_size, out_dtype.value_or(at::kBFloat16)};
+  // The block never needs to exceed max(K, N) (one group per row, one block per column strip), so it is clamped
+  // there: the kernels' (k + block - 1) / block stays far from overflow for any block_size.
+  const int64_t block = std::min(block_size, std::max<int64_t>({a.size(1), b.size(1), 1}));
+  MatmulPlan p{MatmulScaling::kTensor, a.size(0), b.size(1), a.size(1), block, out_dtype.value_or(at::kBFloat16)};
   TORCH_CHECK_TYPE(p.out_dtype == at::kFloat || p.out_dtype == at::kHalf || p.out_dtype == at::kBFloat16, op,
                    ": expected out_dtype to be ", dtype_list({at::kFloat, at::kHalf, at::kBFloat16}), ", but got ",
                    dtype_name(p.out_dtype));
-  const int64_t kb = ceil_div(p.k, block_size), nb = ceil_div(p.n, block_size);
+  const int64_t kb = ceil_div(p.k, block), nb = ceil_div(p.n, block);
   const auto sa = scale_a.sizes(), sb = scale_b.sizes();
   if (scale_a.numel() == 1 && scale_b.numel() == 1 && scale_a.dim() <= 2 && scale_b.dim() <= 2) {
     p.scaling = MatmulScaling::kTensor;
@@ -132,8 +138,8 @@ MatmulPlan check_fp8_matmul(const at::Tensor& a, const at::Tensor& b, const at::
   } else if (sa == at::IntArrayRef({p.m, kb}) && sb == at::IntArrayRef({kb, nb})) {
     p.scaling = MatmulScaling::kBlock;
   } else {
-    TORCH_CHECK_VALUE(false, op, ": scales of shapes ", sa, " and ", sb, " fit no scaling mode for a ", a.sizes(),
-                      " and b ", b.sizes(), "; expected one element each (per tensor), [", p.m, ", 1] and [1, ", p.n,
+    TORCH_CHECK_VALUE(false, op, ": scale_a and scale_b of shapes ", sa, " and ", sb, " fit no scaling mode for a ",
+                      a.sizes(), " and b ", b.sizes(), "; expected one element each (per tensor), [", p.m, ", 1] and [1, ", p.n,
                       "] (per row of a / column of b), or [", p.m, ", ", kb, "] and [", kb, ", ", nb,
                       "] (1x", block_size, " groups of a, ", block_size, "x", block_size, " blocks of b)");
   }

@@ -24,234 +24,11 @@
 #include "deepseek_ext/cpu.h"
 #include "deepseek_ext/quant.h"
 #include "deepseek_ext/simd.h"
-
-#ifdef DSX_X86
-#include <immintrin.h>
-#endif
+#include "int8_kernels.h"
 
 namespace deepseek_ext {
 namespace quant {
 namespace {
-
-int64_t code_at(const uint8_t* row, int64_t k, int64_t bits) {
-  if (bits == 8) return static_cast<int8_t>(row[k]);
-  const int64_t chunk = k / 32, j = k % 32;
-  const uint8_t b = row[16 * chunk + (j % 16)];
-  return j < 16 ? (b & 0x0F) : (b >> 4);
-}
-
-void set_code(uint8_t* row, int64_t k, int64_t bits, int64_t code) {
-  if (bits == 8) {
-    row[k] = static_cast<uint8_t>(static_cast<int8_t>(code));
-    return;
-  }
-  const int64_t chunk = k / 32, j = k % 32;
-  uint8_t& b = row[16 * chunk + (j % 16)];
-  b = j < 16 ? static_cast<uint8_t>((b & 0xF0) | code) : static_cast<uint8_t>((b & 0x0F) | (code << 4));
-}
-
-}  // namespace
-
-#ifdef DSX_X86
-// ---- The integer kernels, once per instruction set (see qlinear_kernels.inc for the primitives' contract). ----
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2")
-namespace vnni512 {
-struct Ops {
-  using V = __m512i;
-  static constexpr int kBytes = 64, kNV = 4, kMR = 6, kMR4 = 4;
-  static inline V zero() { return _mm512_setzero_si512(); }
-  static inline V load(const void* p) { return _mm512_loadu_si512(p); }
-  static inline void store(void* p, V v) { _mm512_storeu_si512(p, v); }
-  static inline V bcast4(const void* p) {
-    int32_t v;
-    std::memcpy(&v, p, sizeof(v));
-    return _mm512_set1_epi32(v);
-  }
-  static inline V dot(V acc, V u, V w) { return _mm512_dpbusd_epi32(acc, u, w); }
-  static inline int32_t hsum(V v) { return _mm512_reduce_add_epi32(v); }
-  static inline V bytes(int b) { return _mm512_set1_epi8(static_cast<char>(b)); }
-  static inline V band(V a, V b) { return _mm512_and_si512(a, b); }
-  static inline V shr4(V v) { return _mm512_srli_epi16(v, 4); }
-  static inline V codes4(const uint8_t* p) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i m = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
-    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // 128-bit lanes lo0 lo1 hi0 hi1
-    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));              // lo0 hi0 lo1 hi1: codes in order
-  }
-  static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
-                              float* acc) {
-    const __m512i corr = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_loadu_si512(z), _mm512_set1_epi32(xs)),
-                                          _mm512_slli_epi32(_mm512_loadu_si512(ws), 6));
-    const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(d), corr));
-    _mm512_storeu_ps(acc, _mm512_fmadd_ps(_mm512_loadu_ps(s), f, _mm512_loadu_ps(acc)));
-  }
-};
-#include "qlinear_kernels.inc"
-}  // namespace vnni512
-
-namespace vnni256 {  // AVX512-VNNI on 256-bit vectors: the GEMV when the group is not a multiple of 64
-struct Ops {
-  using V = __m256i;
-  static constexpr int kBytes = 32, kNV = 2, kMR = 4, kMR4 = 3;
-  static inline V zero() { return _mm256_setzero_si256(); }
-  static inline V load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static inline void store(void* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
-  static inline V bcast4(const void* p) {
-    int32_t v;
-    std::memcpy(&v, p, sizeof(v));
-    return _mm256_set1_epi32(v);
-  }
-  static inline V dot(V acc, V u, V w) { return _mm256_dpbusd_epi32(acc, u, w); }
-  static inline V bytes(int b) { return _mm256_set1_epi8(static_cast<char>(b)); }
-  static inline V band(V a, V b) { return _mm256_and_si256(a, b); }
-  static inline V shr4(V v) { return _mm256_srli_epi16(v, 4); }
-  static inline int32_t hsum(V v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-  }
-  static inline V codes4(const uint8_t* p) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-    return _mm256_set_m128i(hi, lo);
-  }
-  static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
-                              float* acc) {
-    const __m256i corr = _mm256_add_epi32(_mm256_mullo_epi32(load(z), _mm256_set1_epi32(xs)), _mm256_slli_epi32(load(ws), 6));
-    const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(load(d), corr));
-    _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_loadu_ps(s), f, _mm256_loadu_ps(acc)));
-  }
-};
-#include "qlinear_kernels.inc"
-}  // namespace vnni256
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
-namespace bw512 {  // AVX-512 without VNNI (Skylake-X, Cascade Lake without it): vpmaddubsw + vpmaddwd
-struct Ops {
-  using V = __m512i;
-  static constexpr int kBytes = 64, kNV = 4, kMR = 4, kMR4 = 3;
-  static inline V zero() { return _mm512_setzero_si512(); }
-  static inline V load(const void* p) { return _mm512_loadu_si512(p); }
-  static inline void store(void* p, V v) { _mm512_storeu_si512(p, v); }
-  static inline V bcast4(const void* p) {
-    int32_t v;
-    std::memcpy(&v, p, sizeof(v));
-    return _mm512_set1_epi32(v);
-  }
-  static inline V dot(V acc, V u, V w) {
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, w), _mm512_set1_epi16(1)));
-  }
-  static inline int32_t hsum(V v) { return _mm512_reduce_add_epi32(v); }
-  static inline V bytes(int b) { return _mm512_set1_epi8(static_cast<char>(b)); }
-  static inline V band(V a, V b) { return _mm512_and_si512(a, b); }
-  static inline V shr4(V v) { return _mm512_srli_epi16(v, 4); }
-  static inline V codes4(const uint8_t* p) { return vnni512::Ops::codes4(p); }
-  static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
-                              float* acc) {
-    vnni512::Ops::epilogue(d, s, z, ws, xs, acc);
-  }
-};
-#include "qlinear_kernels.inc"
-}  // namespace bw512
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
-namespace avx2k {
-struct Ops {
-  using V = __m256i;
-  static constexpr int kBytes = 32, kNV = 2, kMR = 4, kMR4 = 3;
-  static inline V zero() { return _mm256_setzero_si256(); }
-  static inline V load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static inline void store(void* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
-  static inline V bcast4(const void* p) {
-    int32_t v;
-    std::memcpy(&v, p, sizeof(v));
-    return _mm256_set1_epi32(v);
-  }
-  static inline V dot(V acc, V u, V w) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), _mm256_set1_epi16(1)));
-  }
-  static inline V bytes(int b) { return _mm256_set1_epi8(static_cast<char>(b)); }
-  static inline V band(V a, V b) { return _mm256_and_si256(a, b); }
-  static inline V shr4(V v) { return _mm256_srli_epi16(v, 4); }
-  static inline int32_t hsum(V v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-  }
-  static inline V codes4(const uint8_t* p) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-    return _mm256_set_m128i(hi, lo);
-  }
-  static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
-                              float* acc) {
-    const __m256i corr = _mm256_add_epi32(_mm256_mullo_epi32(load(z), _mm256_set1_epi32(xs)), _mm256_slli_epi32(load(ws), 6));
-    const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(load(d), corr));
-    _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_loadu_ps(s), f, _mm256_loadu_ps(acc)));
-  }
-};
-#include "qlinear_kernels.inc"
-}  // namespace avx2k
-#pragma GCC pop_options
-#endif  // DSX_X86
-
-namespace {
-
-// One instruction set's integer kernels, as function pointers (the driver below is plain C++).
-struct IntKernels {
-  const char* name;
-  int64_t mr8, mr4, chunk;
-  void (*dot_rows)(int, int, const uint8_t* const*, const uint8_t* const*, int64_t, int64_t, int32_t*);
-  void (*gemm_rows)(int, int, const uint8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*);
-  void (*widen_block)(const uint8_t*, int64_t, uint8_t*);
-  void (*accumulate_group)(int, const int32_t*, const float*, const int32_t*, const int32_t*, const int32_t*, int64_t,
-                           float*);
-};
-
-template <typename K>
-constexpr IntKernels kernels_of(const char* name) {
-  return {name, K::kMR, K::kMR4, K::kChunk, &K::dot_rows, &K::gemm_rows, &K::widen_block, &K::accumulate_group};
-}
-
-#ifdef DSX_X86
-constexpr IntKernels kVnni512 = kernels_of<vnni512::Kernels>("avx512_vnni");
-constexpr IntKernels kVnni256 = kernels_of<vnni256::Kernels>("avx512_vnni (256-bit)");
-constexpr IntKernels kBw512 = kernels_of<bw512::Kernels>("avx512");
-constexpr IntKernels kAvx2 = kernels_of<avx2k::Kernels>("avx2");
-#endif
-
-// The GEMM kernels for this CPU and cap, or null (scalar code).
-const IntKernels* gemm_kernels() {
-#ifdef DSX_X86
-  if (cpu_has(CpuFeature::kAvx512Vnni)) return &kVnni512;
-  if (cpu_isa() >= Isa::kAvx512) return &kBw512;
-  if (cpu_isa() >= Isa::kAvx2) return &kAvx2;
-#endif
-  return nullptr;
-}
-
-// The GEMV kernels for a group size (their vectors must divide it), or null (scalar code).
-const IntKernels* gemv_kernels(int64_t group) {
-#ifdef DSX_X86
-  const bool wide = group % 64 == 0;
-  if (cpu_has(CpuFeature::kAvx512Vnni)) return wide ? &kVnni512 : &kVnni256;
-  if (cpu_isa() >= Isa::kAvx512 && wide) return &kBw512;
-  if (cpu_isa() >= Isa::kAvx2) return &kAvx2;
-#else
-  (void)group;
-#endif
-  return nullptr;
-}
 
 // Rows from which the GEMM (repacked weight blocks) replaces the GEMV.
 constexpr int64_t kGemmRows = 4;
@@ -489,8 +266,8 @@ void int8_linear(const float* x, const QLinearPlan& p, const at::Tensor& codes, 
                  const int32_t* zero, int64_t group_size, const float* static_scale,
                  const std::optional<at::Tensor>& code_sums, float* out) {
   const Activations a = quantize_activations(x, p, static_scale);
-  const IntKernels* gemm = p.packed || p.m >= kGemmRows ? gemm_kernels() : nullptr;
-  const IntKernels* gemv = gemm == nullptr ? gemv_kernels(p.group) : nullptr;
+  const IntKernels* gemm = p.packed || p.m >= kGemmRows ? int8_gemm_kernels() : nullptr;
+  const IntKernels* gemv = gemm == nullptr ? int8_gemv_kernels(p.group) : nullptr;
   at::Tensor stored = p.packed ? at::Tensor() : codes, packed = p.packed ? codes : at::Tensor();
   auto view = [&](bool want_packed) {
     at::Tensor& t = want_packed ? packed : stored;
@@ -501,12 +278,15 @@ void int8_linear(const float* x, const QLinearPlan& p, const at::Tensor& codes, 
     return Weights{reinterpret_cast<const uint8_t*>(t.const_data_ptr()), want_packed ? 0 : t.size(1), scale, zero};
   };
   std::vector<int32_t> wsum;
+  const int32_t* wsum_p = nullptr;
+  at::Tensor given_sums;
   if (gemm != nullptr || gemv != nullptr) {  // the +64 shift of the activation codes is undone with these sums
-    wsum.resize(static_cast<size_t>(p.n * p.groups));
     if (code_sums.has_value()) {
-      const at::Tensor cs = code_sums->cpu().contiguous();
-      std::copy_n(cs.const_data_ptr<int32_t>(), wsum.size(), wsum.data());
+      given_sums = code_sums->cpu().contiguous();
+      wsum_p = given_sums.const_data_ptr<int32_t>();
     } else {
+      wsum.resize(static_cast<size_t>(p.n * p.groups));
+      wsum_p = wsum.data();
       const Weights w = view(false);
       at::parallel_for(0, p.n, 64, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
@@ -520,9 +300,9 @@ void int8_linear(const float* x, const QLinearPlan& p, const at::Tensor& codes, 
     }
   }
   if (gemm != nullptr) {
-    int8_gemm(p, view(true), a, wsum.data(), *gemm, out);
+    int8_gemm(p, view(true), a, wsum_p, *gemm, out);
   } else {
-    int8_gemv(p, view(false), a, wsum.data(), gemv, out);
+    int8_gemv(p, view(false), a, wsum_p, gemv, out);
   }
   if (std::any_of(a.nonfinite.begin(), a.nonfinite.end(), [](uint8_t f) { return f != 0; })) {
     nonfinite_rows(x, p, view(false), a, out);
@@ -587,11 +367,12 @@ DSX_INLINE void weight_only_block(const float* x, int64_t rows, const uint8_t* w
 template <int Bits, int VB>
 DSX_INLINE void decode_row(const uint8_t* w, const QLinearPlan& p, const float* scale, const int32_t* zero,
                            float* out) {
-  using VF = simd::Vec<float, VB>;
   constexpr int64_t L = simd::kLanes<float, VB>;
   for (int64_t g = 0; g < p.groups; ++g) {
     const float s = scale[g], off = -s * static_cast<float>(zero[g]);
-    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += L) simd::store(out + k, codes_as_float<Bits, VB>(w, k) * s + off);
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += L) {
+      simd::store(out + k, codes_as_float<Bits, VB>(w, k) * s + off);
+    }
   }
 }
 
@@ -657,6 +438,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_weight_cpu(const at::Ten
   // 4 bits unsigned [0, 15].
   const float qmax_sym = bits == 8 ? 127.0f : 7.0f;
   const int64_t lo_code = bits == 8 ? -127 : 0, hi_code = bits == 8 ? 127 : 15;
+  // An integer code cannot stand for inf or NaN: such weights are an error, reported before anything is packed.
+  const bool finite = at::parallel_reduce(
+      0, n * k, int64_t{1} << 16, true,
+      [&](int64_t b, int64_t e, bool ok) {
+        float probe = 0.0f;
+        for (int64_t i = b; i < e; ++i) probe += wp[i] * 0.0f;  // stays 0 unless some value is inf or NaN
+        return ok && probe == 0.0f;
+      },
+      [](bool a, bool b) { return a && b; });
+  TORCH_CHECK_VALUE(finite, "quantize_weight: w has non-finite values (inf or nan); integer codes cannot represent "
+                            "them");
   at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* row = wp + r * k;
@@ -707,12 +499,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
   float* op = out.data_ptr<float>();
   if (p.m > 0 && p.n > 0) {
     if (p.act_bits == 8) {
-      float static_scale = 0.0f;
-      if (act_scale.has_value()) {
-        static_scale = act_scale->to(at::kFloat).cpu().item<float>();
-        TORCH_CHECK_VALUE(std::isfinite(static_scale) && static_scale > 0.0f,
-                          "quantized_linear: expected act_scale to be positive and finite, but got ", static_scale);
-      }
+      // The checks have made sure a static scale is a finite, positive float32 value.
+      const float static_scale = act_scale.has_value() ? act_scale->cpu().item<float>() : 0.0f;
       int8_linear(xf.const_data_ptr<float>(), p, cc, sw, zw, group_size, act_scale.has_value() ? &static_scale : nullptr,
                   code_sums, op);
     } else {
@@ -721,15 +509,24 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& codes, co
       weight_only_linear(xf.const_data_ptr<float>(), p, w, op, xf);
     }
   }
-  if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  return out.to(x.scalar_type());
+  if (bias.has_value() && p.m > 0) {  // in place, without another dispatcher call per layer
+    const at::Tensor bf = bias->to(at::kFloat).contiguous();
+    const float* bp = bf.const_data_ptr<float>();
+    at::parallel_for(0, p.m, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(p.n, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        float* row = op + m * p.n;
+        for (int64_t n = 0; n < p.n; ++n) row[n] += bp[n];
+      }
+    });
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 namespace {
 
 std::vector<std::pair<std::string, std::string>> describe_paths(Isa) {  // the level is read by the helpers
-  const IntKernels* gemm = gemm_kernels();
-  const IntKernels* gemv = gemv_kernels(128);
+  const IntKernels* gemm = int8_gemm_kernels();
+  const IntKernels* gemv = int8_gemv_kernels(128);
   const std::string weight_only = std::string(isa_name(std::min(cpu_isa(), Isa::kAvx512))) +
                                   ": weights dequantised in registers, batch < 16 (GEMV); dequantised tiles and the "
                                   "BLAS from 16 rows";

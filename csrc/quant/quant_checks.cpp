@@ -1,4 +1,5 @@
 #include <torch/library.h>
+#include <cmath>
 
 #include "deepseek_ext/checks.h"
 #include "deepseek_ext/quant.h"
@@ -8,7 +9,7 @@ namespace quant {
 
 int64_t padded_k(int64_t k, int64_t group_size) {
   const int64_t unit = group_size > 0 ? group_size : kKAlign;
-  return std::max<int64_t>(unit, (k + unit - 1) / unit * unit);
+  return std::max<int64_t>(unit, (k / unit + (k % unit != 0)) * unit);  // no k + unit - 1: it could overflow
 }
 
 int64_t effective_group(int64_t kp, int64_t group_size) { return group_size > 0 ? group_size : kp; }
@@ -28,11 +29,12 @@ static void check_codes(const char* op, const at::Tensor& codes, int64_t bits, i
 }
 
 static void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
+  // Largest group_size accepted: far above any useful group, and it keeps the padded sizes far from overflow.
+  constexpr int64_t kMaxGroupSize = 1 << 16;
   TORCH_CHECK_VALUE(bits == 8 || bits == 4, op, ": expected bits to be 8 or 4, but got ", bits);
-  TORCH_CHECK_VALUE(group_size == 0 || (group_size > 0 && group_size % kKAlign == 0), op,
-                    ": expected group_size to be 0 (per channel) or a positive multiple of 32 (32, 64, 128, ...), "
-                    "but got ",
-                    group_size);
+  TORCH_CHECK_VALUE(group_size == 0 || (group_size > 0 && group_size % kKAlign == 0 && group_size <= kMaxGroupSize),
+                    op, ": expected group_size to be 0 (per channel) or a positive multiple of 32 (32, 64, 128, ...) ",
+                    "up to ", kMaxGroupSize, ", but got ", group_size);
 }
 
 void check_quantize_weight(const at::Tensor& w, int64_t bits, int64_t group_size) {
@@ -79,12 +81,20 @@ QLinearPlan check_quantized_linear(const at::Tensor& x, const at::Tensor& codes,
                     " and ", zeros.sizes());
   for (const at::Tensor* t : {&codes, &scales, &zeros}) check_same_device(op, "x", x, "weights", *t);
   if (bias.has_value()) {
+    check_dtype(op, "bias", *bias, {at::kFloat, at::kHalf, at::kBFloat16});
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.n, op, ": expected bias of shape [", p.n, "], but got ",
                       bias->sizes());
+    check_same_device(op, "x", x, "bias", *bias);
   }
   if (act_scale.has_value()) {
     TORCH_CHECK_VALUE(act_bits == 8, op, ": act_scale (static activation quantization) only applies with act_bits=8");
-    TORCH_CHECK_VALUE(act_scale->numel() == 1, op, ": expected a one-element act_scale (per-tensor static scale)");
+    check_dtype(op, "act_scale", *act_scale, {at::kFloat});
+    TORCH_CHECK_VALUE(act_scale->numel() == 1, op, ": expected a one-element act_scale (per-tensor static scale), ",
+                      "but got shape ", act_scale->sizes());
+    if (check_values_of(*act_scale)) {  // a device scale only in debug mode (checks.h): reading it synchronises
+      const float s = act_scale->item<float>();
+      TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f, op, ": expected a finite, positive act_scale, but got ", s);
+    }
   }
   if (code_sums.has_value()) {
     check_dtype(op, "code_sums", *code_sums, {at::kInt});

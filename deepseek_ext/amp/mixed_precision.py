@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Any
 
@@ -29,6 +31,35 @@ def _fp16_supported(device_type: str) -> bool:
         return True
     except (RuntimeError, AssertionError):
         return False
+
+
+def _check_schedule(owner: str, v: dict) -> None:
+    """The loss-scale schedule: finite numbers with growth_factor > 1, 0 < backoff_factor < 1, an integer
+    growth_interval >= 1, 0 < min_scale <= init_scale (or the current scale) and 0 <= growth_tracker < interval."""
+    for name, value in v.items():
+        integral = name in ("growth_interval", "growth_tracker")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if integral else numbers.Real):
+            raise TypeError(
+                f"{owner}: expected {name} to be {'an integer' if integral else 'a number'}, but got "
+                f"{type(value).__name__}"
+            )
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: expected {name} to be finite, but got {value}")
+    scale_name = "init_scale" if "init_scale" in v else "scale"
+    rules = [
+        (scale_name, v[scale_name] > 0, "> 0"),
+        ("growth_factor", v["growth_factor"] > 1.0, "> 1"),
+        ("backoff_factor", 0.0 < v["backoff_factor"] < 1.0, "in (0, 1)"),
+        ("growth_interval", v["growth_interval"] >= 1, ">= 1"),
+        ("min_scale", 0.0 < v["min_scale"] <= v[scale_name], f"in (0, {scale_name}={v[scale_name]}]"),
+    ]
+    if "growth_tracker" in v:
+        rules.append(
+            ("growth_tracker", 0 <= v["growth_tracker"] < v["growth_interval"], f"in [0, {v['growth_interval']})")
+        )
+    for name, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"{owner}: expected {name} {expected}, but got {v[name]}")
 
 
 class AutoMixedPrecision:
@@ -84,14 +115,16 @@ class AutoMixedPrecision:
                 f"AutoMixedPrecision: default_dtype must be torch.float32, torch.float16 or "
                 f"torch.bfloat16, got {default_dtype}"
             )
-        if not (
-            growth_factor > 1.0 and 0.0 < backoff_factor < 1.0 and growth_interval >= 1 and 0 < min_scale <= init_scale
-        ):
-            raise ValueError(
-                "AutoMixedPrecision: need growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1 "
-                f"and 0 < min_scale <= init_scale; got {growth_factor}, {backoff_factor}, "
-                f"{growth_interval}, {min_scale}, {init_scale}"
-            )
+        _check_schedule(
+            "AutoMixedPrecision",
+            {
+                "init_scale": init_scale,
+                "growth_factor": growth_factor,
+                "backoff_factor": backoff_factor,
+                "growth_interval": growth_interval,
+                "min_scale": min_scale,
+            },
+        )
         self.optimizer = optimizer
         self.default_dtype = default_dtype
         self._groups: list[tuple[torch.dtype, list[str], str]] = []
@@ -272,7 +305,12 @@ class AutoMixedPrecision:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clips the unscaled gradients to total L2 norm ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_``) and
-        returns the norm before clipping. With non-finite gradients nothing is clipped (the step will be skipped)."""
+        returns the norm before clipping. With non-finite gradients nothing is clipped (the step will be skipped).
+        ``max_norm`` must be a non-negative number (``inf``: no clipping)."""
+        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+            raise TypeError(f"AutoMixedPrecision.clip_grad_norm_: expected max_norm to be a number, got {max_norm!r}")
+        if not max_norm >= 0:
+            raise ValueError(f"AutoMixedPrecision.clip_grad_norm_: expected max_norm >= 0, but got {max_norm}")
         norm = self._grad_norm if self._unscaled else self.unscale_()
         if not self._found_inf:
             coef = max_norm / (float(norm) + 1e-6)
@@ -283,13 +321,11 @@ class AutoMixedPrecision:
 
     def step(self, *args, **kwargs):
         """Unscales (if not yet done), then ``optimizer.step()`` unless the gradients hold inf/NaN, then updates the
-        loss scale. Returns what ``optimizer.step`` returned, or None for a skipped step."""
-        if not self.scaling and not self._unscaled:  # bf16/fp32 only: nothing to unscale or check
-            self.last_step_skipped = False
-            return self.optimizer.step(*args, **kwargs)
+        loss scale. Returns what ``optimizer.step`` returned, or None for a skipped step. Without loss scaling (bf16
+        and fp32 only) the gradients are still checked, in the same fused pass, and a non-finite step is skipped."""
         if not self._unscaled:
             self.unscale_()
-        skip = self.scaling and self._found_inf
+        skip = self._found_inf
         result = None if skip else self.optimizer.step(*args, **kwargs)
         self.last_step_skipped = skip
         if self.scaling:
@@ -317,6 +353,12 @@ class AutoMixedPrecision:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict`; every field is checked (finite, in range) before anything changes."""
+        keys = ("scale", "growth_tracker", "growth_factor", "backoff_factor", "growth_interval", "min_scale")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+            raise ValueError(f"AutoMixedPrecision.load_state_dict: the state lacks {missing}")
+        _check_schedule("AutoMixedPrecision.load_state_dict", {k: state[k] for k in keys})
         self._scale = float(state["scale"])
         self._growth_tracker = int(state["growth_tracker"])
         self._growth_factor = float(state["growth_factor"])

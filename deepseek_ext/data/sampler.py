@@ -9,6 +9,7 @@ labels and class names, turns targets and metrics into class weights, and yields
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Union
@@ -124,7 +125,12 @@ class DynamicSampler(Sampler[list[int]]):
             raise ValueError(f"DynamicSampler: batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(adjust_freq, int) or adjust_freq < 1:
             raise ValueError(f"DynamicSampler: adjust_freq must be a positive integer, got {adjust_freq!r}")
-        if max_shift < 1:
+        for name, v in (("feedback_strength", feedback_strength), ("max_shift", max_shift)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"DynamicSampler: expected {name} to be a number, but got {type(v).__name__}")
+        if not math.isfinite(feedback_strength):
+            raise ValueError(f"DynamicSampler: expected a finite feedback_strength, but got {feedback_strength}")
+        if not max_shift >= 1:
             raise ValueError(f"DynamicSampler: max_shift must be at least 1, got {max_shift}")
 
         raw, source = _resolve_labels(dataset, labels, label_fn)
@@ -275,8 +281,11 @@ class DynamicSampler(Sampler[list[int]]):
         active = [c for c, b in enumerate(self._base) if b > 0]
         mean = sum(scores[c] for c in active) / len(active)
         t = [0.0] * len(self._base)
+        # In log space, shifted by the largest exponent: any finite feedback_strength, however large, stays finite.
+        logs = {c: math.log(self._base[c]) + self.feedback_strength * (mean - scores[c]) for c in active}
+        top = max(logs.values())
         for c in active:
-            t[c] = self._base[c] * math.exp(self.feedback_strength * (mean - scores[c]))
+            t[c] = math.exp(logs[c] - top)
         # Normalise, then keep each ratio t_c / b_c within [1/max_shift, max_shift]; a few rounds settle both.
         for _ in range(20):
             total = sum(t)
@@ -376,11 +385,9 @@ class DynamicSampler(Sampler[list[int]]):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores a state_dict() of a sampler built on the same labels, seed, replicas and rank."""
-        if len(state["base"]) != len(self._sizes):
-            raise ValueError(
-                f"DynamicSampler: the state is for {len(state['base'])} classes, this sampler has {len(self._sizes)}"
-            )
+        """Restores a state_dict() of a sampler built on the same labels, seed, replicas and rank. Every field is
+        checked (types, lengths, ranges, consistency with this sampler) before anything changes."""
+        self._check_state(state)
         self._core.load_state(state["core"])
         self._core.set_weights(state["weights"])
         self._chunk = None if state["chunk"] is None else dict(state["chunk"])
@@ -391,3 +398,56 @@ class DynamicSampler(Sampler[list[int]]):
         self._base = list(state["base"])
         self._pending = state["pending"]
         self._scores = state["scores"]
+
+    def _check_state(self, state) -> None:
+        def bad(what: str):
+            raise ValueError(f"DynamicSampler.load_state_dict: {what}")
+
+        keys = ("core", "chunk", "weights", "epoch", "batch_in_epoch", "batches", "target", "base", "pending", "scores")
+        if not isinstance(state, Mapping) or any(k not in state for k in keys):
+            bad(f"expected a state_dict() with keys {list(keys)}")
+        n = len(self._sizes)
+
+        def ints(v, lo=0):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+        def vector(name, v, unit_sum: bool, allow_none: bool = False):
+            if v is None and allow_none:
+                return
+            if not isinstance(v, (list, tuple)) or len(v) != n:
+                bad(f"expected {name} to be a list of {n} numbers (one per class), but got {v!r:.80}")
+            if any(isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x < 0 for x in v):
+                bad(f"expected {name} to hold finite non-negative numbers, but got {v}")
+            if unit_sum and (abs(sum(v) - 1.0) > 1e-6 or any(x > 0 and self._sizes[c] == 0 for c, x in enumerate(v))):
+                bad(f"expected {name} to be a distribution over classes that have items, but got {v}")
+
+        def core(name, v):
+            if not isinstance(v, (list, tuple)) or len(v) != 3 + 2 * n or not all(ints(x) for x in v) or v[2] != n:
+                bad(f"{name} is not the state of a sampler over {n} classes")
+
+        for name in ("epoch", "batch_in_epoch", "batches"):
+            if not ints(state[name]):
+                bad(f"expected {name} to be a non-negative integer, but got {state[name]!r}")
+        if state["batch_in_epoch"] > len(self):
+            bad(f"batch_in_epoch {state['batch_in_epoch']} is past the epoch's {len(self)} batches")
+        if state["batches"] < state["batch_in_epoch"]:
+            bad(f"batches ({state['batches']}) is below batch_in_epoch ({state['batch_in_epoch']})")
+        core("core", state["core"])
+        chunk = state["chunk"]
+        if chunk is not None:
+            if not isinstance(chunk, Mapping) or set(chunk) != {"core", "yielded"}:
+                bad(f"expected chunk to be None or {{'core': ..., 'yielded': ...}}, but got {chunk!r:.80}")
+            core("chunk['core']", chunk["core"])
+            if not (ints(chunk["yielded"], 1) and chunk["yielded"] < _CHUNK_BATCHES):
+                bad(f"expected chunk['yielded'] in [1, {_CHUNK_BATCHES}), but got {chunk['yielded']!r}")
+            if chunk["yielded"] > state["batch_in_epoch"]:
+                bad(f"chunk['yielded'] ({chunk['yielded']}) is past batch_in_epoch ({state['batch_in_epoch']})")
+        vector("weights", state["weights"], unit_sum=False)
+        if sum(state["weights"]) <= 0 or any(x > 0 and self._sizes[c] == 0 for c, x in enumerate(state["weights"])):
+            bad(f"expected weights positive for some classes, and only for classes with items: {state['weights']}")
+        for name in ("target", "base"):
+            vector(name, state[name], unit_sum=True)
+        vector("pending", state["pending"], unit_sum=True, allow_none=True)
+        vector("scores", state["scores"], unit_sum=False, allow_none=True)
+        if state["scores"] is not None and any(x > 1 for x in state["scores"]):
+            bad(f"expected scores in [0, 1], but got {state['scores']}")

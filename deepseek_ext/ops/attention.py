@@ -36,6 +36,23 @@ def _draw_seed(dropout_p: float) -> torch.Tensor | None:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
 
+def _call_forward(op, args, inputs):
+    """Calls a forward op; when no gradient can flow (eager, grad disabled or no input requiring it), below the
+    autograd layer, whose Python formula would otherwise cost about 5 us per call on small inputs."""
+    q, k, v = inputs
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if wants_grad or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _default_scale(q: torch.Tensor) -> float:
+    """``1 / sqrt(head_dim)``; 1.0 for a head dim of 0 or a 0-d query, which the op's checks then reject by name."""
+    d = q.size(-1) if q.dim() > 0 else 0
+    return 1.0 / math.sqrt(d) if d > 0 else 1.0
+
+
 def _fallback_reason(q, k, v, attn_mask) -> str | None:
     """Why the kernels cannot run this call (and SDPA should), or None."""
     if q.size(-1) > MAX_HEAD_DIM or v.size(-1) > MAX_HEAD_DIM:
@@ -107,10 +124,9 @@ def fused_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
     else:
-        sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
-        out, _ = torch.ops.deepseek_ext.fused_attention_fwd.default(
-            q, k, v, attn_mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p)
-        )
+        sc = _default_scale(q) if scale is None else float(scale)
+        args = (q, k, v, attn_mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p))
+        out, _ = _call_forward(torch.ops.deepseek_ext.fused_attention_fwd.default, args, (q, k, v))
     return out.squeeze(0) if unbatched else out
 
 
@@ -149,8 +165,8 @@ def fused_attention_varlen(
         >>> out = fused_attention_varlen(q, k, v, cu, cu, is_causal=True)
     """
     require_native("ops.fused_attention_varlen")
-    sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
-    out, _ = torch.ops.deepseek_ext.fused_attention_varlen_fwd.default(
+    sc = _default_scale(q) if scale is None else float(scale)
+    args = (
         q,
         k,
         v,
@@ -161,6 +177,7 @@ def fused_attention_varlen(
         bool(is_causal),
         sc,
     )
+    out, _ = _call_forward(torch.ops.deepseek_ext.fused_attention_varlen_fwd.default, args, (q, k, v))
     return out
 
 

@@ -125,7 +125,7 @@ def code_sums(codes: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     from ..reference.quant import unpack_codes
 
     c = unpack_codes(codes, bits)
-    return c.view(c.shape[0], groups, -1).sum(-1, dtype=torch.int32)
+    return c.view(c.shape[0], groups, c.shape[1] // groups).sum(-1, dtype=torch.int32)
 
 
 if NATIVE_AVAILABLE:
@@ -154,3 +154,179 @@ if NATIVE_AVAILABLE:
     ):
         torch._check(x.dim() == 2 and x.shape[1] == in_features, lambda: "quantized_linear: x must be (M, in_features)")
         return x.new_empty((x.shape[0], scales.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The static int8 path (deepseek_ext.quant.graph): activation codes between layers. Codes are unsigned 7-bit values
+# ``u`` in [0, 127] with a per-tensor scale ``s`` and zero point ``z`` (value ``s * (u - z)``), channels last
+# (N, H, W, Cp) or (N, Cp), channels padded to a multiple of 8 with ``z``.
+
+
+def quantize_activation(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Float ``(N, C, H, W)`` or ``(N, C)`` -> codes ``(N, H, W, Cp)`` / ``(N, Cp)``: ``clamp(round(x / scale) + z,
+    0, 127)``. Non-finite inputs are a ValueError.
+
+    Example:
+        >>> codes = quantize_activation(torch.rand(1, 3, 8, 8), 1 / 127, 0)   # (1, 8, 8, 8) uint8
+    """
+    require_native("ops.quantize_activation")
+    return torch.ops.deepseek_ext.quantize_activation.default(x, float(scale), int(zero_point))
+
+
+def dequantize_activation(codes: torch.Tensor, scale: float, zero_point: int, channels: int) -> torch.Tensor:
+    """Codes -> float ``(N, channels, H, W)`` (channels-last memory) or ``(N, channels)``.
+
+    Example:
+        >>> x = dequantize_activation(codes, 1 / 127, 0, 3)   # (1, 3, 8, 8) float32
+    """
+    require_native("ops.dequantize_activation")
+    return torch.ops.deepseek_ext.dequantize_activation.default(codes, float(scale), int(zero_point), int(channels))
+
+
+def quantized_conv2d(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_sum: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    out_channels: int,
+    bits: int,
+    in_scale: float,
+    in_zero: int,
+    out_scale: float = 1.0,
+    out_zero: int = 0,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+    res_scale: float = 1.0,
+    res_zero: int = 0,
+    output_float: bool = False,
+) -> torch.Tensor:
+    """A convolution on activation codes (implicit GEMM, no im2col), requantised to the next layer's codes.
+
+    ``y = conv(s_in * (x - z_in), w) + bias (+ s_res * (residual - z_res))``, ReLU when asked, then codes
+    ``clamp(round(y / out_scale) + out_zero, 0, 127)`` (or ``y`` as float ``(N, Cout, Ho, Wo)`` when
+    ``output_float``).
+
+    Args:
+        x: codes ``(N, H, W, Cp)`` uint8.
+        packed: :func:`pack_quantized_weight` of the ``(Cout, kh * kw * Cp)`` codes (taps outer, channels inner).
+        w_scale, w_sum, w_zero: per output channel: float32 scale, int32 sum of codes, int32 zero point.
+        bias: float ``(Cout,)`` or None. kernel, stride, padding, dilation: pairs. bits: 8 or 4.
+        residual: codes ``(N, Ho, Wo, Coutp)`` added before the ReLU.
+
+    Returns:
+        codes ``(N, Ho, Wo, Coutp)`` uint8, or float ``(N, Cout, Ho, Wo)``.
+
+    Example:
+        >>> y = quantized_conv2d(x, packed, ws, wsum, wz, b, (3, 3), (1, 1), (1, 1), (1, 1), 64, 8, 0.02, 0,
+        ...                      0.05, 0, relu=True)
+    """
+    require_native("ops.quantized_conv2d")
+    return torch.ops.deepseek_ext.quantized_conv2d.default(
+        x, packed, w_scale, w_sum, w_zero, bias, list(kernel), list(stride), list(padding), list(dilation), 1,
+        int(out_channels), int(bits), float(in_scale), int(in_zero), float(out_scale), int(out_zero), bool(relu),
+        residual, float(res_scale), int(res_zero), bool(output_float),
+    )  # fmt: skip
+
+
+def quantized_max_pool2d(x, kernel, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False) -> torch.Tensor:
+    """Max pooling on codes ``(N, H, W, Cp)`` (max commutes with the quantisation; scale and zero point are kept).
+
+    Example:
+        >>> y = quantized_max_pool2d(codes, (3, 3), (2, 2), (1, 1))
+    """
+    require_native("ops.quantized_max_pool2d")
+    return torch.ops.deepseek_ext.quantized_max_pool2d.default(
+        x, list(kernel), list(stride), list(padding), list(dilation), bool(ceil_mode)
+    )
+
+
+def quantized_adaptive_avg_pool2d(x, output_size, in_scale, in_zero, out_scale, out_zero) -> torch.Tensor:
+    """Adaptive average pooling on codes (PyTorch's windows), requantised to ``(out_scale, out_zero)``.
+
+    Example:
+        >>> y = quantized_adaptive_avg_pool2d(codes, (1, 1), 0.05, 0, 0.02, 0)
+    """
+    require_native("ops.quantized_adaptive_avg_pool2d")
+    return torch.ops.deepseek_ext.quantized_adaptive_avg_pool2d.default(
+        x, list(output_size), float(in_scale), int(in_zero), float(out_scale), int(out_zero)
+    )
+
+
+def quantized_add(a, a_scale, a_zero, b, b_scale, b_zero, out_scale, out_zero, relu=False) -> torch.Tensor:
+    """``a + b`` on codes of the same shape, requantised (ReLU when asked).
+
+    Example:
+        >>> y = quantized_add(a, 0.05, 64, b, 0.03, 64, 0.06, 64)
+    """
+    require_native("ops.quantized_add")
+    return torch.ops.deepseek_ext.quantized_add.default(
+        a, float(a_scale), int(a_zero), b, float(b_scale), int(b_zero), float(out_scale), int(out_zero), bool(relu)
+    )
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _pad8(c: int) -> int:
+    return -(-c // 8) * 8
+
+
+if NATIVE_AVAILABLE:
+
+    @torch.library.register_fake("deepseek_ext::quantize_activation")
+    def _quantize_activation_fake(x, scale, zero_point):
+        if x.dim() == 4:
+            n, c, h, w = x.shape
+            return x.new_empty((n, h, w, _pad8(c)), dtype=torch.uint8)
+        return x.new_empty((x.shape[0], _pad8(x.shape[1])), dtype=torch.uint8)
+
+    @torch.library.register_fake("deepseek_ext::dequantize_activation")
+    def _dequantize_activation_fake(codes, scale, zero_point, channels):
+        if codes.dim() == 4:
+            n, h, w, _ = codes.shape
+            return codes.new_empty((n, h, w, channels), dtype=torch.float32).permute(0, 3, 1, 2)
+        return codes.new_empty((codes.shape[0], channels), dtype=torch.float32)
+
+    @torch.library.register_fake("deepseek_ext::quantized_conv2d")
+    def _quantized_conv2d_fake(
+        x, packed, w_scale, w_sum, w_zero, bias, kernel, stride, padding, dilation, groups, out_channels, bits,
+        in_scale, in_zero, out_scale, out_zero, relu=False, residual=None, res_scale=1.0, res_zero=0,
+        output_float=False,
+    ):  # fmt: skip
+        n, h, w, _ = x.shape
+        ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
+        wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
+        if output_float:
+            return x.new_empty((n, ho, wo, out_channels), dtype=torch.float32).permute(0, 3, 1, 2)
+        return x.new_empty((n, ho, wo, _pad8(out_channels)), dtype=torch.uint8)
+
+    @torch.library.register_fake("deepseek_ext::quantized_max_pool2d")
+    def _quantized_max_pool2d_fake(x, kernel, stride, padding, dilation, ceil_mode=False):
+        n, h, w, c = x.shape
+        stride = stride or kernel
+
+        def out_len(size, k, s, p, d):
+            span = size + 2 * p - d * (k - 1) - 1
+            o = (-(-span // s) if ceil_mode else span // s) + 1
+            if ceil_mode and (o - 1) * s >= size + p:
+                o -= 1
+            return o
+
+        ho = out_len(h, kernel[0], stride[0], padding[0], dilation[0])
+        wo = out_len(w, kernel[1], stride[1], padding[1], dilation[1])
+        return x.new_empty((n, ho, wo, c))
+
+    @torch.library.register_fake("deepseek_ext::quantized_adaptive_avg_pool2d")
+    def _quantized_adaptive_avg_pool2d_fake(x, output_size, in_scale, in_zero, out_scale, out_zero):
+        return x.new_empty((x.shape[0], output_size[0], output_size[1], x.shape[3]))
+
+    @torch.library.register_fake("deepseek_ext::quantized_add")
+    def _quantized_add_fake(a, a_scale, a_zero, b, b_scale, b_zero, out_scale, out_zero, relu=False):
+        return torch.empty_like(a)

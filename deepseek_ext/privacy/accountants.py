@@ -16,9 +16,11 @@ Both keep a history of ``(noise_multiplier, sample_rate, steps)`` so the noise m
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
+_MAX_SERIES_TERMS = 1_000_000  # the fractional-order series converges in far fewer terms for any valid input
 # Opacus's default orders: dense near 1, integers up to 63.
 DEFAULT_ALPHAS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]
 
@@ -54,7 +56,7 @@ def _log_a_int(q: float, sigma: float, alpha: int) -> float:
     log_a = -math.inf
     for i in range(alpha + 1):
         log_binom = math.lgamma(alpha + 1) - math.lgamma(i + 1) - math.lgamma(alpha - i + 1)
-        term = log_binom + i * math.log(q) + (alpha - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
+        term = log_binom + i * math.log(q) + (alpha - i) * math.log1p(-q) + (i * i - i) / (2 * (sigma * sigma))
         log_a = _log_add(log_a, term)
     return log_a
 
@@ -62,7 +64,7 @@ def _log_a_int(q: float, sigma: float, alpha: int) -> float:
 def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
     """The two-series formula for fractional orders (Mironov, Talwar & Zhang 2019, Section 3.3)."""
     log_a0 = log_a1 = -math.inf
-    z0 = sigma**2 * math.log(1 / q - 1) + 0.5
+    z0 = (sigma * sigma) * math.log(1 / q - 1) + 0.5
     coef = 1.0  # binom(alpha, i), built up multiplicatively (its sign alternates past i > alpha)
     i = 0
     while True:
@@ -72,8 +74,8 @@ def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
         log_t1 = log_coef + j * math.log(q) + i * math.log1p(-q)
         log_e0 = math.log(0.5) + _log_erfc((i - z0) / (math.sqrt(2) * sigma))
         log_e1 = math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2) * sigma))
-        log_s0 = log_t0 + (i * i - i) / (2 * sigma**2) + log_e0
-        log_s1 = log_t1 + (j * j - j) / (2 * sigma**2) + log_e1
+        log_s0 = log_t0 + (i * i - i) / (2 * (sigma * sigma)) + log_e0
+        log_s1 = log_t1 + (j * j - j) / (2 * (sigma * sigma)) + log_e1
         if coef > 0:
             log_a0, log_a1 = _log_add(log_a0, log_s0), _log_add(log_a1, log_s1)
         else:
@@ -81,6 +83,11 @@ def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
         i += 1
         if max(log_s0, log_s1) < -30:
             break
+        if math.isnan(log_s0) or math.isnan(log_s1) or i > _MAX_SERIES_TERMS:  # never loop forever
+            raise ValueError(
+                f"RDP accountant: the series for noise_multiplier={sigma}, sample_rate={q}, order {alpha} does not "
+                "converge"
+            )
         coef *= (alpha - (i - 1)) / i
     return _log_add(log_a0, log_a1)
 
@@ -89,12 +96,12 @@ def rdp_sampled_gaussian(q: float, sigma: float, steps: int, alphas: list[float]
     """RDP of ``steps`` compositions of the sampled Gaussian mechanism, one value per order."""
     out = []
     for a in alphas:
-        if q == 0:
+        if q == 0 or math.isinf(sigma * sigma):  # no sampling, or noise beyond float range: no privacy loss
             out.append(0.0)
         elif sigma == 0:
             out.append(math.inf)
         elif q == 1.0:
-            out.append(steps * a / (2 * sigma**2))
+            out.append(steps * a / (2 * (sigma * sigma)))
         else:
             log_a = _log_a_int(q, sigma, int(a)) if float(a).is_integer() else _log_a_frac(q, sigma, a)
             out.append(steps * log_a / (a - 1))
@@ -116,6 +123,18 @@ def rdp_to_epsilon(rdp: list[float], alphas: list[float], delta: float, conversi
     return max(best, 0.0), best_alpha
 
 
+def _check_mechanism(owner: str, noise_multiplier, sample_rate, steps) -> None:
+    def real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (real(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"{owner}: expected a finite noise_multiplier >= 0, but got {noise_multiplier!r}")
+    if not (real(sample_rate) and 0 <= sample_rate <= 1):
+        raise ValueError(f"{owner}: expected sample_rate in [0, 1], but got {sample_rate!r}")
+    if not (isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps >= 0):
+        raise ValueError(f"{owner}: expected steps to be a non-negative integer, but got {steps!r}")
+
+
 # -------------------------------------------------------------------------------------------------- accountants
 class Accountant:
     """Records the mechanism applied at each step; subclasses turn the history into ε for a δ.
@@ -132,6 +151,9 @@ class Accountant:
         self.history: list[tuple[float, float, int]] = []  # (noise_multiplier, sample_rate, steps)
 
     def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Records ``steps`` steps of the sampled Gaussian mechanism (checked: a finite noise multiplier >= 0, a
+        sample rate in [0, 1], a non-negative integer step count)."""
+        _check_mechanism(type(self).__name__ + ".step", noise_multiplier, sample_rate, steps)
         if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
             sigma, q, n = self.history[-1]
             self.history[-1] = (sigma, q, n + steps)
@@ -215,7 +237,7 @@ class PRVAccountant(Accountant):
             return 0.5 * torch.erfc(-z / math.sqrt(2))
 
         def x_of(t):  # inverse of L(x) = log(1 - q + q exp((2x - 1) / (2 s²)))
-            return sigma**2 * torch.log(((torch.exp(t) - (1 - q)) / q).clamp_min(1e-300)) + 0.5
+            return (sigma * sigma) * torch.log(((torch.exp(t) - (1 - q)) / q).clamp_min(1e-300)) + 0.5
 
         if direction == 0:
 
@@ -231,7 +253,7 @@ class PRVAccountant(Accountant):
 
         # Mean and variance of the loss by quadrature over x.
         x = torch.linspace(-16 * sigma, 1 + 16 * sigma, 400001, dtype=f64)
-        loss = torch.logaddexp(torch.tensor(low, dtype=f64), math.log(q) + (2 * x - 1) / (2 * sigma**2))
+        loss = torch.logaddexp(torch.tensor(low, dtype=f64), math.log(q) + (2 * x - 1) / (2 * (sigma * sigma)))
         dens = torch.exp(-0.5 * (x / sigma) ** 2)
         if direction == 0:
             dens = (1 - q) * dens + q * torch.exp(-0.5 * ((x - 1) / sigma) ** 2)
@@ -267,6 +289,8 @@ class PRVAccountant(Accountant):
 
     def get_epsilon(self, delta: float, history=None) -> float:
         history = self.history if history is None else history
+        # Steps without sampling or with noise beyond float range lose no privacy (and would overflow the grid).
+        history = [(sigma, q, n) for sigma, q, n in history if q > 0 and n > 0 and not math.isinf(sigma * sigma)]
         if not history:
             return 0.0
         delta_of = self._deltas(history)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from typing import Any
@@ -44,6 +45,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __init__(
         self, num_samples: int, sample_rate: float, generator: torch.Generator | None = None, secure_rng: bool = False
     ):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"PoissonBatchSampler: expected num_samples >= 0, but got {num_samples!r}")
+        _check_real("PoissonBatchSampler", "sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.generator = generator
@@ -59,6 +63,14 @@ class PoissonBatchSampler(Sampler[list[int]]):
             else:
                 u = torch.rand(self.num_samples, generator=self.generator)
             yield torch.nonzero(u < self.sample_rate).flatten().tolist()
+
+
+def _check_real(owner: str, name: str, value, expected: str, ok) -> None:
+    """ValueError (TypeError for a non-number) unless ``value`` is a finite real number with ``ok(value)``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: expected {name} to be a number ({expected}), but got {type(value).__name__}")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{owner}: expected {name} to be {expected}, but got {value}")
 
 
 def _secure_uniform(n: int) -> torch.Tensor:
@@ -365,19 +377,20 @@ class DifferentialPrivacy:
         generator: torch.Generator | None = None,
         loss_reduction: str = "mean",
     ):
-        if not (epsilon > 0 and math.isfinite(epsilon)):
-            raise ValueError(f"DifferentialPrivacy: epsilon must be positive and finite, got {epsilon}")
-        if not 0 < delta < 1:
-            raise ValueError(f"DifferentialPrivacy: delta must be in (0, 1), got {delta}")
-        if noise_multiplier is not None and noise_multiplier < 0:
-            raise ValueError(f"DifferentialPrivacy: noise_multiplier must be non-negative, got {noise_multiplier}")
+        _check_real("DifferentialPrivacy", "epsilon", epsilon, "positive and finite", lambda v: v > 0)
+        _check_real("DifferentialPrivacy", "delta", delta, "in (0, 1)", lambda v: 0 < v < 1)
+        if noise_multiplier is not None:
+            _check_real(
+                "DifferentialPrivacy", "noise_multiplier", noise_multiplier, "non-negative and finite", lambda v: v >= 0
+            )
+        if epochs is not None:
+            _check_real("DifferentialPrivacy", "epochs", epochs, "positive and finite", lambda v: v > 0)
         if noise_multiplier is None and epochs is None:
             raise ValueError(
                 "DifferentialPrivacy: give noise_multiplier, or noise_multiplier=None with epochs= so the "
                 "noise can be computed from the budget"
             )
-        if not max_grad_norm > 0:
-            raise ValueError(f"DifferentialPrivacy: max_grad_norm must be positive, got {max_grad_norm}")
+        _check_real("DifferentialPrivacy", "max_grad_norm", max_grad_norm, "positive and finite", lambda v: v > 0)
         if clipping not in ("flat", "ghost", "per_layer"):
             raise ValueError(f"DifferentialPrivacy: clipping must be 'flat', 'ghost' or 'per_layer', got {clipping!r}")
         self.epsilon = epsilon
@@ -426,14 +439,19 @@ class DifferentialPrivacy:
             raise ValueError("DifferentialPrivacy.wrap() needs model= (per-sample gradients come from its layers)")
         if data_loader is not None:
             dataset_size = len(data_loader.dataset)
+            if dataset_size == 0:
+                raise ValueError(
+                    "DifferentialPrivacy.wrap(): expected a non-empty dataset in data_loader, but it has 0 items"
+                )
             batch = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
             if batch is None:
                 raise ValueError("DifferentialPrivacy.wrap(): cannot tell the loader's batch size; pass sample_rate=")
             sample_rate = sample_rate or batch / dataset_size
         if sample_rate is None or dataset_size is None:
             raise ValueError("DifferentialPrivacy.wrap(): pass data_loader=, or sample_rate= and dataset_size=")
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"DifferentialPrivacy: sample rate must be in (0, 1], got {sample_rate}")
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+            raise ValueError(f"DifferentialPrivacy.wrap(): expected dataset_size >= 1, but got {dataset_size!r}")
+        _check_real("DifferentialPrivacy.wrap()", "sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
         model_params = {id(p) for p in model.parameters()}
         if any(id(p) not in model_params for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("DifferentialPrivacy.wrap(): the optimizer holds parameters that are not the model's")
@@ -511,6 +529,7 @@ class DifferentialPrivacy:
         grad_sample.refuse_batch_norm(model)
         if clipping not in ("flat", "ghost", "per_layer"):
             raise ValueError(f"clip_only: clipping must be 'flat', 'ghost' or 'per_layer', got {clipping!r}")
+        _check_real("clip_only", "max_grad_norm", max_grad_norm, "positive and finite", lambda v: v > 0)
         return DPOptimizer(
             optimizer,
             Capture(model, loss_reduction),

@@ -38,9 +38,9 @@ class QuantConfig:
             raise ValueError(f"QuantConfig: method must be 'dynamic' or 'static', got {self.method!r}")
         if self.method == "static" and self.activation_bits != 8:
             raise ValueError("QuantConfig: method='static' calibrates activation scales, so it needs activation_bits=8")
-        if self.group_size is not None and (self.group_size <= 0 or self.group_size % 32):
+        if self.group_size is not None and (self.group_size <= 0 or self.group_size % 32 or self.group_size > 65536):
             raise ValueError(
-                f"QuantConfig: group_size must be None (per channel) or a positive multiple of 32, got "
+                f"QuantConfig: group_size must be None (per channel) or a positive multiple of 32 up to 65536, got "
                 f"{self.group_size}"
             )
         self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)

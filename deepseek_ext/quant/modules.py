@@ -6,14 +6,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._native import require_native
 from ..ops.quant import (
     code_sums,
     pack_quantized_weight,
     quantize_weight,
-    quantized_linear,
     unpack_quantized_weight,
 )
 from .config import QuantConfig
+
+
+def _quantized_linear_op():
+    """The op itself (one Python layer less than ops.quant.quantized_linear on every layer call)."""
+    require_native("quant.QuantizedLinear")
+    return torch.ops.deepseek_ext.quantized_linear.default
 
 
 class _QuantizedWeight(nn.Module):
@@ -72,20 +78,58 @@ class _QuantizedWeight(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "codes"] = self._stored_codes() if keep_vars else self._stored_codes().detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.codes = self._stored_codes()  # compare and copy in the portable layout
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.codes = self._layout_for_device(self.codes)
-
     def get_extra_state(self):
         return {"config": self.config.to_dict(), "in_features": self.in_features}
 
-    def set_extra_state(self, state) -> None:
+    def _check_extra_state(self, state) -> None:
+        name = type(self).__name__
+        if not isinstance(state, dict) or "config" not in state or "in_features" not in state:
+            raise ValueError(f"{name}: expected extra state {{'config': ..., 'in_features': ...}}, got {state!r:.80}")
         if state["config"] != self.config.to_dict():
             raise ValueError(
-                f"{type(self).__name__}: this state_dict was made with {state['config']}, but the module "
+                f"{name}: this state_dict was made with {state['config']}, but the module "
                 f"was built with {self.config.to_dict()}; quantize with the same QuantConfig first"
             )
+        if state["in_features"] != self.in_features:
+            raise ValueError(
+                f"{name}: this state_dict was made for in_features={state['in_features']!r}, but the module "
+                f"has in_features={self.in_features}"
+            )
+
+    def set_extra_state(self, state) -> None:
+        self._check_extra_state(state)
+
+    def check_state_dict(self, state_dict, prefix: str = "") -> None:
+        """Raises ``ValueError`` unless ``state_dict`` (entries under ``prefix``) fits this module: the same config
+        and in_features, and every buffer with this module's shape and dtype. Nothing is changed; loading calls it
+        before copying a single value (and a quantized model checks all its layers before loading any of them).
+
+        Example:
+            >>> qlinear.check_state_dict(torch.load('layer.pt'))   # ValueError on a mismatch
+        """
+        name = type(self).__name__
+        own = [k for k in self._buffers if prefix + k in state_dict]
+        extra_key = prefix + "_extra_state"
+        if extra_key not in state_dict:
+            if own:
+                raise ValueError(f"{name}: the state_dict has {prefix + own[0]} but no {extra_key} (the config)")
+            return
+        self._check_extra_state(state_dict[extra_key])
+        for k in own:
+            value, mine = state_dict[prefix + k], self._stored_codes() if k == "codes" else self._buffers[k]
+            if mine is None:
+                raise ValueError(f"{name}: the state_dict has {prefix + k}, but this module has no {k}")
+            if not isinstance(value, torch.Tensor) or value.shape != mine.shape or value.dtype != mine.dtype:
+                got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{name}: expected {prefix + k} of shape {tuple(mine.shape)} and dtype {mine.dtype}, but got {got}"
+                )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.check_state_dict(state_dict, prefix)
+        self.codes = self._stored_codes()  # compare and copy in the portable layout
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.codes = self._layout_for_device(self.codes)
 
     def _linear(self, x2d: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -97,7 +141,7 @@ class _QuantizedWeight(nn.Module):
                     "before the first forward"
                 )
             act_scale = self.act_scale
-        return quantized_linear(
+        return _quantized_linear_op()(
             x2d,
             self.codes,
             self.scales,
@@ -129,6 +173,8 @@ class QuantizedLinear(_QuantizedWeight):
         self._init_weight(linear.weight, linear.bias, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return self._linear(x)
         y = self._linear(x.reshape(-1, x.shape[-1]))
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -183,3 +229,12 @@ class QuantizedConv2d(_QuantizedWeight):
             f"{self.in_features // (self.kernel_size[0] * self.kernel_size[1])}, {self.out_channels}, "
             f"kernel_size={self.kernel_size}, stride={self.stride}, w{c.weight_bits}a{c.activation_bits or 'float'}"
         )
+
+
+def check_quantized_state_dict(module: nn.Module, state_dict, prefix: str = "", *args) -> None:
+    """Checks every quantized layer under ``module`` against ``state_dict`` (see
+    :meth:`_QuantizedWeight.check_state_dict`); a load_state_dict pre-hook of quantized models, so a mismatch in any
+    layer is found before any layer is loaded."""
+    for name, m in module.named_modules():
+        if isinstance(m, _QuantizedWeight):
+            m.check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)

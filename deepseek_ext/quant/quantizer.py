@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from ..amp.patterns import matches
 from .config import QuantConfig
-from .modules import QuantizedConv2d, QuantizedLinear, _QuantizedWeight
+from .modules import QuantizedConv2d, QuantizedLinear, _QuantizedWeight, check_quantized_state_dict
 
 # module type -> (can_take(module) -> reason or None, factory(module, config) -> quantized module)
 _HANDLERS: dict[type, tuple[Callable, Callable]] = {}
@@ -45,6 +46,15 @@ def _run(model: nn.Module, batch: Any):
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     return model(batch)
+
+
+def _model_args(batch: Any) -> tuple:
+    """The positional inputs of a traced model for one batch of a loader."""
+    if isinstance(batch, dict):
+        raise TypeError("Quantizer.calibrate(): a static int8 graph takes positional inputs, not a dict batch")
+    if isinstance(batch, (tuple, list)):
+        return (batch[0],)
+    return (batch,)
 
 
 def _output_tensor(out):
@@ -101,7 +111,16 @@ class Quantizer:
         self._last: nn.Module | None = None
 
     def quantize(self) -> nn.Module:
-        """A quantized copy of the model (the original is left as it was)."""
+        """A quantized copy of the model (the original is left as it was).
+
+        ``method='static'``: the copy is traced with ``torch.fx`` and its layers fused (see
+        :mod:`deepseek_ext.quant.graph`); the result runs after :meth:`calibrate`, with int8 activations between
+        layers. A model that cannot be traced is quantized module by module instead, with a warning."""
+        if self.config.method == "static":
+            static = self._quantize_graph()
+            if static is not None:
+                self._last = static
+                return static
         qmodel = copy.deepcopy(self.model)
         self.fallbacks = {}
         for name, module in list(qmodel.named_modules()):
@@ -120,7 +139,27 @@ class Quantizer:
                 setattr(module, child_name, handler[1](child, self.config))
         self._last = qmodel
         self._apply_act_scales(qmodel)
+        if not isinstance(qmodel, _QuantizedWeight):
+            qmodel.register_load_state_dict_pre_hook(check_quantized_state_dict)
         return qmodel
+
+    def _quantize_graph(self) -> nn.Module | None:
+        from .graph import StaticQuantizedModel, fuse
+
+        model = copy.deepcopy(self.model).eval()
+        try:
+            gm, fallbacks = fuse(model, lambda name: any(matches(p, name) for p in self.config.skip))
+        except Exception as e:  # torch.fx cannot trace data-dependent control flow, for one
+            warnings.warn(
+                f"Quantizer: torch.fx could not trace {type(self.model).__name__} for the static int8 graph "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); quantizing it module by module "
+                "instead (activations are quantized and dequantized around each layer)",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
+        self.fallbacks = fallbacks
+        return StaticQuantizedModel(gm, self.config, fallbacks)
 
     def calibrate(self, loader, num_batches: int = 10) -> dict[str, float]:
         """Static quantization: observes each layer's input range on the float model over ``num_batches`` batches of
@@ -130,6 +169,17 @@ class Quantizer:
                 "Quantizer.calibrate(): the config uses method='dynamic', whose activation scales are "
                 "computed at run time; use QuantConfig(method='static') to calibrate"
             )
+        from .graph import StaticQuantizedModel
+
+        if isinstance(self._last, StaticQuantizedModel):
+
+            def inputs():
+                for i, batch in enumerate(loader):
+                    if i >= num_batches:
+                        break
+                    yield _model_args(batch)
+
+            return self._last.calibrate(inputs())
         amax: dict[str, torch.Tensor] = {}
         hooks = []
         for name, m in self.model.named_modules():

@@ -14,9 +14,9 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(N, Kp) integer codes from the packed storage (see csrc/include/deepseek_ext/quant.h)."""
     if bits == 8:
         return codes.to(torch.int32)
-    n = codes.shape[0]
-    b = codes.to(torch.int32).view(n, -1, 16)
-    return torch.cat([b & 0x0F, b >> 4], dim=2).view(n, -1)
+    n, cols = codes.shape
+    b = codes.to(torch.int32).view(n, cols // 16, 16)
+    return torch.cat([b & 0x0F, b >> 4], dim=2).view(n, 2 * cols)
 
 
 def dequantize_weight(codes, scales, zeros, bits: int, group_size: int, in_features: int) -> torch.Tensor:
@@ -34,7 +34,8 @@ def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor | None = None)
     do (the reduce_range that keeps AVX2's vpmaddubsw from saturating)."""
     x = x.float()
     if act_scale is None:
-        s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 63.0
+        amax = x.abs().amax(1, keepdim=True) if x.shape[1] else x.new_zeros(x.shape[0], 1)
+        s = amax.clamp_min(1e-12) / 63.0
     else:
         s = act_scale.float().reshape(1, 1).expand(x.shape[0], 1)
     return torch.round(x / s).clamp(-63, 63), s
@@ -81,3 +82,48 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     q = torch.where(torch.isnan(g), zeros.unsqueeze(-1).float(), q)
     q = torch.maximum(torch.minimum(q, hi.unsqueeze(-1).float()), lo.unsqueeze(-1).float())
     return q.view(n, kp).to(torch.int32), scales, zeros
+
+
+def quantized_conv2d(
+    x,
+    codes,
+    w_scale,
+    w_zero,
+    bias,
+    kernel,
+    stride,
+    padding,
+    dilation,
+    out_channels,
+    bits,
+    in_scale,
+    in_zero,
+    out_scale=1.0,
+    out_zero=0,
+    relu=False,
+    residual=None,
+    res_scale=1.0,
+    res_zero=0,
+    output_float=False,
+):
+    """float64 reference of ``quantized_conv2d`` from the stored-layout codes ``(Cout, kh * kw * Cp)`` (taps outer,
+    channels inner): the same integer products, then the requantisation."""
+    n, h, w, cp = x.shape
+    kh, kw = kernel
+    k = kh * kw * cp
+    wc = unpack_codes(codes, bits)[:, :k].double() - w_zero.double().view(-1, 1)
+    weight = wc.view(out_channels, kh, kw, cp).permute(0, 3, 1, 2)  # integer-valued (Cout, Cp, kh, kw)
+    xf = (x.double() - in_zero).permute(0, 3, 1, 2)
+    acc = torch.nn.functional.conv2d(xf, weight, None, stride, padding, dilation)  # exact integers
+    y = acc * (in_scale * w_scale.double()).view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + res_scale * (residual[..., :out_channels].double() - res_zero).permute(0, 3, 1, 2)
+    if relu:
+        y = y.clamp_min(0)
+    if output_float:
+        return y
+    codes_out = torch.round(y / out_scale + out_zero).clamp(0, 127).to(torch.uint8).permute(0, 2, 3, 1)
+    coutp = -(-out_channels // 8) * 8
+    return torch.nn.functional.pad(codes_out, (0, coutp - out_channels), value=out_zero)

@@ -141,7 +141,9 @@ at::Tensor fp8_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const at::T
       case MatmulScaling::kTensor: tensor_cores = sm >= 89; break;
       case MatmulScaling::kRow: tensor_cores = sm >= 90; break;
       case MatmulScaling::kBlock:
-        tensor_cores = sm == 90 && p.block == 128;  // cuBLASLt's 1x128 / 128x128 modes exist on Hopper only
+        // cuBLASLt's 1x128 / 128x128 modes exist on Hopper only (block_size as given: the checks clamp p.block to
+        // max(K, N), which describes the same scales)
+        tensor_cores = sm == 90 && block_size == 128;
         break;
     }
   }

@@ -1,8 +1,8 @@
 // CUDA path of the integer quantization ops (formats in deepseek_ext/quant.h). Both follow the CPU's definitions
 // operation for operation, so results are bit-identical to the CPU kernels:
 //   quantize_weight: one warp per (row, group): float min / max, a true float division for the scale, codes
-//   rint(w / scale) + zero clamped to the code range (a NaN quotient takes the int64 "indefinite" value x86 gives it,
-//   INT64_MIN, as on the CPU).
+//   rint(w / scale) + zero clamped to the code range. (Non-finite weights are refused in debug mode only; without the
+//   check a NaN quotient takes the int64 "indefinite" value x86 gives it, INT64_MIN.)
 //   quantized_linear, act_bits = 8: activations to 7-bit codes per row (or the static scale), then exact int32 dot
 //   products per group and the epilogue y = sx * sum_g fmaf(sw_g, float(d_g), acc) in ascending group order (quant.h).
 //   Per-channel int8 weights with M > 16 take the int8 tensor cores (at::_int_mm) for the dot products and the same
@@ -301,6 +301,12 @@ at::Tensor dense_aligned(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_weight_cuda(const at::Tensor& w, int64_t bits,
                                                                     int64_t group_size, bool symmetric) {
   check_quantize_weight(w, bits, group_size);
+  // Non-finite weights are an error, as on the CPU, but reading the values synchronises: checked in debug mode only
+  // (checks.h). Without the check such a weight gets the codes the CPU gave before it refused them.
+  if (debug_checks()) {
+    TORCH_CHECK_VALUE(at::isfinite(w).all().item<bool>(),
+                      "quantize_weight: w has non-finite values (inf or nan); integer codes cannot represent them");
+  }
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t n = w.size(0), k = w.size(1), kp = padded_k(k, group_size), group = effective_group(kp, group_size);
   const int64_t groups = kp / group;
@@ -339,14 +345,9 @@ at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& codes, c
   if (p.m > 0 && p.n > 0) {
     if (p.act_bits == 8) {
       at::Tensor static_scale;
-      if (act_scale.has_value()) {
-        static_scale = act_scale->to(x.device(), at::kFloat).reshape({1}).contiguous();
-        if (check_values_of(*act_scale)) {  // on CUDA only in debug mode (checks.h)
-          const float v = static_scale.cpu().item<float>();
-          TORCH_CHECK_VALUE(std::isfinite(v) && v > 0.0f,
-                            "quantized_linear: expected act_scale to be positive and finite, but got ", v);
-        }
-      }
+      // The checks have made sure a static scale is float32 with one element (and, for a CPU scale or in debug mode,
+      // finite and positive).
+      if (act_scale.has_value()) static_scale = act_scale->to(x.device()).reshape({1}).contiguous();
       at::Tensor xq = at::empty({p.m, p.kp}, x.options().dtype(at::kChar));
       at::Tensor sx = at::empty({p.m}, x.options().dtype(at::kFloat));
       at::Tensor xsum = at::empty({p.m, p.groups}, x.options().dtype(at::kInt));

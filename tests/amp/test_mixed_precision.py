@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections import OrderedDict
 
@@ -343,3 +344,78 @@ def test_fp16_unavailable_falls_back_to_bf16(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         amp.detach()
+
+
+# ------------------------------------------------------------------------------------------ reliability (issue 16)
+def test_bf16_only_skips_steps_on_non_finite_gradients():
+    """clip_grad_norm_'s docstring promises the step is skipped; without loss scaling it must be too."""
+    for clip in (False, True):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        amp = AutoMixedPrecision(opt, model=model, bf16_groups=["layer"])
+        before = copy.deepcopy(model.state_dict())
+        amp.backward(nn.functional.cross_entropy(model(torch.randn(4, 32)), torch.randint(0, 3, (4,))))
+        next(model.parameters()).grad[0, 0] = float("nan")
+        if clip:
+            assert not math.isfinite(float(amp.clip_grad_norm_(1.0)))
+        assert amp.step() is None and amp.last_step_skipped
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert amp.get_scale() == 1.0
+        # A finite step afterwards goes through.
+        opt.zero_grad()
+        amp.backward(nn.functional.cross_entropy(model(torch.randn(4, 32)), torch.randint(0, 3, (4,))))
+        amp.step()
+        assert not amp.last_step_skipped
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("scale", -1.0, r"expected scale > 0"),
+        ("scale", 0.0, r"expected scale > 0"),
+        ("scale", float("inf"), r"expected scale to be finite"),
+        ("scale", float("nan"), r"expected scale to be finite"),
+        ("min_scale", 1e9, r"expected min_scale in \(0, scale="),
+        ("growth_factor", 0.5, r"expected growth_factor > 1"),
+        ("backoff_factor", 1.5, r"expected backoff_factor in \(0, 1\)"),
+        ("growth_interval", 0, r"expected growth_interval >= 1"),
+        ("growth_tracker", -3, r"expected growth_tracker in \[0, "),
+        ("growth_interval", 2.5, r"expected growth_interval to be an integer"),
+        ("scale", "big", r"expected scale to be a number"),
+    ],
+)
+def test_load_state_dict_checks_every_field_before_changing_anything(field, value, match):
+    model = mlp()
+    amp = AutoMixedPrecision(torch.optim.SGD(model.parameters(), lr=0.1), model=model, fp16_groups=["layer"])
+    good = amp.state_dict()
+    state = dict(good, **{field: value})
+    with pytest.raises((ValueError, TypeError), match=r"AutoMixedPrecision.load_state_dict: " + match):
+        amp.load_state_dict(state)
+    assert amp.state_dict() == good
+    with pytest.raises(ValueError, match=r"lacks \['scale'\]"):
+        amp.load_state_dict({k: v for k, v in good.items() if k != "scale"})
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(init_scale=float("inf")), r"expected init_scale to be finite"),
+        (dict(init_scale=float("nan")), r"expected init_scale to be finite"),
+        (dict(min_scale=float("nan")), r"expected min_scale to be finite"),
+        (dict(growth_factor=float("inf")), r"expected growth_factor to be finite"),
+    ],
+)
+def test_non_finite_schedules_are_refused(kwargs, match):
+    model = mlp()
+    with pytest.raises(ValueError, match=r"AutoMixedPrecision: " + match):
+        AutoMixedPrecision(torch.optim.SGD(model.parameters(), lr=0.1), model=model, fp16_groups=["layer"], **kwargs)
+
+
+@pytest.mark.parametrize("max_norm", [float("nan"), -1.0])
+def test_clip_grad_norm_refuses_a_bad_max_norm(max_norm):
+    model = mlp()
+    amp = AutoMixedPrecision(torch.optim.SGD(model.parameters(), lr=0.1), model=model, fp16_groups=["layer"])
+    amp.backward(nn.functional.cross_entropy(model(torch.randn(4, 32)), torch.randint(0, 3, (4,))))
+    with pytest.raises(ValueError, match=r"clip_grad_norm_: expected max_norm >= 0"):
+        amp.clip_grad_norm_(max_norm)

@@ -246,3 +246,73 @@ def test_bad_input_raises_clear_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DynamicSampler(labels=labels, target_dist=[0.5, 0.5, 0.0])
+
+
+# ------------------------------------------------------------------------------------------ reliability (issue 16)
+def _sampler(**kw):
+    return DynamicSampler(labels=imbalanced_labels(600, 0.2), target_dist="balanced", adjust_freq=5, batch_size=8, **kw)
+
+
+def _tampered(field, value):
+    s = _sampler()
+    it = iter(s)
+    for _ in range(3):
+        next(it)
+    state = s.state_dict()
+    state[field] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("batch_in_epoch", -1000, r"expected batch_in_epoch to be a non-negative integer"),
+        ("batch_in_epoch", 10**6, r"batch_in_epoch 1000000 is past the epoch's 75 batches"),
+        ("chunk", {"core": [0, 0, 2, 0, 0, 0, 0], "yielded": 10**6}, r"expected chunk\['yielded'\] in \[1, 64\)"),
+        ("chunk", {"core": [0, 0, 2, 0, 0, 0, 0], "yielded": 3.5}, r"expected chunk\['yielded'\] in \[1, 64\)"),
+        ("batches", 1, r"batches \(1\) is below batch_in_epoch"),
+        ("core", [0, 0, 5], r"core is not the state of a sampler over 2 classes"),
+        ("weights", [float("nan"), 1.0], r"expected weights to hold finite non-negative numbers"),
+        ("weights", [0.0, 0.0], r"expected weights positive for some classes"),
+        ("target", [0.9, 0.9], r"expected target to be a distribution"),
+        ("base", [1.0], r"expected base to be a list of 2 numbers"),
+        ("scores", [2.0, 0.5], r"expected scores in \[0, 1\]"),
+        ("epoch", "x", r"expected epoch to be a non-negative integer"),
+    ],
+)
+def test_a_tampered_state_is_refused_before_anything_changes(field, value, match):
+    s = _sampler()
+    before = s.state_dict()
+    with pytest.raises(ValueError, match=r"DynamicSampler.load_state_dict: " + match):
+        s.load_state_dict(_tampered(field, value))
+    assert s.state_dict() == before
+    assert sum(1 for _ in s) == len(s)
+
+
+def test_one_epoch_never_yields_more_batches_than_len_after_a_restore():
+    s = _sampler()
+    it = iter(s)
+    for _ in range(7):
+        next(it)
+    restored = _sampler()
+    restored.load_state_dict(s.state_dict())
+    assert sum(1 for _ in restored) == len(s) - 7
+    assert sum(1 for _ in restored) == len(s)
+
+
+@pytest.mark.parametrize("strength", [1e6, 1e300, -1e300])
+def test_huge_feedback_strength_gives_a_bounded_target_not_overflow(strength):
+    s = _sampler(feedback_strength=strength, max_shift=3.0)
+    s.update([0.2, 0.9])
+    t = s._pending
+    assert all(math.isfinite(v) for v in t) and abs(sum(t) - 1) < 1e-9
+    # Pinned at the max_shift bounds around the balanced base.
+    assert max(t) / 0.5 <= 3.0 + 1e-9 and min(t) / 0.5 >= 1 / 3.0 - 1e-9
+
+
+@pytest.mark.parametrize("strength", [float("inf"), float("nan")])
+def test_non_finite_feedback_strength_is_refused(strength):
+    with pytest.raises(ValueError, match="DynamicSampler: expected a finite feedback_strength"):
+        _sampler(feedback_strength=strength)
+    with pytest.raises(ValueError, match="DynamicSampler: max_shift must be at least 1"):
+        _sampler(max_shift=float("nan"))

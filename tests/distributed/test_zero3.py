@@ -134,7 +134,8 @@ def _train(
                 ck._atomic_write_text = die
             manager.maybe_save(step, model, opt)
             if corrupt is not None and step == corrupt and rank == 0:
-                f = Path(ckpt) / f"step_{step}" / "rank_00001.pt"
+                step_dir = Path(ckpt) / f"step_{step}"
+                f = step_dir / json.loads((step_dir / "manifest.json").read_text())["files"][1]["file"]
                 data = bytearray(f.read_bytes())
                 data[len(data) // 2] ^= 0xFF
                 f.write_bytes(bytes(data))

@@ -120,3 +120,24 @@ def test_found_inf_looks_at_the_stored_value(device):
     found = torch.zeros(1, device=device)
     norm = unscale_check_norm_(g, found, torch.tensor([2.0], device=device))
     assert found.item() == 1.0 and torch.isinf(g[0][0]) and not torch.isfinite(norm)
+
+
+def test_an_expanded_gradient_is_refused_before_any_gradient_is_unscaled():
+    """Issue 16: it used to fail only after the other gradients had been halved."""
+    from tests.helpers import result_of, run_isolated
+
+    grads = [torch.full((4,), 2.0), torch.full((3,), 4.0, dtype=torch.bfloat16), torch.ones(1, 5).expand(3, 5)]
+    found = torch.zeros(1)
+
+    def call():
+        try:
+            unscale_check_norm_(grads, found, torch.tensor([0.5]))
+            return None, grads, found
+        except ValueError as e:
+            return str(e), grads, found
+
+    message, after, found_after = result_of(run_isolated(call))
+    assert message is not None and "unscale_check_norm_: expected grads[2] to be writable in place" in message
+    assert "expanded or self-overlapping" in message
+    assert torch.equal(after[0], torch.full((4,), 2.0)) and torch.equal(after[1], torch.full((3,), 4.0).bfloat16())
+    assert found_after.item() == 0.0

@@ -410,3 +410,13 @@ def test_finfo_min_additive_mask_masks_like_a_boolean_mask(dtype, device):
     b = fused_attention(q, k, v, attn_mask=keep)
     assert torch.equal(a[:, :, 3], torch.zeros_like(a[:, :, 3]))
     _check(a, b, TOL[dtype])
+
+
+def test_head_dim_0_is_a_clear_error_not_a_zero_division():
+    """Issue 16: the default scale 1 / sqrt(0) raised ZeroDivisionError in the wrapper."""
+    q = torch.randn(1, 2, 3, 0)
+    with pytest.raises(ValueError, match=r"fused_attention_fwd: expected head dims of at least 1, but got 0"):
+        fused_attention(q, q, q)
+    with pytest.raises(ValueError, match=r"fused_attention_varlen_fwd: expected head dims of at least 1, but got 0"):
+        fused_attention_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1),
+                               torch.tensor([0, 3]), torch.tensor([0, 3]))  # fmt: skip

@@ -267,3 +267,23 @@ def test_torch_compile_fullgraph():
     x = spread_randn((70, 45), torch.bfloat16)
     compiled = torch.compile(fake_quant, fullgraph=True)
     assert torch.equal(compiled(x), fake_quant(x))
+
+
+@pytest.mark.parametrize("granularity", ["group", "block"])
+@pytest.mark.parametrize("block_size", [2**31, 2**62, 2**63 - 1])
+def test_huge_block_sizes_are_one_tile_and_never_divide_by_zero(granularity, block_size):
+    """Issue 16: (n + b - 1) / b overflowed to 0 tiles; quantize divided by zero (SIGFPE), dequantize accepted empty
+    scales."""
+    from tests.helpers import result_of, run_isolated
+
+    x = spread_randn((5, 9))
+    q, s = result_of(run_isolated(lambda: quantize_fp8(x, granularity=granularity, block_size=block_size)))
+    rq, rs = ref.quantize_fp8(x, torch.float8_e4m3fn, granularity, 9)  # one tile per row / for everything
+    assert s.shape == ((5, 1) if granularity == "group" else (1, 1))
+    assert_bits_equal(q, rq)
+    assert torch.equal(s, rs)
+    back = result_of(run_isolated(lambda: dequantize_fp8(q, s, granularity, block_size)))
+    assert_bits_equal(back, ref.dequantize_fp8(rq, rs, granularity, 9))
+    outcome = run_isolated(lambda: dequantize_fp8(q, torch.empty(5, 0), granularity, block_size))
+    assert outcome[0] == "raised" and isinstance(outcome[1], ValueError)
+    assert "expected scale of shape" in str(outcome[1])

@@ -98,7 +98,7 @@ def _fp8(*shape, dtype=torch.float8_e4m3fn):
         (
             lambda: fp8_matmul(_fp8(2, 3), _fp8(3, 4), torch.ones(2, 1), torch.ones(4, 1)),
             ValueError,
-            r"scales of shapes \[2, 1\] and \[4, 1\] fit no scaling mode.*\[2, 1\] and \[1, 4\]",
+            r"scale_a and scale_b of shapes \[2, 1\] and \[4, 1\] fit no scaling mode.*\[2, 1\] and \[1, 4\]",
         ),
         (
             lambda: fp8_matmul(_fp8(2, 3), _fp8(3, 4), torch.tensor(float("inf")), torch.ones(())),
@@ -151,3 +151,19 @@ def test_torch_compile_fullgraph():
 
     x, w = torch.randn(16, 64), torch.randn(32, 64)
     torch.testing.assert_close(torch.compile(fp8_linear, fullgraph=True)(x, w), fp8_linear(x, w))
+
+
+@pytest.mark.parametrize("block_size", [2**31, 2**62, 2**63 - 1])
+def test_huge_block_sizes_give_the_one_block_result(block_size):
+    """Issue 16: the tile count overflowed to 0, empty scales passed the check and the kernel read past them."""
+    from tests.helpers import result_of, run_isolated
+
+    a = (torch.randn(3, 5) * 4).to(torch.float8_e4m3fn)
+    b = (torch.randn(5, 7) * 4).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(3, 1) + 0.1, torch.rand(1, 1) + 0.1  # one group per row of a, one block for b
+    y = result_of(run_isolated(lambda: fp8_matmul(a, b, sa, sb, out_dtype=torch.float32, block_size=block_size)))
+    torch.testing.assert_close(y.double(), (a.double() * sa) @ (b.double() * sb), rtol=1e-5, atol=1e-5)
+    empty = torch.empty(3, 0)
+    outcome = run_isolated(lambda: fp8_matmul(a, b, empty, torch.empty(0, 0), block_size=block_size))
+    assert outcome[0] == "raised" and isinstance(outcome[1], ValueError)
+    assert "scale_a and scale_b of shapes [3, 0] and [0, 0] fit no scaling mode" in str(outcome[1])

@@ -200,5 +200,39 @@ def test_non_finite_inputs_propagate_as_in_float():
     deq = ref.dequantize_weight(codes, scales, zeros, 8, 0, 64)
     assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
     torch.testing.assert_close(y[2], x[2] @ deq.t(), equal_nan=True)
-    with pytest.raises(ValueError, match="expected act_scale to be positive and finite, but got 0"):
+    with pytest.raises(ValueError, match="expected a finite, positive act_scale, but got 0"):
         quantized_linear(x, codes, scales, zeros, 8, 0, 64, 8, None, torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("group_size", [65536 + 32, 2**40, 2**62, 2**63 - 32])
+def test_huge_group_sizes_are_refused_by_name(group_size):
+    """Issue 16: padded sizes from a group_size near 2^63 overflowed."""
+    from tests.helpers import run_isolated
+
+    outcome = run_isolated(lambda: quantize_weight(torch.randn(3, 40), 8, group_size, True))
+    assert outcome[0] == "raised" and isinstance(outcome[1], ValueError), outcome
+    assert "quantize_weight: expected group_size to be 0 (per channel) or a positive multiple of 32" in str(outcome[1])
+    codes, scales, zeros = quantize_weight(torch.randn(3, 40), 8, 0, True)
+    outcome = run_isolated(lambda: quantized_linear(torch.randn(2, 40), codes, scales, zeros, 8, group_size, 40, 8))
+    assert outcome[0] == "raised" and isinstance(outcome[1], ValueError) and "group_size" in str(outcome[1])
+
+
+def test_largest_group_size_round_trips():
+    w = torch.randn(3, 40)
+    codes, scales, zeros = quantize_weight(w, 8, 65536, True)
+    rc, rs, rz = ref.quantize_weight(w, 8, 65536, True)
+    assert torch.equal(ref.unpack_codes(codes, 8), rc) and torch.equal(scales, rs) and scales.shape == (3, 1)
+
+
+@pytest.mark.parametrize(
+    "act_scale,match",
+    [
+        (torch.tensor(float("nan")), "expected a finite, positive act_scale, but got nan"),
+        (torch.tensor(-0.5), "expected a finite, positive act_scale"),
+        (torch.tensor(0.5, dtype=torch.float64), "expected act_scale to have dtype torch.float32"),
+    ],
+)
+def test_bad_static_activation_scales_are_refused(act_scale, match):
+    codes, scales, zeros = quantize_weight(torch.randn(3, 40), 8, 0, True)
+    with pytest.raises((ValueError, TypeError), match="quantized_linear: " + match):
+        quantized_linear(torch.randn(2, 40), codes, scales, zeros, 8, 0, 40, 8, None, act_scale)

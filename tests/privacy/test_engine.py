@@ -218,9 +218,9 @@ def test_unsupported_layer_error_names_it_and_says_how_to_register():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="epsilon must be positive"):
+    with pytest.raises(ValueError, match="expected epsilon to be positive"):
         DifferentialPrivacy(epsilon=0.0, delta=1e-5, noise_multiplier=1.0)
-    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"expected delta to be in \(0, 1\)"):
         DifferentialPrivacy(epsilon=1.0, delta=1.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="noise_multiplier=None with epochs="):
         DifferentialPrivacy(epsilon=1.0, delta=1e-5)
@@ -257,3 +257,59 @@ def test_lr_scheduler_accepts_the_wrapped_optimizer():
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------ reliability (issue 16)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_noise_multiplier_is_refused_instead_of_hanging_the_accountant(value):
+    with pytest.raises(ValueError, match=r"DifferentialPrivacy: expected noise_multiplier to be non-negative and fin"):
+        DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=value)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 0.0, -1.0])
+def test_max_grad_norm_must_be_positive_and_finite(value):
+    with pytest.raises(ValueError, match=r"expected max_grad_norm to be positive and finite"):
+        DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=1.0, max_grad_norm=value)
+    with pytest.raises(ValueError, match=r"clip_only: expected max_grad_norm to be positive and finite"):
+        DifferentialPrivacy.clip_only(torch.optim.SGD(small_model().parameters(), lr=0.1), small_model(), value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(epsilon=math.nan), dict(delta=math.nan), dict(epochs=math.inf)])
+def test_other_non_finite_arguments_are_refused(kwargs):
+    args = dict(epsilon=1.0, delta=1e-5, noise_multiplier=None, epochs=1.0) | kwargs
+    with pytest.raises(ValueError, match=r"DifferentialPrivacy: expected (epsilon|delta|epochs) to be"):
+        DifferentialPrivacy(**args)
+    with pytest.raises(TypeError, match="expected epsilon to be a number"):
+        DifferentialPrivacy(epsilon="1", delta=1e-5, noise_multiplier=1.0)
+
+
+def test_wrap_over_an_empty_dataset_is_a_clear_error():
+    model = small_model()
+    loader = DataLoader(TensorDataset(torch.empty(0, 6), torch.empty(0, dtype=torch.long)), batch_size=4)
+    dp = DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=r"wrap\(\): expected a non-empty dataset in data_loader, but it has 0"):
+        dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, data_loader=loader)
+    with pytest.raises(ValueError, match=r"wrap\(\): expected dataset_size >= 1, but got 0"):
+        dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, sample_rate=0.1, dataset_size=0)
+    with pytest.raises(ValueError, match=r"PoissonBatchSampler: expected sample_rate to be in \(0, 1\], but got 0"):
+        from deepseek_ext.privacy.engine import PoissonBatchSampler
+
+        PoissonBatchSampler(10, 0.0)
+
+
+@pytest.mark.parametrize("sigma", [1e200, 1.7e308])
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_huge_noise_multipliers_account_as_no_privacy_loss(sigma, accountant):
+    model = small_model()
+    dp = DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=sigma, accountant=accountant)
+    dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, sample_rate=0.1, dataset_size=100)
+    eps = dp.accountant.get_epsilon(1e-5, [(sigma, 0.1, 1000)])
+    assert 0.0 <= eps < 0.2  # no loss from the mechanism (RDP's conversion alone leaves ~0.1 at this delta)
+
+
+def test_the_accountant_refuses_non_finite_mechanisms():
+    from deepseek_ext.privacy.accountants import RDPAccountant
+
+    for sigma, q in [(math.nan, 0.1), (math.inf, 0.1), (1.0, math.nan), (1.0, 1.5)]:
+        with pytest.raises(ValueError, match=r"RDPAccountant.step: expected (a finite noise_multiplier|sample_rate)"):
+            RDPAccountant().step(sigma, q)

@@ -140,3 +140,61 @@ def test_torch_compile_of_a_quantized_model():
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ reliability (issue 16)
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_a_state_dict_for_other_in_features_is_refused_before_anything_is_loaded():
+    """Linear(40, n) and Linear(50, n) pad to the same packed shape: in_features must be checked."""
+    torch.manual_seed(0)
+    config = QuantConfig(weight_bits=8, activation_bits=8)
+    small = Quantizer(nn.Sequential(nn.Linear(40, 8)), config).quantize()
+    big = Quantizer(nn.Sequential(nn.Linear(50, 8)), config).quantize()
+    assert small[0].codes.shape == big[0].codes.shape
+    before = _snapshot(big)
+    with pytest.raises(ValueError, match=r"QuantizedLinear: this state_dict was made for in_features=40, but"):
+        big.load_state_dict(small.state_dict())
+    after = _snapshot(big)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match=r"in_features=40"):  # a layer alone checks too
+        big[0].load_state_dict({k.removeprefix("0."): v for k, v in small.state_dict().items()})
+
+
+def test_a_config_mismatch_is_found_before_any_layer_is_overwritten():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    a = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8)).quantize()
+    b = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=16)).quantize()
+    state = a.state_dict()
+    state["0.scales"] = state["0.scales"] * 3  # would be visible if layer 0 were loaded before the mismatch is seen
+    before = _snapshot(b)
+    with pytest.raises(ValueError, match="quantize with the same QuantConfig"):
+        b.load_state_dict(state)
+    after = _snapshot(b)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_mismatched_buffer_is_refused_by_name_before_the_model_changes():
+    torch.manual_seed(0)
+    config = QuantConfig(weight_bits=4, activation_bits=8, group_size=32)
+    make = lambda: Quantizer(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)), config).quantize()  # noqa: E731
+    q = make()
+    state = q.state_dict()
+    fresh = make()
+    before = _snapshot(fresh)
+    bad = dict(state)
+    bad["2.scales"] = state["2.scales"][:4]
+    with pytest.raises(ValueError, match=r"QuantizedLinear: expected 2.scales of shape \(8, 1\)"):
+        fresh.load_state_dict(bad)
+    bad = dict(state)
+    bad["0.zeros"] = state["0.zeros"].float()
+    with pytest.raises(ValueError, match=r"expected 0.zeros of shape .* and dtype torch.int32"):
+        fresh.load_state_dict(bad)
+    after = _snapshot(fresh)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fresh.load_state_dict(state)  # the real one still loads
+    x = torch.randn(2, 64)
+    assert torch.equal(fresh(x), q(x))

@@ -20,6 +20,9 @@
 //   8 bits: int8 (ceil(N / 64), Kp / 4, 64, 4), byte t of step q of column c = code[64 b + c][4 q + t]
 //   4 bits: uint8 (ceil(N / 64), Kp / 8, 64, 4), byte t = code[.][8 q + t] | code[.][8 q + 4 + t] << 4
 // Columns past N are zero. The layout is the same for every instruction set.
+// Static int8 activations (quantize_activation, quantized_conv2d, ...): unsigned 7-bit codes u in [0, 127] with a
+// per-tensor scale s and zero point z, value = s * (u - z) (z = 0 after a ReLU, 64 for signed tensors), stored
+// channels last (N, H, W, Cp) or (N, Cp) with Cp the channels rounded up to a multiple of 8 (padding codes = z).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,0 +1,369 @@
+// CPU kernels of the static int8 path: activations stay 7-bit unsigned codes between layers (quant.h's activation
+// format), channels-last (N, H, W, Cp) with channels padded to a multiple of 8 by zero-point codes.
+//
+// quantized_conv2d is an implicit GEMM: every output pixel is a row, every kernel tap contributes Cp channels of the
+// input pixel it lands on (the zero-point row for taps in the padding), and the packed weight (pack_quantized_weight
+// of the (Cout, taps * Cp) code matrix) is met block by block (64 output channels) by tiles of rows through the
+// integer kernels of int8_kernels.h, whose epilogue requantises to the next layer's codes (bias, residual add and
+// ReLU folded in). No im2col copy exists.
+// Pools and adds work on codes: max pooling commutes with the (monotonic) quantisation; averages and sums are
+// requantised.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "deepseek_ext/checks.h"
+#include "deepseek_ext/quant.h"
+#include "int8_kernels.h"
+
+namespace deepseek_ext {
+namespace quant {
+namespace {
+
+int64_t round8(int64_t c) { return (c + 7) / 8 * 8; }
+
+uint8_t quantize_value(float x, float inv_scale, int32_t zero) {
+  float v = x * inv_scale;
+  v = std::min(256.0f, std::max(-256.0f, v));
+  const int32_t code = static_cast<int32_t>(std::nearbyint(v)) + zero;
+  return static_cast<uint8_t>(std::clamp(code, 0, 127));
+}
+
+void check_codes_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
+  check_dtype(op, name, t, {at::kByte});
+  TORCH_CHECK_VALUE(t.dim() == dims, op, ": expected ", name, " to be a ", dims,
+                    "-D tensor of activation codes (channels last), but got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(-1) % 8 == 0, op, ": expected the channels of ", name,
+                    " padded to a multiple of 8, but got ", t.size(-1));
+}
+
+void check_scale_zero(const char* op, const char* name, double scale, int64_t zero) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": expected ", name, "_scale to be positive and finite, but got ",
+                    scale);
+  TORCH_CHECK_VALUE(zero >= 0 && zero <= 127, op, ": expected ", name, "_zero in [0, 127], but got ", zero);
+}
+
+std::pair<int64_t, int64_t> pair_of(const char* op, const char* name, at::IntArrayRef v, int64_t min) {
+  TORCH_CHECK_VALUE(v.size() == 2, op, ": expected ", name, " to have 2 values, but got ", v.size());
+  TORCH_CHECK_VALUE(v[0] >= min && v[1] >= min, op, ": expected ", name, " values >= ", min, ", but got ", v);
+  return {v[0], v[1]};
+}
+
+}  // namespace
+
+// x (N, C, H, W) or (N, C) float -> codes (N, H, W, Cp) or (N, Cp).
+at::Tensor quantize_activation_cpu(const at::Tensor& x, double scale, int64_t zero_point) {
+  constexpr const char* op = "quantize_activation";
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  TORCH_CHECK_VALUE(x.dim() == 4 || x.dim() == 2, op, ": expected x of shape (N, C, H, W) or (N, C), but got ",
+                    x.sizes());
+  check_scale_zero(op, "x", scale, zero_point);
+  const bool image = x.dim() == 4;
+  const at::Tensor xl = (image ? x.permute({0, 2, 3, 1}) : x).to(at::kFloat).contiguous();  // channels last
+  const int64_t c = xl.size(-1), cp = round8(c), pixels = xl.numel() / std::max<int64_t>(c, 1);
+  std::vector<int64_t> sizes(xl.sizes().begin(), xl.sizes().end());
+  sizes.back() = cp;
+  at::Tensor out = at::empty(sizes, x.options().dtype(at::kByte));
+  const float* src = xl.const_data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const float inv = static_cast<float>(1.0 / scale);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, pixels, 256, [&](int64_t b, int64_t e) {
+    bool local_bad = false;
+    for (int64_t p = b; p < e; ++p) {
+      const float* s = src + p * c;
+      uint8_t* d = dst + p * cp;
+      for (int64_t i = 0; i < c; ++i) {
+        local_bad |= !std::isfinite(s[i]);
+        d[i] = quantize_value(s[i], inv, static_cast<int32_t>(zero_point));
+      }
+      std::fill(d + c, d + cp, static_cast<uint8_t>(zero_point));
+    }
+    if (local_bad) bad = true;
+  });
+  TORCH_CHECK_VALUE(!bad, op, ": x has non-finite values (inf or nan); a static int8 model takes finite inputs");
+  return out;
+}
+
+// codes (N, H, W, Cp) or (N, Cp) -> float (N, channels, H, W) (channels-last memory) or (N, channels).
+at::Tensor dequantize_activation_cpu(const at::Tensor& codes, double scale, int64_t zero_point, int64_t channels) {
+  constexpr const char* op = "dequantize_activation";
+  check_dtype(op, "codes", codes, {at::kByte});
+  TORCH_CHECK_VALUE(codes.dim() == 4 || codes.dim() == 2, op, ": expected codes of shape (N, H, W, Cp) or (N, Cp)");
+  check_scale_zero(op, "codes", scale, zero_point);
+  TORCH_CHECK_VALUE(channels > 0 && channels <= codes.size(-1), op, ": expected 0 < channels <= ", codes.size(-1),
+                    ", but got ", channels);
+  const at::Tensor cc = codes.contiguous();
+  const int64_t cp = cc.size(-1), pixels = cc.numel() / std::max<int64_t>(cp, 1);
+  std::vector<int64_t> sizes(cc.sizes().begin(), cc.sizes().end());
+  sizes.back() = channels;
+  at::Tensor out = at::empty(sizes, codes.options().dtype(at::kFloat));
+  const uint8_t* src = cc.const_data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, pixels, 256, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      for (int64_t i = 0; i < channels; ++i) dst[p * channels + i] = s * static_cast<float>(src[p * cp + i] - zero_point);
+    }
+  });
+  return codes.dim() == 4 ? out.permute({0, 3, 1, 2}) : out;
+}
+
+at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
+                                const at::Tensor& w_sum, const at::Tensor& w_zero, const std::optional<at::Tensor>& bias,
+                                at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, int64_t groups, int64_t out_channels, int64_t bits,
+                                double in_scale, int64_t in_zero, double out_scale, int64_t out_zero, bool relu,
+                                const std::optional<at::Tensor>& residual, double res_scale, int64_t res_zero,
+                                bool output_float) {
+  constexpr const char* op = "quantized_conv2d";
+  check_codes_tensor(op, "x", x, 4);
+  const auto [kh, kw] = pair_of(op, "kernel", kernel, 1);
+  const auto [sh, sw] = pair_of(op, "stride", stride, 1);
+  const auto [ph, pw] = pair_of(op, "padding", padding, 0);
+  const auto [dh, dw] = pair_of(op, "dilation", dilation, 1);
+  check_scale_zero(op, "in", in_scale, in_zero);
+  if (!output_float) check_scale_zero(op, "out", out_scale, out_zero);
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4, op, ": expected bits to be 8 or 4, but got ", bits);
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cp = x.size(3);
+  const int64_t ho = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, wo = (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK_VALUE(ho > 0 && wo > 0, op, ": the kernel does not fit the padded input (", h, "x", w, ")");
+  TORCH_CHECK_VALUE(groups == 1, op, ": the implicit GEMM takes groups=1 (depthwise has its own op), but got ", groups);
+  const int64_t taps = kh * kw, cout = out_channels, coutp = round8(cout);
+  const std::vector<int64_t> want = packed_shape(cout, padded_k(taps * cp, 0), bits);
+  check_dtype(op, "packed", packed, {bits == 8 ? at::kChar : at::kByte});
+  TORCH_CHECK_VALUE(packed.sizes() == at::IntArrayRef(want), op, ": expected packed weights of shape ", want,
+                    " for ", cout, " outputs, a ", kh, "x", kw, " kernel and ", cp, " input channels, but got ",
+                    packed.sizes());
+  for (auto [t, name, dt] : {std::tuple{&w_scale, "w_scale", at::kFloat}, {&w_sum, "w_sum", at::kInt},
+                             {&w_zero, "w_zero", at::kInt}}) {
+    check_dtype(op, name, *t, {dt});
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == cout, op, ": expected ", name, " of shape [", cout, "], but got ",
+                      t->sizes());
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == cout, op, ": expected bias of shape [", cout, "], but got ",
+                      bias->sizes());
+  }
+  if (residual.has_value()) {
+    check_codes_tensor(op, "residual", *residual, 4);
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({n, ho, wo, coutp}), op,
+                      ": expected residual codes of shape [", n, ", ", ho, ", ", wo, ", ", coutp, "], but got ",
+                      residual->sizes());
+    check_scale_zero(op, "res", res_scale, res_zero);
+  }
+
+  const at::Tensor xc = x.contiguous(), pk = packed.contiguous();
+  const at::Tensor ws = w_scale.contiguous(), wsum = w_sum.contiguous(), wz = w_zero.contiguous();
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({cout}, x.options().dtype(at::kFloat));
+  const at::Tensor rc = residual.has_value() ? residual->contiguous() : at::Tensor();
+  at::Tensor out = output_float ? at::empty({n, ho, wo, cout}, x.options().dtype(at::kFloat))
+                                : at::empty({n, ho, wo, coutp}, x.options());
+  const uint8_t* xp = xc.const_data_ptr<uint8_t>();
+  const auto* wp = reinterpret_cast<const uint8_t*>(pk.const_data_ptr());
+  const int32_t* wzp = wz.const_data_ptr<int32_t>();
+  const bool any_wzero = std::any_of(wzp, wzp + cout, [](int32_t z) { return z != 0; });
+
+  // Per input pixel: the sum of its codes minus the zero point (for weights with a zero point).
+  std::vector<int32_t> pixel_q;
+  if (any_wzero) {
+    pixel_q.resize(static_cast<size_t>(n * h * w));
+    at::parallel_for(0, n * h * w, 1024, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        int32_t s = 0;
+        for (int64_t c = 0; c < cp; ++c) s += xp[p * cp + c];
+        pixel_q[p] = s - static_cast<int32_t>(in_zero * cp);
+      }
+    });
+  }
+  const std::vector<uint8_t> zero_row(static_cast<size_t>(cp), static_cast<uint8_t>(in_zero));
+  const IntKernels& k = *int8_gemm_kernels();
+  const int64_t mr = bits == 8 ? k.mr8 : k.mr4;
+  const int64_t rows = n * ho * wo, blocks = want[0];
+  const int64_t block_bytes = pk.numel() / blocks;
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::clamp<int64_t>((4 * threads + blocks - 1) / blocks, 1, (rows + mr - 1) / mr);
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  const float in_s = static_cast<float>(in_scale);
+
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const uint8_t*> by_tap(static_cast<size_t>(taps * kConvRowStride));
+    std::vector<int32_t> dots(static_cast<size_t>(mr * kPackN)), xsum(static_cast<size_t>(mr));
+    std::vector<float> scale(kPackN), biasv(kPackN);
+    std::vector<int32_t> wsumv(kPackN), wzv(kPackN);
+    std::vector<const uint8_t*> res_rows(static_cast<size_t>(mr));
+    std::vector<uint8_t*> out_codes(static_cast<size_t>(mr));
+    std::vector<float*> out_float(static_cast<size_t>(mr));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t blk = t / chunks, ch = t % chunks;
+      const int64_t c0 = blk * kPackN, cols = std::min(kPackN, cout - c0);
+      for (int64_t c = 0; c < kPackN; ++c) {
+        const int64_t oc = std::min(c0 + c, cout - 1);
+        scale[c] = in_s * ws.const_data_ptr<float>()[oc];
+        biasv[c] = c0 + c < cout ? bf.const_data_ptr<float>()[oc] : 0.0f;
+        wsumv[c] = wsum.const_data_ptr<int32_t>()[oc];
+        wzv[c] = wzp[oc];
+      }
+      Requant q{scale.data(), biasv.data(), wsumv.data(), wzv.data(), static_cast<int32_t>(in_zero),
+                any_wzero ? xsum.data() : nullptr, residual.has_value() ? res_rows.data() : nullptr,
+                static_cast<float>(res_scale), static_cast<int32_t>(res_zero), relu,
+                output_float ? 1.0f : static_cast<float>(1.0 / out_scale), static_cast<int32_t>(out_zero)};
+      const int64_t r_end = std::min(rows, (ch + 1) * per_chunk);
+      for (int64_t r0 = ch * per_chunk; r0 < r_end; r0 += mr) {
+        const int nr = static_cast<int>(std::min<int64_t>(mr, r_end - r0));
+        for (int r = 0; r < nr; ++r) {
+          const int64_t m = r0 + r, b = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+          int32_t qs = 0;
+          for (int64_t ty = 0; ty < kh; ++ty) {
+            for (int64_t tx = 0; tx < kw; ++tx) {
+              const int64_t iy = oy * sh - ph + ty * dh, ix = ox * sw - pw + tx * dw;
+              const bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
+              const int64_t pix = (b * h + iy) * w + ix;
+              by_tap[(ty * kw + tx) * kConvRowStride + r] = inside ? xp + pix * cp : zero_row.data();
+              if (any_wzero && inside) qs += pixel_q[pix];
+            }
+          }
+          xsum[r] = qs;
+          if (residual.has_value()) res_rows[r] = rc.const_data_ptr<uint8_t>() + m * coutp + c0;
+          if (output_float) {
+            out_float[r] = out.data_ptr<float>() + m * cout + c0;
+          } else {
+            out_codes[r] = out.data_ptr<uint8_t>() + m * coutp + c0;
+          }
+        }
+        for (int r = nr; r < mr; ++r) {  // unused rows of a partial tile point at a valid row
+          for (int64_t tp = 0; tp < taps; ++tp) by_tap[tp * kConvRowStride + r] = zero_row.data();
+        }
+        k.conv_rows(static_cast<int>(bits), nr, by_tap.data(), taps, cp, wp + blk * block_bytes, dots.data());
+        k.requant(nr, cols, dots.data(), q, output_float ? nullptr : out_codes.data(),
+                  output_float ? out_float.data() : nullptr);
+      }
+    }
+  });
+  if (!output_float && coutp > cout) out.narrow(3, cout, coutp - cout).fill_(static_cast<uint8_t>(out_zero));
+  return output_float ? out.permute({0, 3, 1, 2}) : out;
+}
+
+at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  constexpr const char* op = "quantized_max_pool2d";
+  check_codes_tensor(op, "x", x, 4);
+  const auto [kh, kw] = pair_of(op, "kernel", kernel, 1);
+  const auto [sh, sw] = stride.empty() ? std::pair{kh, kw} : pair_of(op, "stride", stride, 1);
+  const auto [ph, pw] = pair_of(op, "padding", padding, 0);
+  const auto [dh, dw] = pair_of(op, "dilation", dilation, 1);
+  TORCH_CHECK_VALUE(2 * ph <= kh && 2 * pw <= kw, op, ": padding should be at most half the kernel, but got ", padding,
+                    " for a kernel of ", kernel);
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cp = x.size(3);
+  auto out_len = [&](int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+    const int64_t span = in + 2 * p - d * (k - 1) - 1;
+    int64_t o = (ceil_mode ? (span + s - 1) / s : span / s) + 1;
+    if (ceil_mode && (o - 1) * s >= in + p) --o;  // PyTorch's rule: the last window starts inside the input
+    return o;
+  };
+  const int64_t ho = out_len(h, kh, sh, ph, dh), wo = out_len(w, kw, sw, pw, dw);
+  TORCH_CHECK_VALUE(ho > 0 && wo > 0, op, ": output size is not positive for input ", h, "x", w);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({n, ho, wo, cp}, x.options());
+  const uint8_t* xp = xc.const_data_ptr<uint8_t>();
+  uint8_t* op_ = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n * ho * wo, 64, [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> best(static_cast<size_t>(cp));
+    for (int64_t m = b; m < e; ++m) {
+      const int64_t bi = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+      std::fill(best.begin(), best.end(), uint8_t{0});
+      for (int64_t ty = 0; ty < kh; ++ty) {
+        const int64_t iy = oy * sh - ph + ty * dh;
+        if (iy < 0 || iy >= h) continue;
+        for (int64_t tx = 0; tx < kw; ++tx) {
+          const int64_t ix = ox * sw - pw + tx * dw;
+          if (ix < 0 || ix >= w) continue;
+          const uint8_t* row = xp + ((bi * h + iy) * w + ix) * cp;
+          for (int64_t c = 0; c < cp; ++c) best[c] = std::max(best[c], row[c]);
+        }
+      }
+      std::memcpy(op_ + m * cp, best.data(), static_cast<size_t>(cp));
+    }
+  });
+  return out;
+}
+
+at::Tensor quantized_adaptive_avg_pool2d_cpu(const at::Tensor& x, at::IntArrayRef output_size, double in_scale,
+                                             int64_t in_zero, double out_scale, int64_t out_zero) {
+  constexpr const char* op = "quantized_adaptive_avg_pool2d";
+  check_codes_tensor(op, "x", x, 4);
+  const auto [oh, ow] = pair_of(op, "output_size", output_size, 1);
+  check_scale_zero(op, "in", in_scale, in_zero);
+  check_scale_zero(op, "out", out_scale, out_zero);
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cp = x.size(3);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({n, oh, ow, cp}, x.options());
+  const uint8_t* xp = xc.const_data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const float ratio = static_cast<float>(in_scale / out_scale);
+  at::parallel_for(0, n * oh * ow, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> acc(static_cast<size_t>(cp));
+    for (int64_t m = b; m < e; ++m) {
+      const int64_t bi = m / (oh * ow), oy = (m / ow) % oh, ox = m % ow;
+      const int64_t y0 = oy * h / oh, y1 = ((oy + 1) * h + oh - 1) / oh;  // PyTorch's adaptive windows
+      const int64_t x0 = ox * w / ow, x1 = ((ox + 1) * w + ow - 1) / ow;
+      std::fill(acc.begin(), acc.end(), 0);
+      for (int64_t iy = y0; iy < y1; ++iy) {
+        for (int64_t ix = x0; ix < x1; ++ix) {
+          const uint8_t* row = xp + ((bi * h + iy) * w + ix) * cp;
+          for (int64_t c = 0; c < cp; ++c) acc[c] += row[c];
+        }
+      }
+      const int32_t count = static_cast<int32_t>((y1 - y0) * (x1 - x0));
+      for (int64_t c = 0; c < cp; ++c) {
+        const float mean = static_cast<float>(acc[c] - count * in_zero) / static_cast<float>(count);
+        dst[m * cp + c] = quantize_value(mean * ratio, 1.0f, static_cast<int32_t>(out_zero));
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor quantized_add_cpu(const at::Tensor& a, double a_scale, int64_t a_zero, const at::Tensor& b, double b_scale,
+                             int64_t b_zero, double out_scale, int64_t out_zero, bool relu) {
+  constexpr const char* op = "quantized_add";
+  check_dtype(op, "a", a, {at::kByte});
+  check_dtype(op, "b", b, {at::kByte});
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), op, ": expected a and b of the same shape, but got ", a.sizes(), " and ",
+                    b.sizes());
+  check_scale_zero(op, "a", a_scale, a_zero);
+  check_scale_zero(op, "b", b_scale, b_zero);
+  check_scale_zero(op, "out", out_scale, out_zero);
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor out = at::empty(a.sizes(), a.options());
+  const uint8_t* ap = ac.const_data_ptr<uint8_t>();
+  const uint8_t* bp = bc.const_data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const float sa = static_cast<float>(a_scale / out_scale), sb = static_cast<float>(b_scale / out_scale);
+  at::parallel_for(0, a.numel(), 1 << 14, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) {
+      float v = sa * static_cast<float>(ap[i] - a_zero) + sb * static_cast<float>(bp[i] - b_zero);
+      if (relu) v = std::max(v, 0.0f);
+      dst[i] = quantize_value(v, 1.0f, static_cast<int32_t>(out_zero));
+    }
+  });
+  return out;
+}
+
+}  // namespace quant
+}  // namespace deepseek_ext
+
+TORCH_LIBRARY_IMPL(deepseek_ext, CPU, m) {
+  m.impl("quantize_activation", &deepseek_ext::quant::quantize_activation_cpu);
+  m.impl("dequantize_activation", &deepseek_ext::quant::dequantize_activation_cpu);
+  m.impl("quantized_conv2d", &deepseek_ext::quant::quantized_conv2d_cpu);
+  m.impl("quantized_max_pool2d", &deepseek_ext::quant::quantized_max_pool2d_cpu);
+  m.impl("quantized_adaptive_avg_pool2d", &deepseek_ext::quant::quantized_adaptive_avg_pool2d_cpu);
+  m.impl("quantized_add", &deepseek_ext::quant::quantized_add_cpu);
+}
