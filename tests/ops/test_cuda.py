@@ -284,6 +284,15 @@ def test_non_finite_scales_are_checked_on_cuda_only_in_debug_mode(monkeypatch):
     q, k, v, cu_q, cu_k = _varlen([3, 4], [3, 4], 1, 1, 8, torch.float32)
     with pytest.raises(ValueError, match="to end at the number of tokens"):
         fused_attention_varlen(*_cuda(q, k, v), cu_q.cuda() * 2, cu_k.cuda())
+    w = torch.randn(4, 64, device="cuda")
+    w[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="w has non-finite values"):
+        quantize_weight(w, 8, 0, True)
+    codes, scales, zeros = quantize_weight(torch.randn(4, 64), 8, 0, True)
+    with pytest.raises(ValueError, match="expected a finite, positive act_scale, but got 0"):
+        quantized_linear(*_cuda(torch.randn(2, 64), codes, scales, zeros), 8, 0, 64, 8, None, torch.zeros(1).cuda())
+    monkeypatch.setenv("DEEPSEEK_EXT_DEBUG_CHECKS", "0")
+    quantize_weight(w, 8, 0, True)  # not checked: no synchronisation
 
 
 # ---------------------------------------------------------------------------------------------------- amp, privacy
