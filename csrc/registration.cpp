@@ -31,6 +31,11 @@ TORCH_LIBRARY(deepseek_ext, m) {
         " int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, int groups, int out_channels, int bits,"
         " float in_scale, int in_zero, float out_scale, int out_zero, bool relu=False, Tensor? residual=None,"
         " float res_scale=1.0, int res_zero=0, bool output_float=False) -> Tensor");
+  m.def("quantized_depthwise_conv2d(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int[2] kernel,"
+        " int[2] stride, int[2] padding, int[2] dilation, int channels, float in_scale, int in_zero, float out_scale,"
+        " int out_zero, bool relu=False, bool output_float=False) -> Tensor");
+  m.def("quantized_im2col(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, int channels,"
+        " int zero) -> Tensor");
   m.def("quantized_max_pool2d(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation,"
         " bool ceil_mode=False) -> Tensor");
   m.def("quantized_adaptive_avg_pool2d(Tensor x, int[2] output_size, float in_scale, int in_zero, float out_scale,"

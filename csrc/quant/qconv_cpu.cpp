@@ -5,7 +5,8 @@
 // input pixel it lands on (the zero-point row for taps in the padding), and the packed weight (pack_quantized_weight
 // of the (Cout, taps * Cp) code matrix) is met block by block (64 output channels) by tiles of rows through the
 // integer kernels of int8_kernels.h, whose epilogue requantises to the next layer's codes (bias, residual add and
-// ReLU folded in). No im2col copy exists.
+// ReLU folded in). No im2col copy exists (except for few-channel first layers, quantized_im2col). Depthwise
+// convolutions have a direct kernel.
 // Pools and adds work on codes: max pooling commutes with the (monotonic) quantisation; averages and sums are
 // requantised.
 #include <ATen/ATen.h>
@@ -20,6 +21,7 @@
 
 #include "deepseek_ext/checks.h"
 #include "deepseek_ext/quant.h"
+#include "deepseek_ext/simd.h"
 #include "int8_kernels.h"
 
 namespace deepseek_ext {
@@ -250,6 +252,153 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
   return output_float ? out.permute({0, 3, 1, 2}) : out;
 }
 
+// Depthwise convolution (one filter per channel) on codes: per output pixel, per tap, a vector multiply-add over
+// channels with int32 accumulators (the weights are per-channel centred codes, value = w_scale[c] * code), then the
+// same requantisation as quantized_conv2d. One source for every instruction set (simd::dispatch).
+at::Tensor quantized_depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
+                                          const std::optional<at::Tensor>& bias, at::IntArrayRef kernel,
+                                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                          int64_t channels, double in_scale, int64_t in_zero, double out_scale,
+                                          int64_t out_zero, bool relu, bool output_float) {
+  constexpr const char* op = "quantized_depthwise_conv2d";
+  check_codes_tensor(op, "x", x, 4);
+  const auto [kh, kw] = pair_of(op, "kernel", kernel, 1);
+  const auto [sh, sw] = pair_of(op, "stride", stride, 1);
+  const auto [ph, pw] = pair_of(op, "padding", padding, 0);
+  const auto [dh, dw] = pair_of(op, "dilation", dilation, 1);
+  check_scale_zero(op, "in", in_scale, in_zero);
+  if (!output_float) check_scale_zero(op, "out", out_scale, out_zero);
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cp = x.size(3), taps = kh * kw;
+  TORCH_CHECK_VALUE(channels > 0 && round8(channels) == cp, op, ": expected ", channels,
+                    " channels padded to ", round8(channels), ", but x has ", cp);
+  check_dtype(op, "weight", weight, {at::kChar});
+  TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({taps, cp}), op, ": expected weight codes of shape [", taps,
+                    ", ", cp, "], but got ", weight.sizes());
+  check_dtype(op, "w_scale", w_scale, {at::kFloat});
+  TORCH_CHECK_VALUE(w_scale.dim() == 1 && w_scale.size(0) == channels, op, ": expected w_scale of shape [", channels,
+                    "], but got ", w_scale.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == channels, op, ": expected bias of shape [", channels,
+                      "], but got ", bias->sizes());
+  }
+  const int64_t ho = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, wo = (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK_VALUE(ho > 0 && wo > 0, op, ": the kernel does not fit the padded input (", h, "x", w, ")");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  std::vector<float> scale(static_cast<size_t>(cp), 0.0f), biasv(static_cast<size_t>(cp), 0.0f);
+  const at::Tensor ws = w_scale.contiguous();
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  for (int64_t c = 0; c < channels; ++c) {
+    scale[c] = static_cast<float>(in_scale) * ws.const_data_ptr<float>()[c];
+    biasv[c] = bf.defined() ? bf.const_data_ptr<float>()[c] : 0.0f;
+  }
+  at::Tensor out = output_float ? at::empty({n, ho, wo, channels}, x.options().dtype(at::kFloat))
+                                : at::empty({n, ho, wo, cp}, x.options());
+  const uint8_t* xp = xc.const_data_ptr<uint8_t>();
+  const int8_t* wp = wc.const_data_ptr<int8_t>();
+  const float inv_out = output_float ? 1.0f : static_cast<float>(1.0 / out_scale);
+  at::parallel_for(0, n * ho * wo, 16, [&](int64_t b, int64_t e) {
+    simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+      constexpr int VB = decltype(vb)::value;
+      using VI = simd::Vec<int32_t, VB>;
+      using VF = simd::Vec<float, VB>;
+      constexpr int64_t L = simd::kLanes<int32_t, VB>;
+      using VU8 = simd::Vec<uint8_t, L>;
+      using VS8 = simd::Vec<int8_t, L>;
+      std::vector<int32_t> acc(static_cast<size_t>(cp));
+      for (int64_t m = b; m < e; ++m) {
+        const int64_t bi = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+        std::fill(acc.begin(), acc.end(), 0);
+        for (int64_t ty = 0; ty < kh; ++ty) {
+          const int64_t iy = oy * sh - ph + ty * dh;
+          if (iy < 0 || iy >= h) continue;  // padding: value 0 contributes nothing
+          for (int64_t tx = 0; tx < kw; ++tx) {
+            const int64_t ix = ox * sw - pw + tx * dw;
+            if (ix < 0 || ix >= w) continue;
+            const uint8_t* row = xp + ((bi * h + iy) * w + ix) * cp;
+            const int8_t* wt = wp + (ty * kw + tx) * cp;
+            for (int64_t c = 0; c + L <= cp; c += L) {
+              const VI u = __builtin_convertvector(simd::load<VU8>(row + c), VI) - static_cast<int32_t>(in_zero);
+              const VI wv = __builtin_convertvector(simd::load<VS8>(wt + c), VI);
+              simd::store(acc.data() + c, simd::load<VI>(acc.data() + c) + u * wv);
+            }
+            for (int64_t c = cp / L * L; c < cp; ++c) acc[c] += (row[c] - static_cast<int32_t>(in_zero)) * wt[c];
+          }
+        }
+        if (output_float) {
+          float* dst = out.data_ptr<float>() + m * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            float y = static_cast<float>(acc[c]) * scale[c] + biasv[c];
+            dst[c] = relu ? std::max(y, 0.0f) : y;
+          }
+          continue;
+        }
+        uint8_t* dst = out.data_ptr<uint8_t>() + m * cp;
+        for (int64_t c = 0; c + L <= cp; c += L) {
+          VF y = __builtin_convertvector(simd::load<VI>(acc.data() + c), VF) * simd::load<VF>(scale.data() + c) +
+                 simd::load<VF>(biasv.data() + c);
+          if (relu) y = y > 0.0f ? y : VF{};
+          y = y * inv_out;
+          y = y < -256.0f ? VF{} - 256.0f : y;
+          y = y > 256.0f ? VF{} + 256.0f : y;
+          VI code = __builtin_convertvector((y + 12582912.0f) - 12582912.0f, VI) + static_cast<int32_t>(out_zero);
+          code = code < 0 ? VI{} : code;
+          code = code > 127 ? VI{} + 127 : code;
+          simd::store(dst + c, __builtin_convertvector(code, VU8));
+        }
+        for (int64_t c = cp / L * L; c < cp; ++c) {
+          float y = static_cast<float>(acc[c]) * scale[c] + biasv[c];
+          if (relu) y = std::max(y, 0.0f);
+          dst[c] = quantize_value(y, inv_out, static_cast<int32_t>(out_zero));
+        }
+        for (int64_t c = channels; c < cp; ++c) dst[c] = static_cast<uint8_t>(out_zero);
+      }
+    });
+  });
+  return output_float ? out.permute({0, 3, 1, 2}) : out;
+}
+
+// Patches of a few-channel input (a network's first layer: 3 channels padded to 8 would waste most of the
+// implicit GEMM's work): codes (N, Ho, Wo, round8(kh * kw * channels)), taps outer, channels inner, padding taps
+// and the tail filled with the zero point.
+at::Tensor quantized_im2col_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t channels, int64_t zero) {
+  constexpr const char* op = "quantized_im2col";
+  check_codes_tensor(op, "x", x, 4);
+  const auto [kh, kw] = pair_of(op, "kernel", kernel, 1);
+  const auto [sh, sw] = pair_of(op, "stride", stride, 1);
+  const auto [ph, pw] = pair_of(op, "padding", padding, 0);
+  const auto [dh, dw] = pair_of(op, "dilation", dilation, 1);
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cp = x.size(3);
+  TORCH_CHECK_VALUE(channels > 0 && channels <= cp, op, ": expected 0 < channels <= ", cp, ", but got ", channels);
+  TORCH_CHECK_VALUE(zero >= 0 && zero <= 127, op, ": expected zero in [0, 127], but got ", zero);
+  const int64_t ho = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, wo = (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK_VALUE(ho > 0 && wo > 0, op, ": the kernel does not fit the padded input (", h, "x", w, ")");
+  const int64_t k = kh * kw * channels, kp = round8(k);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({n, ho, wo, kp}, x.options());
+  const uint8_t* xp = xc.const_data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n * ho * wo, 64, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const int64_t bi = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+      uint8_t* row = dst + m * kp;
+      for (int64_t ty = 0; ty < kh; ++ty) {
+        for (int64_t tx = 0; tx < kw; ++tx) {
+          const int64_t iy = oy * sh - ph + ty * dh, ix = ox * sw - pw + tx * dw;
+          uint8_t* d = row + (ty * kw + tx) * channels;
+          if (iy < 0 || iy >= h || ix < 0 || ix >= w) {
+            std::memset(d, static_cast<int>(zero), static_cast<size_t>(channels));
+          } else {
+            std::memcpy(d, xp + ((bi * h + iy) * w + ix) * cp, static_cast<size_t>(channels));
+          }
+        }
+      }
+      std::memset(row + k, static_cast<int>(zero), static_cast<size_t>(kp - k));
+    }
+  });
+  return out;
+}
+
 at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   constexpr const char* op = "quantized_max_pool2d";
@@ -284,8 +433,9 @@ at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel,
         for (int64_t tx = 0; tx < kw; ++tx) {
           const int64_t ix = ox * sw - pw + tx * dw;
           if (ix < 0 || ix >= w) continue;
-          const uint8_t* row = xp + ((bi * h + iy) * w + ix) * cp;
-          for (int64_t c = 0; c < cp; ++c) best[c] = std::max(best[c], row[c]);
+          const uint8_t* __restrict__ row = xp + ((bi * h + iy) * w + ix) * cp;
+          uint8_t* __restrict__ bp = best.data();
+          for (int64_t c = 0; c < cp; ++c) bp[c] = bp[c] > row[c] ? bp[c] : row[c];
         }
       }
       std::memcpy(op_ + m * cp, best.data(), static_cast<size_t>(cp));
@@ -363,6 +513,8 @@ TORCH_LIBRARY_IMPL(deepseek_ext, CPU, m) {
   m.impl("quantize_activation", &deepseek_ext::quant::quantize_activation_cpu);
   m.impl("dequantize_activation", &deepseek_ext::quant::dequantize_activation_cpu);
   m.impl("quantized_conv2d", &deepseek_ext::quant::quantized_conv2d_cpu);
+  m.impl("quantized_im2col", &deepseek_ext::quant::quantized_im2col_cpu);
+  m.impl("quantized_depthwise_conv2d", &deepseek_ext::quant::quantized_depthwise_conv2d_cpu);
   m.impl("quantized_max_pool2d", &deepseek_ext::quant::quantized_max_pool2d_cpu);
   m.impl("quantized_adaptive_avg_pool2d", &deepseek_ext::quant::quantized_adaptive_avg_pool2d_cpu);
   m.impl("quantized_add", &deepseek_ext::quant::quantized_add_cpu);

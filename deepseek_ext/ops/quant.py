@@ -234,6 +234,40 @@ def quantized_conv2d(
     )  # fmt: skip
 
 
+def quantized_depthwise_conv2d(
+    x, weight, w_scale, bias, kernel, stride, padding, dilation, channels: int, in_scale: float, in_zero: int,
+    out_scale: float = 1.0, out_zero: int = 0, relu: bool = False, output_float: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Depthwise convolution (one filter per channel) on codes ``(N, H, W, Cp)``.
+
+    Args:
+        weight: int8 ``(kh * kw, Cp)`` centred codes (weight = ``w_scale[c] * code``), padding channels 0.
+        w_scale: float32 ``(channels,)``; bias: ``(channels,)`` or None. Other arguments as :func:`quantized_conv2d`.
+
+    Example:
+        >>> y = quantized_depthwise_conv2d(codes, w, ws, b, (3, 3), (1, 1), (1, 1), (1, 1), 32, 0.05, 0, 0.04, 0)
+    """
+    require_native("ops.quantized_depthwise_conv2d")
+    return torch.ops.deepseek_ext.quantized_depthwise_conv2d.default(
+        x, weight, w_scale, bias, list(kernel), list(stride), list(padding), list(dilation), int(channels),
+        float(in_scale), int(in_zero), float(out_scale), int(out_zero), bool(relu), bool(output_float),
+    )  # fmt: skip
+
+
+def quantized_im2col(x, kernel, stride, padding, dilation, channels: int, zero: int) -> torch.Tensor:
+    """Patches of codes ``(N, H, W, Cp)`` -> ``(N, Ho, Wo, round8(kh * kw * channels))`` (taps outer, channels
+    inner, out-of-image taps and the tail filled with ``zero``): a first layer with few channels then runs as a
+    1x1 :func:`quantized_conv2d` without multiplying channel padding.
+
+    Example:
+        >>> patches = quantized_im2col(codes, (7, 7), (2, 2), (3, 3), (1, 1), 3, 64)
+    """
+    require_native("ops.quantized_im2col")
+    return torch.ops.deepseek_ext.quantized_im2col.default(
+        x, list(kernel), list(stride), list(padding), list(dilation), int(channels), int(zero)
+    )
+
+
 def quantized_max_pool2d(x, kernel, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False) -> torch.Tensor:
     """Max pooling on codes ``(N, H, W, Cp)`` (max commutes with the quantisation; scale and zero point are kept).
 
@@ -306,6 +340,25 @@ if NATIVE_AVAILABLE:
         if output_float:
             return x.new_empty((n, ho, wo, out_channels), dtype=torch.float32).permute(0, 3, 1, 2)
         return x.new_empty((n, ho, wo, _pad8(out_channels)), dtype=torch.uint8)
+
+    @torch.library.register_fake("deepseek_ext::quantized_depthwise_conv2d")
+    def _quantized_depthwise_conv2d_fake(
+        x, weight, w_scale, bias, kernel, stride, padding, dilation, channels, in_scale, in_zero, out_scale, out_zero,
+        relu=False, output_float=False,
+    ):  # fmt: skip
+        n, h, w, cp = x.shape
+        ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
+        wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
+        if output_float:
+            return x.new_empty((n, ho, wo, channels), dtype=torch.float32).permute(0, 3, 1, 2)
+        return x.new_empty((n, ho, wo, cp))
+
+    @torch.library.register_fake("deepseek_ext::quantized_im2col")
+    def _quantized_im2col_fake(x, kernel, stride, padding, dilation, channels, zero):
+        n, h, w, _ = x.shape
+        ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
+        wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
+        return x.new_empty((n, ho, wo, _pad8(kernel[0] * kernel[1] * channels)))
 
     @torch.library.register_fake("deepseek_ext::quantized_max_pool2d")
     def _quantized_max_pool2d_fake(x, kernel, stride, padding, dilation, ceil_mode=False):

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops.quant import (
+    dequantize_activation,
     pack_quantized_weight,
     quantize_weight,
     unpack_quantized_weight,
@@ -51,8 +52,9 @@ class FusedConv(nn.Module):
     """A float convolution (or Linear, as a 1x1 convolution on ``(N, K)``) with BatchNorm folded in, and optionally
     a residual input added and a ReLU: the unit that becomes one ``quantized_conv2d``."""
 
-    def __init__(self, weight, bias, stride, padding, dilation, linear: bool, names: list[str]):
+    def __init__(self, weight, bias, stride, padding, dilation, linear: bool, names: list[str], groups: int = 1):
         super().__init__()
+        self.groups = groups
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(
             (bias if bias is not None else torch.zeros(weight.shape[0])).detach().clone().float(), requires_grad=False
@@ -66,7 +68,7 @@ class FusedConv(nn.Module):
         if self.linear:
             y = F.linear(x, self.weight, self.bias)
         else:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if self.relu else y
@@ -100,9 +102,13 @@ def _is_add(node: fx.Node) -> bool:
     )
 
 
+def _depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
 def _conv_reason(conv: nn.Conv2d) -> str | None:
-    if conv.groups != 1:
-        return f"groups={conv.groups} (grouped/depthwise convolution)"
+    if conv.groups != 1 and not _depthwise(conv):
+        return f"groups={conv.groups} (grouped convolution that is not depthwise)"
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return f"padding {conv.padding!r} / {conv.padding_mode}"
     return None
@@ -140,12 +146,12 @@ def fuse(model: nn.Module, skip: Callable[[str], bool]) -> tuple[fx.GraphModule,
                 names.append(users[0].target)
                 last = users[0]
         if isinstance(mod, nn.Conv2d):
-            fused = FusedConv(weight, bias, mod.stride, mod.padding, mod.dilation, False, names)
+            fused = FusedConv(weight, bias, mod.stride, mod.padding, mod.dilation, False, names, mod.groups)
         else:
             fused = FusedConv(weight, bias, (1, 1), (0, 0), (1, 1), True, names)
         residual = None
         users = list(last.users)
-        if len(users) == 1 and _is_add(users[0]):
+        if len(users) == 1 and _is_add(users[0]) and fused.groups == 1:
             add = users[0]
             other = add.args[1] if add.args[0] is last else add.args[0]
             if other is not last:
@@ -243,15 +249,27 @@ class QuantizedConvNode(nn.Module):
         else:
             w = w.permute(0, 2, 3, 1)  # (Cout, kh, kw, Cin): taps outer, channels inner
         cout, kh, kw, cin = w.shape
-        cp = _pad8(cin)
-        w = F.pad(w, (0, cp - cin)).reshape(cout, kh * kw * cp)
+        # A few-channel input (a first layer) is gathered into patches first, so the GEMM does not multiply the
+        # channel padding of every tap: the layer then runs as a 1x1 convolution over round8(taps * cin) channels.
+        self.im2col = not fused.linear and kh * kw > 1 and cin < 8
+        if self.im2col:
+            k = _pad8(kh * kw * cin)
+            w = F.pad(w.reshape(cout, kh * kw * cin), (0, k - kh * kw * cin))
+        else:
+            cp = _pad8(cin)
+            w = F.pad(w, (0, cp - cin)).reshape(cout, kh * kw * cp)
+            k = kh * kw * cp
         codes, scales, zeros = quantize_weight(w, bits, 0, symmetric)
-        k = kh * kw * cp
         stored = codes
         rows = _unpacked(stored, bits)[:, :k]
         self.bits, self.k, self.cout = bits, k, cout
-        self.kernel = (kh, kw)
-        self.stride, self.padding, self.dilation = fused.stride, fused.padding, fused.dilation
+        self.out_channels = cout
+        self.patch = ((kh, kw), fused.stride, fused.padding, fused.dilation)
+        if self.im2col:
+            self.kernel, self.stride, self.padding, self.dilation = (1, 1), (1, 1), (0, 0), (1, 1)
+        else:
+            self.kernel = (kh, kw)
+            self.stride, self.padding, self.dilation = fused.stride, fused.padding, fused.dilation
         self.linear = fused.linear
         self.relu = fused.relu
         self.in_scale, self.in_zero = x.scale, x.zero
@@ -278,10 +296,17 @@ class QuantizedConvNode(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.w_scale, self.w_zero))
+        """Bytes of the weight as stored (codes, scales, zero points; the in-memory layout pads outputs to 64)."""
+        side = sum(t.numel() * t.element_size() for t in (self.w_scale, self.w_zero))
+        return self.cout * self.k * self.bits // 8 + side
 
     def forward(self, x, residual=None):
         n = x.shape[0]
+        if self.im2col:
+            k, st, pd, dl = self.patch
+            x = torch.ops.deepseek_ext.quantized_im2col.default(
+                x, list(k), list(st), list(pd), list(dl), self.in_channels, self.in_zero
+            )
         if self.linear:
             x = x.reshape(n, 1, 1, x.shape[-1])
             if residual is not None:
@@ -294,6 +319,40 @@ class QuantizedConvNode(nn.Module):
         if self.linear:
             y = y.reshape(n, -1)
         return y
+
+
+class QuantizedDepthwiseNode(nn.Module):
+    """A fused depthwise convolution of the int8 graph: per-channel symmetric weight codes and
+    ``quantized_depthwise_conv2d`` (no residual input: an add after it stays a separate add of codes)."""
+
+    def __init__(self, fused: FusedConv, bits: int, x: Encoding, out: Encoding | None):
+        super().__init__()
+        w = fused.weight.detach().float()  # (C, 1, kh, kw)
+        c, _, kh, kw = w.shape
+        qmax = 127 if bits == 8 else 7
+        scale = w.abs().amax((1, 2, 3)).clamp_min(1e-12) / qmax
+        codes = torch.round(w / scale.view(-1, 1, 1, 1)).clamp(-qmax, qmax).to(torch.int8)
+        weight = codes.reshape(c, kh * kw).t()  # (taps, C)
+        self.register_buffer("weight", F.pad(weight, (0, _pad8(c) - c)).contiguous())
+        self.register_buffer("w_scale", scale.float())
+        self.register_buffer("bias", fused.bias.detach().float().clone())
+        self.args = ([kh, kw], list(fused.stride), list(fused.padding), list(fused.dilation), c)
+        self.out_channels = c
+        self.in_scale, self.in_zero = x.scale, x.zero
+        self.out_float = out is None
+        self.out_scale, self.out_zero = (1.0, 0) if out is None else (out.scale, out.zero)
+        self.relu = fused.relu
+        self.names = fused.names
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.w_scale))
+
+    def forward(self, x):
+        k, st, pd, dl, c = self.args
+        return torch.ops.deepseek_ext.quantized_depthwise_conv2d.default(
+            x, self.weight, self.w_scale, self.bias, k, st, pd, dl, c, self.in_scale, self.in_zero, self.out_scale,
+            self.out_zero, self.relu, self.out_float,
+        )  # fmt: skip
 
 
 def _unpacked(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -439,6 +498,13 @@ def convert(float_gm: fx.GraphModule, encodings: dict[str, Encoding], shapes: di
             env[node.name] = (graph.placeholder(node.name), Encoding(False))
         elif node.op == "output":
             graph.output(map_float(node.args[0]))
+        elif isinstance(m, FusedConv) and m.groups > 1:
+            x, xenc = as_codes(node.args[0].name)
+            out_enc = encodings[node.name] if node.name in wants_codes else None
+            qm = QuantizedDepthwiseNode(m, config.weight_bits, xenc, out_enc)
+            new = graph.call_module(add_module("qdepthwise", qm), (x,))
+            cout = m.weight.shape[0]
+            env[node.name] = (new, Encoding(True, out_enc.scale, out_enc.zero, cout) if out_enc else Encoding(False))
         elif isinstance(m, FusedConv) and (not m.linear or len(shapes.get(node.args[0].name, ())) == 2):
             x, xenc = as_codes(node.args[0].name)
             res, renc = (None, None)
@@ -565,8 +631,39 @@ class StaticQuantizedModel(nn.Module):
             )
         return self.int8(*args, **kwargs)
 
-    def quantized_layers(self) -> list[QuantizedConvNode]:
-        return [] if self.int8 is None else [m for m in self.int8.modules() if isinstance(m, QuantizedConvNode)]
+    def quantized_layers(self) -> list[nn.Module]:
+        kinds = (QuantizedConvNode, QuantizedDepthwiseNode)
+        return [] if self.int8 is None else [m for m in self.int8.modules() if isinstance(m, kinds)]
+
+    def layer_outputs(self, *args) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """For every quantized layer (by its first float module's name): its output in the fused float graph and in
+        the int8 graph (dequantized), on the same inputs; what ``Quantizer.compare`` reports."""
+        floats: dict[str, torch.Tensor] = {}
+        graph = self.float_graph
+
+        class Capture(fx.Interpreter):
+            def call_module(self, target, a, kw):
+                out = super().call_module(target, a, kw)
+                m = graph.get_submodule(target)
+                if isinstance(m, FusedConv):
+                    floats[m.names[0]] = out.detach().float()
+                return out
+
+        quants: dict[str, torch.Tensor] = {}
+
+        def hook(mod, inputs, out):
+            y = out if mod.out_float else dequantize_activation(out, mod.out_scale, mod.out_zero, mod.out_channels)
+            quants[mod.names[0]] = y.detach().float().contiguous()
+
+        handles = [m.register_forward_hook(hook) for m in self.quantized_layers()]
+        try:
+            with torch.no_grad():
+                Capture(graph).run(*args)
+                self(*args)
+        finally:
+            for h in handles:
+                h.remove()
+        return {k: (floats[k].reshape(quants[k].shape), quants[k]) for k in quants if k in floats}
 
     def get_extra_state(self):
         return {

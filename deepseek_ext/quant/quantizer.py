@@ -207,6 +207,48 @@ class Quantizer:
             self._apply_act_scales(self._last)
         return {k: v.item() for k, v in self._act_scales.items()}
 
+    def _compare_static(self, qmodel, sample_inputs, print_table: bool) -> list[LayerReport]:
+        x = _model_args(sample_inputs)
+        float_mods = dict(self.model.named_modules())
+        outputs = qmodel.layer_outputs(*x)
+        rows = []
+        for layer in qmodel.quantized_layers():
+            name = layer.names[0]
+            fbytes = sum(
+                p.numel() * p.element_size() for n in layer.names if n in float_mods for p in float_mods[n].parameters()
+            )
+            a, b = outputs.get(name, (None, None))
+            rel = None if a is None else ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+            rows.append(
+                LayerReport(
+                    "+".join(layer.names),
+                    type(float_mods[name]).__name__ if name in float_mods else "fused",
+                    "quantized (int8 graph)",
+                    fbytes,
+                    layer.weight_bytes() + layer.bias.numel() * 4,
+                    None if a is None else _sqnr_db(a, b),
+                    rel,
+                )
+            )
+        for name, reason in self.fallbacks.items():
+            fm = float_mods.get(name)
+            fbytes = 0 if fm is None else sum(p.numel() * p.element_size() for p in fm.parameters())
+            kind = "?" if fm is None else type(fm).__name__
+            rows.append(LayerReport(name, kind, f"float: {reason}", fbytes, fbytes, None, None))
+        with torch.no_grad():
+            ref, out = _output_tensor(self.model(*x)), _output_tensor(qmodel(*x))
+        total_f = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        total_q = sum(r.quantized_bytes for r in rows)
+        rows.append(
+            LayerReport(
+                "<model output>", type(self.model).__name__, "", total_f, total_q, _sqnr_db(ref, out),
+                ((ref.float() - out.float()).norm() / ref.float().norm()).item(),
+            )
+        )  # fmt: skip
+        if print_table:
+            _print_report(rows)
+        return rows
+
     def _apply_act_scales(self, qmodel: nn.Module) -> None:
         for name, m in qmodel.named_modules():
             if isinstance(m, _QuantizedWeight) and m.act_scale is not None and name in self._act_scales:
@@ -215,7 +257,12 @@ class Quantizer:
     def compare(self, quantized_model: nn.Module, sample_inputs, print_table: bool = True) -> list[LayerReport]:
         """Per-layer output error (SQNR in dB, relative L2) and weight sizes, float vs quantized, on
         ``sample_inputs`` (a tensor, a tuple whose first item is the input, or a dict of keyword inputs). The last
-        row is the whole model's output."""
+        row is the whole model's output. For a static int8 model each row is a fused layer (named after its first
+        float module), compared with the same layer of the fused float graph."""
+        from .graph import StaticQuantizedModel
+
+        if isinstance(quantized_model, StaticQuantizedModel):
+            return self._compare_static(quantized_model, sample_inputs, print_table)
         float_out: dict[str, torch.Tensor] = {}
         quant_out: dict[str, torch.Tensor] = {}
 
@@ -278,12 +325,17 @@ class Quantizer:
             )
         )
         if print_table:
-            print(f"{'layer':<40} {'kind':<14} {'float KB':>9} {'quant KB':>9} {'SQNR dB':>8} {'rel err':>8}  status")
-            for r in rows:
-                sq = "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
-                re_ = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
-                print(
-                    f"{r.name:<40} {r.kind:<14} {r.float_bytes / 1024:>9.1f} {r.quantized_bytes / 1024:>9.1f} "
-                    f"{sq:>8} {re_:>8}  {r.status}"
-                )
+            _print_report(rows)
         return rows
+
+
+def _print_report(rows: list[LayerReport]) -> None:
+    """Prints :meth:`Quantizer.compare`'s rows as a table."""
+    print(f"{'layer':<40} {'kind':<14} {'float KB':>9} {'quant KB':>9} {'SQNR dB':>8} {'rel err':>8}  status")
+    for r in rows:
+        sq = "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
+        re_ = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
+        print(
+            f"{r.name:<40} {r.kind:<14} {r.float_bytes / 1024:>9.1f} {r.quantized_bytes / 1024:>9.1f} "
+            f"{sq:>8} {re_:>8}  {r.status}"
+        )

@@ -47,6 +47,8 @@ def test_quantize_deploy(tmp_path):
     assert cnn["float"]["accuracy"] > 0.85
     assert cnn["W8A8"]["accuracy_drop"] <= 0.03  # stated bounds: 3 points for W8A8, 5 for W4A8
     assert cnn["W4A8"]["accuracy_drop"] <= 0.05
+    assert cnn["W8A8 static"]["accuracy_drop"] <= 0.01  # static int8: within 1 point of float
+    assert cnn["W4A8 static"]["accuracy_drop"] <= 0.05
     assert cnn["W4A8"]["bytes"] < cnn["W8A8"]["bytes"] < cnn["float"]["bytes"]
     assert r["resnet18"]["W4A8"]["bytes"] < r["resnet18"]["float"]["bytes"] / 4
 

@@ -263,3 +263,63 @@ def test_conv_grid_through_the_graph(stride, padding, dilation):
     data = [torch.randn(2, 6, 13, 11) for _ in range(3)]
     quantizer.calibrate(data, 3)
     assert _sqnr(model(data[0]), qmodel(data[0])) > 25
+
+
+def test_depthwise_convolutions_run_on_codes():
+    class Mobile(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 24, 3, 2, 1)
+            self.dw = nn.Conv2d(24, 24, 3, 1, 1, groups=24, bias=False)
+            self.bn = nn.BatchNorm2d(24)
+            self.pw = nn.Conv2d(24, 40, 1)
+            self.grouped = nn.Conv2d(40, 40, 3, padding=1, groups=4)  # not depthwise: stays float
+
+        def forward(self, x):
+            y = F.relu(self.stem(x))
+            y = F.relu(self.bn(self.dw(y)))
+            return self.grouped(F.relu(self.pw(y)))
+
+    torch.manual_seed(0)
+    model = _randomise_bn(Mobile())
+    quantizer = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8, method="static"))
+    qmodel = quantizer.quantize()
+    assert set(quantizer.fallbacks) == {"grouped"} and "not depthwise" in quantizer.fallbacks["grouped"]
+    quantizer.calibrate([torch.randn(2, 3, 20, 18) for _ in range(3)], 3)
+    kinds = {type(m).__name__ for m in qmodel.int8.modules()}
+    assert "QuantizedDepthwiseNode" in kinds
+    x = torch.randn(2, 3, 20, 18)
+    assert _sqnr(model(x), qmodel(x)) > 25
+
+
+@pytest.mark.parametrize("stride,padding,dilation,kernel", [(1, 1, 1, 3), (2, 1, 1, 3), (1, 2, 2, 3), (2, 2, 1, 5)])
+def test_depthwise_op_matches_the_integer_reference(stride, padding, dilation, kernel):
+    gen = torch.Generator().manual_seed(stride + kernel)
+    c = 20
+    x = _codes(2, 11, 9, c, 64, gen)
+    w = torch.randint(-127, 128, (kernel * kernel, 24), generator=gen, dtype=torch.int8)
+    w[:, c:] = 0
+    ws, bias = torch.rand(c, generator=gen) * 0.01, torch.randn(c, generator=gen)
+    args = ((kernel, kernel), (stride, stride), (padding, padding), (dilation, dilation), c, 0.05, 64)
+    got = ops.quantized_depthwise_conv2d(x, w, ws, bias, *args, output_float=True)
+    xf = (x[..., :c].double() - 64).permute(0, 3, 1, 2)
+    wf = w[:, :c].t().double().reshape(c, 1, kernel, kernel)
+    want = F.conv2d(xf, wf, None, stride, padding, dilation, groups=c) * (0.05 * ws.double()).view(1, -1, 1, 1)
+    want = want + bias.double().view(1, -1, 1, 1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    codes = ops.quantized_depthwise_conv2d(x, w, ws, bias, *args, 0.1, 64, relu=True)
+    want_codes = torch.round(want.clamp_min(0) / 0.1 + 64).clamp(0, 127).permute(0, 2, 3, 1)
+    assert (codes[..., :c].int() - want_codes.int()).abs().max() <= 1
+
+
+def test_compare_reports_every_fused_layer_of_a_static_model():
+    torch.manual_seed(0)
+    model = _randomise_bn(SmallResNet())
+    quantizer = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8, method="static"))
+    qmodel = quantizer.quantize()
+    quantizer.calibrate([torch.randn(2, 3, 16, 16) for _ in range(2)], 2)
+    rows = quantizer.compare(qmodel, torch.randn(2, 3, 16, 16), print_table=False)
+    layers = [r for r in rows if r.status.startswith("quantized")]
+    assert len(layers) == len(qmodel.quantized_layers()) == 9  # 8 convolutions (BN folded) and the Linear
+    assert layers[0].name == "stem.0+stem.1" and all(r.sqnr_db > 20 for r in layers)
+    assert rows[-1].name == "<model output>" and rows[-1].quantized_bytes < rows[-1].float_bytes / 2.5
