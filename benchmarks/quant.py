@@ -7,6 +7,7 @@ On CUDA: the quantized_linear op (W8A8, W4A8, W4 weight-only) against a bfloat16
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
