@@ -1,7 +1,9 @@
 """Fused attention against torch.nn.functional.scaled_dot_product_attention (SDPA).
 
 On CPU PyTorch picks its own flash-attention CPU kernel for these inputs; on CUDA the baseline is pinned to SDPA's
-flash backend and the table's extra columns give TFLOP/s. Shapes: batch 4, 8 heads, head dim 64 and 128, sequence
+flash backend (and, for bfloat16, SDPA's cuDNN backend as a second peer) and every row gives TFLOP/s for ours and the
+peer. Quick mode on CUDA runs the targets' configuration (bfloat16, head dim 128, sequence 4096) instead of the tiny
+CPU smoke shapes. Shapes: batch 4, 8 heads, head dim 64 and 128, sequence
 512 / 1024 / 4096, causal and not, float32 and bfloat16, forward and forward + backward. Peak memory at sequence
 8192 is measured in fresh subprocesses (growth of the peak resident set over the inputs, CPU; peak allocated
 bytes, CUDA).
@@ -29,11 +31,11 @@ def _flops(seq: int, dim: int, causal: bool, backward: bool) -> float:
     return f * (3.5 if backward else 1.0)  # backward: 5 matmuls of the forward's 2, plus the recomputed QK^T
 
 
-def _sdpa_context(device: str):
+def _sdpa_context(device: str, backend: str = "flash"):
     if device == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+        return sdpa_kernel(SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION)
     return contextlib.nullcontext()
 
 
@@ -62,7 +64,7 @@ def _make(impl: str, device: str, seq: int, dim: int, dtype: torch.dtype, causal
         if impl == "ours":
             out = fused_attention(q, k, v, is_causal=causal)
         else:
-            with _sdpa_context(device):
+            with _sdpa_context(device, "cudnn" if impl == "cudnn" else "flash"):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         if backward:
             out.backward(grad)
@@ -108,26 +110,35 @@ def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> 
     seqs = [256] if quick else [512, 1024, 4096]
     dims = [64] if quick else [64, 128]
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    causals = (False, True)
+    if quick and device == "cuda":  # the targets: bf16, d128, s4096 (forward >= 0.9x flash, fwd+bwd >= 0.7x)
+        seqs, dims, dtypes, causals = [4096], [128], [torch.bfloat16], (False,)
     out = []
     for dtype, dim, seq, causal, backward in (
-        (dt, d, s, c, b) for b in (False, True) for dt in dtypes for d in dims for s in seqs for c in (False, True)
+        (dt, d, s, c, b) for b in (False, True) for dt in dtypes for d in dims for s in seqs for c in causals
     ):
         name = "fwd+bwd" if backward else "forward"
         config = f"{name} s{seq} d{dim} {'causal' if causal else 'full'} {str(dtype)[6:]}"
         extra = {"flop": _flops(seq, dim, causal, backward)}
-        out.append(
-            Case(
-                family="attention",
-                op="fused_attention",
-                config=config,
-                ours=_make("ours", device, seq, dim, dtype, causal, backward),
-                baseline=_make("sdpa", device, seq, dim, dtype, causal, backward),
-                baseline_name="SDPA (flash backend)" if device == "cuda" else "SDPA (PyTorch's CPU flash kernel)",
-                check=None if backward else _check(device, min(seq, 512), dim, dtype, causal),
-                min_run_time=0.2 if seq >= 4096 else None,
-                extra=extra,
+        peers = [("sdpa", "SDPA (flash backend)" if device == "cuda" else "SDPA (PyTorch's CPU flash kernel)")]
+        if device == "cuda" and dtype == torch.bfloat16:
+            peers.append(("cudnn", "SDPA (cuDNN backend)"))
+        for i, (impl, peer_name) in enumerate(peers):
+            out.append(
+                Case(
+                    family="attention",
+                    op="fused_attention",
+                    config=config,
+                    ours=_make("ours", device, seq, dim, dtype, causal, backward),
+                    baseline=_make(impl, device, seq, dim, dtype, causal, backward),
+                    baseline_name=peer_name,
+                    check=None if backward or i else _check(device, min(seq, 512), dim, dtype, causal),
+                    min_run_time=0.2 if seq >= 4096 else None,
+                    extra=extra,
+                )
             )
-        )
+    if quick and device == "cuda":
+        return out  # the peak-memory subprocesses would spend the GPU check's time on CUDA start-ups
     seq_mem = 1024 if quick else 8192
     for backward in (False, True):
         ours = peak_memory("ours", device, seq_mem, 64, "float32", True, backward)

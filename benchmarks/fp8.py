@@ -13,6 +13,9 @@ from deepseek_ext.ops import dequantize_fp8, fp8_matmul, quantize_fp8
 SHAPES = [(4096, 4096), (8192, 8192)]
 MATMUL_SHAPES = [(1, 4096, 4096), (32, 4096, 4096), (2048, 4096, 4096)]  # (M, N, K)
 QUICK_MATMUL_SHAPES = [(32, 512, 512)]
+# CUDA: decode (M = 1), a small batch and the target 4096^3; quick mode keeps the target and decode.
+CUDA_MATMUL_SHAPES = [(1, 4096, 4096), (32, 4096, 4096), (4096, 4096, 4096), (2048, 18432, 7168)]
+CUDA_QUICK_MATMUL_SHAPES = [(1, 4096, 4096), (4096, 4096, 4096)]
 QUICK_SHAPES = [(1024, 1024)]
 GRANULARITIES = ["tensor", "row", "block"]
 IN_DTYPES = [torch.bfloat16]
@@ -119,6 +122,8 @@ def _scaled_mm_or_raise(a, b_col, sa, sb):
 
 
 def matmul_cases(device: str, quick: bool) -> list[Case]:
+    if device == "cuda":
+        return cuda_matmul_cases(quick)
     out = []
     fp8 = torch.float8_e4m3fn
     for m, n, k in QUICK_MATMUL_SHAPES if quick else MATMUL_SHAPES:
@@ -160,6 +165,63 @@ def matmul_cases(device: str, quick: bool) -> list[Case]:
                     ours=functools.partial(fp8_matmul, ag, bb, sag, sbb, None, torch.bfloat16),
                     baseline=functools.partial(_dequantize_then_matmul, ag, bb, sag, sbb),
                     baseline_name="dequantize_fp8 (fp32) + matmul",
+                )
+            )
+    return out
+
+
+def cuda_matmul_cases(quick: bool) -> list[Case]:
+    """On CUDA every row gives TFLOP/s: ours against torch._scaled_mm (per tensor; for 1x128 / 128x128 block scaling
+    too, on the same shapes: the target is >= 0.9x) and against a bfloat16 matmul."""
+    out = []
+    fp8 = torch.float8_e4m3fn
+    for m, n, k in CUDA_QUICK_MATMUL_SHAPES if quick else CUDA_MATMUL_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(m, k, generator=g).cuda(), torch.randn(n, k, generator=g).cuda()
+        a, sa = quantize_fp8(x, fp8)
+        bt, sb = quantize_fp8(w, fp8)
+        b = bt.t()  # (K, N) column-major, what torch._scaled_mm takes
+        ag, sag = quantize_fp8(x, fp8, "group")
+        bb, sbb = quantize_fp8(w.t().contiguous(), fp8, "block")  # (K, N) row-major weight, 128x128 blocks
+        xb, wb = x.bfloat16(), w.t().contiguous().bfloat16()
+        extra = {"flop": 2.0 * m * n * k}
+        scaled_mm = functools.partial(_scaled_mm_or_raise, a, b, sa, sb)
+        rows = [
+            (
+                "tensorwise",
+                functools.partial(fp8_matmul, a, b, sa, sb, None, torch.bfloat16),
+                scaled_mm,
+                "torch._scaled_mm (tensorwise)",
+            ),
+            (
+                "tensorwise",
+                functools.partial(fp8_matmul, a, b, sa, sb, None, torch.bfloat16),
+                functools.partial(torch.matmul, xb, wb),
+                "bf16 matmul",
+            ),
+            (
+                "1x128/128x128",
+                functools.partial(fp8_matmul, ag, bb, sag, sbb, None, torch.bfloat16),
+                scaled_mm,
+                "torch._scaled_mm (tensorwise, same shape)",
+            ),
+            (
+                "1x128/128x128",
+                functools.partial(fp8_matmul, ag, bb, sag, sbb, None, torch.bfloat16),
+                functools.partial(torch.matmul, xb, wb),
+                "bf16 matmul",
+            ),
+        ]
+        for mode, ours, peer, peer_name in rows:
+            out.append(
+                Case(
+                    family="fp8",
+                    op="fp8_matmul",
+                    config=f"M={m} N={n} K={k} {mode}",
+                    ours=ours,
+                    baseline=peer,
+                    baseline_name=peer_name,
+                    extra=extra,
                 )
             )
     return out

@@ -1,11 +1,13 @@
 """Quantized inference: linear layers against fp32 nn.Linear and PyTorch's own int8 dynamic quantization (fbgemm);
 ResNet-50 (224 x 224, batch 1 and 8) static int8 against fp32 eager and against PyTorch's own static int8
 (torch.ao FX graph mode, 'x86' backend, calibrated on the same data), with the logits' SQNR of each against float;
-a BERT-base-sized encoder with dynamic W8A8 against fp32."""
+a BERT-base-sized encoder with dynamic W8A8 against fp32.
+On CUDA: the quantized_linear op (W8A8, W4A8, W4 weight-only) against a bfloat16 matmul, with TFLOP/s."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
@@ -60,7 +62,37 @@ def _ao_dynamic(linear: nn.Linear) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
 
 
+CUDA_SHAPES = [(1, 4096, 4096), (16, 4096, 11008), (4096, 4096, 4096)]  # (batch, in, out)
+CUDA_QUICK_SHAPES = [(1, 4096, 4096), (4096, 4096, 4096)]
+
+
+def cuda_cases(quick: bool) -> list[Case]:
+    from deepseek_ext.ops.quant import quantize_weight, quantized_linear
+
+    out = []
+    for m, k, n in CUDA_QUICK_SHAPES if quick else CUDA_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(m, k, generator=g).cuda().bfloat16(), torch.randn(n, k, generator=g).cuda()
+        wb = w.bfloat16().t()
+        for name, bits, group, act_bits in [("w8a8", 8, 0, 8), ("w4a8", 4, 128, 8), ("w4 weight-only", 4, 128, 16)]:
+            packed = quantize_weight(w, bits, group, True)
+            out.append(
+                Case(
+                    family="quant",
+                    op=f"qlinear {name}",
+                    config=f"{k}x{n} batch {m}",
+                    ours=functools.partial(quantized_linear, x, *packed, bits, group, k, act_bits),
+                    baseline=functools.partial(torch.matmul, x, wb),
+                    baseline_name="bf16 matmul",
+                    extra={"flop": 2.0 * m * n * k},
+                )
+            )
+    return out
+
+
 def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> list[Case]:
+    if device == "cuda":
+        return cuda_cases(quick)
     out = []
     for k, n in QUICK_LINEARS if quick else LINEARS:
         torch.manual_seed(0)

@@ -118,11 +118,19 @@ def run(cases: list[Case], device: str, min_run_time: float = 0.5, json_path: Pa
             "headline": case.headline,
             **case.extra,
         }
+        if "flop" in case.extra:  # throughput next to the peer's (CUDA reports lead with it)
+            row["ours_tflops"] = case.extra["flop"] / ours / 1e12
+            row["baseline_tflops"] = None if base is None else case.extra["flop"] / base / 1e12
         rows.append(row)
         base_txt = "-" if base is None else f"{base * 1e3:.3f}"
         speed_txt = "-" if base is None else f"{base / ours:.2f}x"
+        rate = ""
+        if "ours_tflops" in row and device == "cuda":
+            peer = "-" if row["baseline_tflops"] is None else f"{row['baseline_tflops']:.1f}"
+            rate = f"  [{row['ours_tflops']:.1f} vs {peer} TFLOP/s]"
         print(
-            f"{case.op:<16} {case.config:<34} {row['ours_ms']:>9.3f} {base_txt:>12} {speed_txt:>9}  {note}", flush=True
+            f"{case.op:<16} {case.config:<34} {row['ours_ms']:>9.3f} {base_txt:>12} {speed_txt:>9}  {note}{rate}",
+            flush=True,
         )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

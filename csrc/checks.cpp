@@ -1,5 +1,8 @@
 #include "deepseek_ext/checks.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace deepseek_ext {
 
 std::string dtype_name(at::ScalarType t) {
@@ -28,6 +31,11 @@ void check_dtype(const char* op, const char* arg, const at::Tensor& t, std::init
 void check_same_device(const char* op, const char* arg_a, const at::Tensor& a, const char* arg_b, const at::Tensor& b) {
   TORCH_CHECK(a.device() == b.device(), op, ": expected ", arg_a, " and ", arg_b,
               " to be on the same device, but got ", a.device(), " and ", b.device());
+}
+
+bool debug_checks() {
+  const char* v = std::getenv("DEEPSEEK_EXT_DEBUG_CHECKS");  // read per call: tests and users may toggle it
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
 }  // namespace deepseek_ext

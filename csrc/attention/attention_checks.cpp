@@ -123,10 +123,13 @@ Varlen prepare_varlen(const char* op, const at::Tensor& q, const at::Tensor& k, 
                     k.size(0), " and ", v.size(0));
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": expected a finite scale, but got ", scale);
   Varlen r;
-  auto load_cu = [&](const char* name, const at::Tensor& cu, int64_t total) {
+  auto check_cu_meta = [&](const char* name, const at::Tensor& cu) {
     check_dtype(op, name, cu, {at::kInt, at::kLong});
     TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, op, ": expected ", name,
                       " of shape (batch + 1,), but got ", cu.sizes());
+  };
+  auto load_cu = [&](const char* name, const at::Tensor& cu, int64_t total) {
+    check_cu_meta(name, cu);
     at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
     const int64_t* p = c.const_data_ptr<int64_t>();
     TORCH_CHECK_VALUE(p[0] == 0, op, ": expected ", name, " to start at 0, but it starts at ", p[0]);
@@ -138,6 +141,49 @@ Varlen prepare_varlen(const char* op, const at::Tensor& q, const at::Tensor& k, 
                       "), but it ends at ", p[c.size(0) - 1]);
     return c;
   };
+  auto longest = [](const at::Tensor& c) {
+    const int64_t* p = c.const_data_ptr<int64_t>();
+    int64_t m = 0;
+    for (int64_t b = 0; b + 1 < c.size(0); ++b) m = std::max(m, p[b + 1] - p[b]);
+    return m;
+  };
+  // Offsets that live on the device of the inputs stay there: their values are read by the kernels and checked on
+  // the host only in debug mode (checks.h), so a call neither synchronises nor breaks CUDA graph capture. Offsets
+  // anywhere else are read and checked on the host.
+  r.device_offsets = !q.device().is_cpu() && cu_seqlens_q.device() == q.device() && cu_seqlens_k.device() == q.device();
+  if (r.device_offsets) {
+    check_cu_meta("cu_seqlens_q", cu_seqlens_q);
+    check_cu_meta("cu_seqlens_k", cu_seqlens_k);
+    TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), op,
+                      ": expected cu_seqlens_q and cu_seqlens_k with one batch size, but got ",
+                      cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
+    int64_t mq = max_seqlen_q, mk = max_seqlen_k;  // -1: unknown (the CUDA kernels do not need them)
+    if (debug_checks()) {
+      const at::Tensor hq = load_cu("cu_seqlens_q", cu_seqlens_q, q.size(0));
+      const at::Tensor hk = load_cu("cu_seqlens_k", cu_seqlens_k, k.size(0));
+      mq = longest(hq);
+      mk = longest(hk);
+      TORCH_CHECK_VALUE(max_seqlen_q < 0 || max_seqlen_q >= mq, op, ": max_seqlen_q (", max_seqlen_q,
+                        ") is below the longest query sequence in cu_seqlens_q (", mq, ")");
+      TORCH_CHECK_VALUE(max_seqlen_k < 0 || max_seqlen_k >= mk, op, ": max_seqlen_k (", max_seqlen_k,
+                        ") is below the longest key sequence in cu_seqlens_k (", mk, ")");
+    }
+    r.cu_q = cu_seqlens_q.to(at::kLong).contiguous();
+    r.cu_k = cu_seqlens_k.to(at::kLong).contiguous();
+    r.q = unit_last_stride(q);
+    r.k = unit_last_stride(k);
+    r.v = unit_last_stride(v);
+    Geometry& g = r.geo;
+    g.batch = r.cu_q.size(0) - 1;
+    g.seq_q = std::max<int64_t>(mq, -1);
+    g.seq_k = std::max<int64_t>(mk, -1);
+    fill_common(g, r.q, r.k, r.v, true);
+    g.causal = is_causal;
+    g.bottom_right = true;
+    g.scale = scale;
+    set_output_strides(g, true, q.size(0));
+    return r;
+  }
   r.cu_q = load_cu("cu_seqlens_q", cu_seqlens_q, q.size(0));
   r.cu_k = load_cu("cu_seqlens_k", cu_seqlens_k, k.size(0));
   TORCH_CHECK_VALUE(r.cu_q.size(0) == r.cu_k.size(0), op,
@@ -183,6 +229,7 @@ void check_backward(const char* op, const at::Tensor& grad_out, const at::Tensor
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(want_lse), op, ": expected lse of shape ",
                     at::IntArrayRef(want_lse), ", but got ", lse.sizes());
   check_same_device(op, "query", q, "grad_out", grad_out);
+  check_same_device(op, "query", q, "out", out);
   check_same_device(op, "query", q, "lse", lse);
 }
 

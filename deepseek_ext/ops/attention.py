@@ -148,7 +148,9 @@ def fused_attention_varlen(
         k: ``(total_k, heads_kv, head_dim)``; ``v``: ``(total_k, heads_kv, head_dim_v)``. ``heads_q`` must be a
             multiple of ``heads_kv``.
         cu_seqlens_q / cu_seqlens_k: ``(batch + 1,)`` int32 or int64 offsets: sequence ``b`` is rows
-            ``cu[b]:cu[b + 1]``. Zero-length sequences are allowed.
+            ``cu[b]:cu[b + 1]``. Zero-length sequences are allowed. On CUDA keep them on the GPU: the kernels read
+            them there (no host synchronisation; CUDA graphs can capture the call) and their values are checked only
+            with ``DEEPSEEK_EXT_DEBUG_CHECKS=1``.
         max_seqlen_q / max_seqlen_k: longest sequences (computed from ``cu_seqlens`` when omitted).
         is_causal: causal mask aligned bottom-right (query ``i`` of a sequence with ``n_q`` queries and ``n_k``
             keys attends keys ``j <= i + n_k - n_q``), as FlashAttention.

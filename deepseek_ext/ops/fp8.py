@@ -107,7 +107,8 @@ def fp8_matmul(
     Args:
         a: ``(M, K)`` float8_e4m3fn or float8_e5m2.
         b: ``(K, N)`` FP8, any strides (a column-major ``b``, as ``torch._scaled_mm`` takes, is read as is).
-            e5m2 x e5m2 is accepted on the CPU; CUDA's tensor cores need at least one e4m3 operand.
+            e5m2 x e5m2 is accepted everywhere (on CUDA through the float32 fallback: FP8 tensor cores need at
+            least one e4m3 operand). On CUDA pass ``b`` column-major, or it is copied once per call.
         scale_a, scale_b: float32 scales; the mode follows their shapes:
             per tensor (one element each); per row of ``a`` / per column of ``b`` (``(M, 1)`` and ``(1, N)``, as
             :func:`quantize_fp8` with ``'row'`` returns them for ``a`` and for ``b.t()``); or DeepSeek-V3's fine
@@ -118,8 +119,12 @@ def fp8_matmul(
         block_size: group / block edge for the fine-grained mode.
 
     Any M, N, K are accepted (no padding is needed: partial groups and blocks at the edges use their own scales).
-    Scales must be finite. CPU: a tiled GEMM that dequantises tiles on the fly (no full-size dequantised copy);
-    CUDA: cuBLASLt FP8 through ``torch._scaled_mm`` where shapes and the GPU allow, else dequantise and multiply.
+    Scales must be finite (checked for CPU scales; for CUDA scales only with ``DEEPSEEK_EXT_DEBUG_CHECKS=1``, since
+    the check would synchronise). The bias is added to the float32 result before it is rounded to ``out_dtype``.
+    CPU: a tiled GEMM that dequantises tiles on the fly (no full-size dequantised copy). CUDA: cuBLASLt's FP8 GEMM
+    through ``torch._scaled_mm`` for per-tensor (sm_89+), per-row (sm_90+) and, with ``block_size=128`` on sm_90,
+    1x128 / 128x128 block scaling (cuBLASLt's own block-scaling modes), any M; otherwise slabs of K dequantised to
+    float32 and multiplied (temporaries of about 64 MB, never full-size float copies).
 
     Example:
         >>> a, sa = quantize_fp8(torch.randn(64, 512), torch.float8_e4m3fn, 'row')          # sa: (64, 1)

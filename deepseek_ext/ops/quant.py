@@ -60,10 +60,14 @@ def quantized_linear(
             instruction sets and batch sizes.
         act_bits: 8 — activations are quantised to symmetric 7-bit codes in [-63, 63] (per row, or with
             ``act_scale``; the reduce_range that keeps AVX2's u8 x s8 multiply-adds from saturating, as in fbgemm) and
-            the products are integer (int32 accumulation per group); 16 or 0 — weight-only: activations stay float.
+            the products are integer (int32 accumulation per group), finished by
+            ``y = sx * sum_g fmaf(sw_g, float(d_g), acc)`` in ascending group order: bit-identical on every CPU and
+            on CUDA; 16 or 0 — weight-only: activations stay float, weights are dequantised to float32 and the
+            products are float32 for every activation dtype.
         bias: optional ``(N,)``.
         act_scale: a one-element per-tensor activation scale from calibration (static quantization): codes are
-            ``round(x / act_scale)`` clamped to [-63, 63].
+            ``round(x / act_scale)`` clamped to [-63, 63]. It must be positive and finite (checked on the CPU; on
+            CUDA only with ``DEEPSEEK_EXT_DEBUG_CHECKS=1``).
         code_sums: per-group sums of the weight codes, ``(N, G)`` int32 (:func:`code_sums`); the batched integer
             kernel needs them and computes them on every call when they are not given.
 

@@ -1,6 +1,8 @@
-// CUDA kernels of the DP-SGD ops. per_sample_sq_norms: a 2-D grid of (column chunk, sample) blocks, each reducing
-// its slice and adding it to the sample's total. clip_sum_noise: one thread per gradient element, walking the
-// samples; consecutive threads read consecutive addresses of each sample's row.
+// CUDA kernels of the DP-SGD ops. per_sample_sq_norms: one block per (sample, column chunk of 16K values) on a 1-D
+// grid (any number of samples), each writing its partial sum to its own slot; the chunks of a sample are then added
+// in order (the CPU's chunking and order), so results do not depend on scheduling. clip_sum_noise: one thread per
+// gradient element, walking the samples; consecutive threads read consecutive addresses of each sample's row; the
+// scale is applied in the accumulation type (float64 for float64 gradients), as on the CPU.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,11 +21,12 @@ constexpr int64_t kChunk = 1 << 14;
 
 
 template <typename T>
-__global__ void sq_norm_kernel(const T* __restrict__ g, int64_t d, at::opmath_type<T>* __restrict__ out) {
+__global__ void sq_norm_kernel(const T* __restrict__ g, int64_t d, int64_t chunks,
+                               at::opmath_type<T>* __restrict__ partial) {
   using A = at::opmath_type<T>;
-  __shared__ A partial[kThreads / 32];
-  const int64_t i = blockIdx.y;
-  const int64_t c0 = blockIdx.x * kChunk;
+  __shared__ A warp_sums[kThreads / 32];
+  const int64_t w = blockIdx.x, i = w / chunks;
+  const int64_t c0 = (w % chunks) * kChunk;
   const int64_t c1 = min(d, c0 + kChunk);
   A s = 0;
   for (int64_t j = c0 + threadIdx.x; j < c1; j += blockDim.x) {
@@ -31,18 +34,28 @@ __global__ void sq_norm_kernel(const T* __restrict__ g, int64_t d, at::opmath_ty
     s += v * v;
   }
   for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = s;
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
   __syncthreads();
   if (threadIdx.x == 0) {
     A total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
-    atomicAdd(out + i, total);
+    for (int k = 0; k < kThreads / 32; ++k) total += warp_sums[k];
+    partial[w] = total;
+  }
+}
+
+template <typename A>
+__global__ void sum_chunks_kernel(const A* __restrict__ partial, int64_t n, int64_t chunks, A* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    A s = 0;
+    for (int64_t c = 0; c < chunks; ++c) s += partial[i * chunks + c];
+    out[i] = s;
   }
 }
 
 template <typename T>
 __global__ void clip_sum_kernel(const T* __restrict__ g, const float* __restrict__ f, const float* __restrict__ z,
-                                int64_t n, int64_t d, float scale, T* __restrict__ out) {
+                                int64_t n, int64_t d, double scale, T* __restrict__ out) {
   using A = at::opmath_type<T>;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -63,11 +76,19 @@ at::Tensor per_sample_sq_norms_cuda(const at::Tensor& grads) {
   at::Tensor out =
       at::zeros({n}, grads.options().dtype(grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (n == 0 || d == 0) return out;
-  TORCH_CHECK(n < 65536, "per_sample_sq_norms: at most 65535 samples per call on CUDA, got ", n);
-  const dim3 grid(static_cast<unsigned>((d + kChunk - 1) / kChunk), static_cast<unsigned>(n));
+  const int64_t chunks = (d + kChunk - 1) / kChunk;
+  TORCH_CHECK(n * chunks < (int64_t{1} << 31), "per_sample_sq_norms: too many (sample, chunk) pairs for one launch (",
+              n * chunks, ")");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "per_sample_sq_norms_cuda", [&] {
-    sq_norm_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.const_data_ptr<scalar_t>(), d, out.data_ptr<at::opmath_type<scalar_t>>());
+    using A = at::opmath_type<scalar_t>;
+    at::Tensor partial = at::empty({n * chunks}, out.options());
+    sq_norm_kernel<scalar_t><<<static_cast<unsigned>(n * chunks), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), d, chunks, partial.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
+    sum_chunks_kernel<A><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(partial.const_data_ptr<A>(), n,
+                                                                                chunks, out.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -87,7 +108,7 @@ at::Tensor clip_sum_noise_cuda(const at::Tensor& grads, const at::Tensor& factor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "clip_sum_noise_cuda", [&] {
     clip_sum_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         g.const_data_ptr<scalar_t>(), f.const_data_ptr<float>(), z.defined() ? z.const_data_ptr<float>() : nullptr,
-        grads.size(0), d, static_cast<float>(scale), out.data_ptr<scalar_t>());
+        grads.size(0), d, scale, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

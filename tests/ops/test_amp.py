@@ -113,6 +113,15 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_looks_at_the_stored_value(device):
+    """A finite float16 gradient that overflows once unscaled (inv_scale > 1) is flagged on both devices."""
+    g = [torch.tensor([60000.0, 1.0], dtype=torch.float16, device=device)]
+    found = torch.zeros(1, device=device)
+    norm = unscale_check_norm_(g, found, torch.tensor([2.0], device=device))
+    assert found.item() == 1.0 and torch.isinf(g[0][0]) and not torch.isfinite(norm)
+
+
 def test_an_expanded_gradient_is_refused_before_any_gradient_is_unscaled():
     """Issue 16: it used to fail only after the other gradients had been halved."""
     from tests.helpers import result_of, run_isolated

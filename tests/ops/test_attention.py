@@ -396,6 +396,22 @@ def test_cuda_matches_cpu(dtype, causal):
         _check(a.float() / scale, b.float() / scale, GRAD_TOL[dtype] * 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_finfo_min_additive_mask_masks_like_a_boolean_mask(dtype, device):
+    """The documented rule: an additive mask of finfo(float32).min masks its key; a row masked entirely gives zeros."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 9, 32, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    keep = torch.rand(2, 1, 9, 9, generator=g) > 0.4
+    keep[:, :, 3] = False  # a fully masked row
+    keep = keep.to(device)
+    additive = torch.zeros(keep.shape, device=device).masked_fill(~keep, torch.finfo(torch.float32).min)
+    a = fused_attention(q, k, v, attn_mask=additive.to(dtype) if dtype == torch.float32 else additive)
+    b = fused_attention(q, k, v, attn_mask=keep)
+    assert torch.equal(a[:, :, 3], torch.zeros_like(a[:, :, 3]))
+    _check(a, b, TOL[dtype])
+
+
 def test_head_dim_0_is_a_clear_error_not_a_zero_division():
     """Issue 16: the default scale 1 / sqrt(0) raised ZeroDivisionError in the wrapper."""
     q = torch.randn(1, 2, 3, 0)

@@ -63,8 +63,12 @@ Dense prepare_dense(const char* op, const at::Tensor& q, const at::Tensor& k, co
                     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
                     const std::optional<at::Tensor>& seed);
 
+// cu_* as int64: on the CPU (geo.cu_* point at them; values checked), or, when q and both offsets are on one
+// device, on that device (device_offsets; geo.cu_* null, values checked only in debug mode, seq_q / seq_k the given
+// max_seqlen_* or -1 when unknown).
 struct Varlen {
-  at::Tensor q, k, v, cu_q, cu_k;  // cu_* as int64 on the CPU (the CPU kernel reads them on the host)
+  at::Tensor q, k, v, cu_q, cu_k;
+  bool device_offsets = false;
   Geometry geo;
 };
 

@@ -19,4 +19,11 @@ void check_dtype(const char* op, const char* arg, const at::Tensor& t, std::init
 
 void check_same_device(const char* op, const char* arg_a, const at::Tensor& a, const char* arg_b, const at::Tensor& b);
 
+// Checks that read a tensor's values (finite scales, cu_seqlens offsets, a positive static scale) run for CPU tensors
+// always, and for device tensors only in debug mode (environment DEEPSEEK_EXT_DEBUG_CHECKS=1): reading device memory
+// synchronises the host with the GPU on every call and breaks CUDA graph capture. Metadata checks (dtype, shape,
+// device) always run.
+bool debug_checks();
+inline bool check_values_of(const at::Tensor& t) { return t.device().is_cpu() || debug_checks(); }
+
 }  // namespace deepseek_ext
