@@ -215,7 +215,9 @@ class DPOptimizer(torch.optim.Optimizer):
         total: dict = {}
         for r in self._records(unit):
             try:
-                grads = grad_sample.per_sample_grads(unit.module, r.activations, tuple(r.grad_outputs), r.kwargs)
+                grads = grad_sample.per_sample_grads(
+                    unit.module, r.activations, tuple(r.grad_outputs), r.kwargs, r.batch_size
+                )
             except Exception as e:  # a clear pointer instead of an obscure vmap error
                 how = "the torch.func fallback" if not grad_sample.has_sampler(unit.module) else "its grad sampler"
                 raise RuntimeError(

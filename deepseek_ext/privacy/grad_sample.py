@@ -229,9 +229,13 @@ def batch_dim(module: nn.Module) -> int:
     return 0
 
 
-def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
-    """vmap over samples of vjp(module's own parameters) — for any module without a dedicated sampler. Keyword
-    arguments are passed through unchanged, except nn.MultiheadAttention's key_padding_mask (batched)."""
+def _functional(module: nn.Module, activations, grad_outputs, kwargs=None, batch_size: int | None = None):
+    """vmap over samples of vjp(module's own parameters) — for any module without a dedicated sampler.
+
+    Inputs are mapped over the batch when they carry it (``batch_size`` at the module's batch dimension; every
+    positional tensor when ``batch_size`` is None); the others (a position tensor shared by the whole batch, say) go
+    to every sample's call unchanged. nn.MultiheadAttention maps its key_padding_mask and nothing else among its
+    keyword arguments."""
     from torch.func import functional_call, vjp, vmap
 
     kwargs = dict(kwargs or {})
@@ -242,8 +246,18 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
     if composite and isinstance(kwargs.get("attn_mask"), torch.Tensor) and kwargs["attn_mask"].dim() == 3:
         raise ValueError("a 3-D attn_mask mixes batch and heads; pass a 2-D attn_mask and key_padding_mask instead")
     bd = batch_dim(module)
-    tensor_pos = [i for i, a in enumerate(activations) if isinstance(a, torch.Tensor)]
-    batched_kw = [k for k in ("key_padding_mask",) if composite and isinstance(kwargs.get(k), torch.Tensor)]
+
+    def batched(x) -> bool:
+        if not isinstance(x, torch.Tensor):
+            return False
+        return batch_size is None or (x.dim() > bd and x.shape[bd] == batch_size)
+
+    tensor_pos = [i for i, a in enumerate(activations) if batched(a)]
+    if composite:
+        batched_kw = [k for k in ("key_padding_mask",) if isinstance(kwargs.get(k), torch.Tensor)]
+    else:
+        batched_kw = [k for k, v in kwargs.items() if batch_size is not None and batched(v)]
+    kw_dim = 0 if composite else bd
 
     def one(p, xs, kws, gs):
         args = list(activations)
@@ -251,7 +265,7 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
             args[i] = x.unsqueeze(bd)
         kw = dict(kwargs)
         for k, v in zip(batched_kw, kws):
-            kw[k] = v.unsqueeze(0)
+            kw[k] = v.unsqueeze(kw_dim)
 
         def run(p_):
             out = functional_call(module, p_, tuple(args), kw)
@@ -267,7 +281,7 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
     in_dims = (
         None,
         tuple(bd for _ in xs),
-        tuple(0 for _ in kws),
+        tuple(kw_dim for _ in kws),
         tuple(None if g is None else bd for g in grad_outputs),
     )
     grads = vmap(one, in_dims=in_dims)(params, xs, kws, tuple(grad_outputs))
@@ -280,13 +294,13 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
 computing = False
 
 
-def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None) -> dict:
+def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None, batch_size: int | None = None) -> dict:
     global computing
     sampler = _SAMPLERS.get(type(module))
     computing = True
     try:
         if sampler is None:
-            return _functional(module, activations, grad_outputs, kwargs)
+            return _functional(module, activations, grad_outputs, kwargs, batch_size)
         return sampler(module, activations, grad_outputs)
     finally:
         computing = False

@@ -172,6 +172,20 @@ class QuantizedLinear(_QuantizedWeight):
         self.out_features = linear.out_features
         self._init_weight(linear.weight, linear.bias, config)
 
+    @classmethod
+    def from_conv1d(cls, conv1d: nn.Module, config: QuantConfig) -> QuantizedLinear:
+        """A QuantizedLinear computing transformers' ``Conv1D`` (GPT-2 and its descendants): ``x @ weight + bias``
+        with ``weight`` of shape ``(in, out)``, i.e. the Linear whose weight is ``weight.t()``.
+
+        Example:
+            >>> qproj = QuantizedLinear.from_conv1d(gpt2.transformer.h[0].attn.c_attn, QuantConfig())
+        """
+        new = cls.__new__(cls)
+        _QuantizedWeight.__init__(new)
+        new.out_features = conv1d.weight.shape[1]
+        new._init_weight(conv1d.weight.detach().t().contiguous(), conv1d.bias, config)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             return self._linear(x)
