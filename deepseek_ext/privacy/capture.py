@@ -67,6 +67,7 @@ class Capture:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"DifferentialPrivacy: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
+        grad_sample.register_transformers_layers()
         self.units = find_units(model)
         # The batch size of the model's forward in progress and, for an input of shape (batch, seq, ...), its
         # sequence length; None outside a forward of the model (units called on their own keep the batch
@@ -149,6 +150,7 @@ class Capture:
 
     def _forward_hook(self, unit: Unit):
         def hook(module, args, kwargs, output):
+            was_frozen = bool(unit.frozen)
             for p in unit.frozen:  # runs even when the forward raised (always_call)
                 p.requires_grad_(True)
             unit.frozen = []
@@ -157,13 +159,20 @@ class Capture:
             bd = batch_dim(module)
             outs = output if isinstance(output, tuple) else (output,)
             tensors = [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+            replaced = None
+            if was_frozen and tensors and not any(o.requires_grad for o in tensors):
+                # The output does not depend on the floating input (BART's positions come from its shape only),
+                # so with the parameters frozen no gradient would reach it: run the forward again, parameters live.
+                output = replaced = module.forward(*args, **kwargs)
+                outs = output if isinstance(output, tuple) else (output,)
+                tensors = [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
             batch_size = 0 if first is None or first.dim() <= bd else first.shape[bd]
             activations = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             layout = self._layout(unit, tensors)
             if self.batch_size is not None and tensors and tensors[0].dim() > bd:
                 batch_size = self.batch_size
-            replaced, fold = None, None
+            fold = None
             if layout == "shared":
                 # Expanded (a copy: later code may write to it in place) so each example's gradient arrives apart;
                 # the inputs are expanded views, so every sample's computation sees the shared input.

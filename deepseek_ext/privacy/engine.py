@@ -237,13 +237,25 @@ class DPOptimizer(torch.optim.Optimizer):
         units = self.capture.units
         noises = noises or {}
         if self.clipping == "per_layer":
-            sums = {}
-            n_params = sum(len(u.params) for u in units)
-            bound = self.max_grad_norm / math.sqrt(max(n_params, 1))
+            sums, tied = {}, {}
+            uses: dict[nn.Parameter, int] = {}
+            for u in units:
+                for p in u.params:
+                    uses[p] = uses.get(p, 0) + 1
+            bound = self.max_grad_norm / math.sqrt(max(len(uses), 1))
+
+            def clip(p, g):
+                f = (bound / (per_sample_sq_norms(g).sqrt() + CLIP_EPS)).clamp(max=1.0).float()
+                sums[p] = clip_sum_noise(g, f, noises.get(p), scale)
+
             for u in units:
                 for p, g in self._materialise(u).items():
-                    f = (bound / (per_sample_sq_norms(g).sqrt() + CLIP_EPS)).clamp(max=1.0).float()
-                    sums[p] = clip_sum_noise(g, f, noises.get(p), scale)
+                    if uses[p] > 1:  # a tied parameter is clipped once, on the sum over its units
+                        tied[p] = g if p not in tied else tied[p] + g
+                    else:
+                        clip(p, g)
+            for p, g in tied.items():
+                clip(p, g)
             return sums
 
         ghost = self.clipping == "ghost"

@@ -5,7 +5,8 @@ sampler* computes per-sample gradients ``{parameter: (batch, *parameter.shape)}`
 *ghost norm* gives per-sample squared gradient norms without materialising them, and a *ghost sum* the clipped,
 summed gradient ``sum_i c_i g_i`` straight from activations and output gradients (Li et al. 2022, Bu et al. 2023).
 
-Samplers exist for Linear, Conv1d/Conv2d, Embedding, LayerNorm and GroupNorm. Any other module with parameters
+Samplers exist for Linear, Conv1d/Conv2d, Embedding, LayerNorm, GroupNorm and transformers' Conv1D (GPT-2's
+transposed Linear). Any other module with parameters
 falls back to ``torch.func`` (``vmap`` over ``vjp`` of the module on one sample), which also covers
 ``nn.MultiheadAttention``. BatchNorm is refused: it mixes the examples of a batch. ``register_grad_sampler`` adds a
 layer type.
@@ -14,6 +15,7 @@ layer type.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -120,6 +122,27 @@ def _linear_ghost_sum(module: nn.Linear, activations, grad_outputs, factors):
 
 
 _ghost(_linear_ghost_norm, _linear_ghost_sum, nn.Linear)
+
+
+# transformers' Conv1D (GPT-2): y = x @ weight + bias with weight (in, out), the Linear of weight.t()
+def _conv1d(module, activations, grad_outputs):
+    return {
+        p: g.transpose(1, 2) if p is module.weight else g for p, g in _linear(module, activations, grad_outputs).items()
+    }
+
+
+def _conv1d_ghost_sum(module, activations, grad_outputs, factors):
+    sums = _linear_ghost_sum(module, activations, grad_outputs, factors)
+    return {p: s.t() if p is module.weight else s for p, s in sums.items()}
+
+
+def register_transformers_layers() -> None:
+    """Registers the samplers of transformers' layers that are loaded (a model holding one has imported them;
+    deepseek_ext never imports transformers itself): Conv1D as the transposed Linear, ghost norms included."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if conv1d is not None and conv1d not in _SAMPLERS:
+        register_grad_sampler(conv1d)(_conv1d)
+        _ghost(_linear_ghost_norm, _conv1d_ghost_sum, conv1d)
 
 
 # --------------------------------------------------------------------------------------------------- Embedding
