@@ -14,12 +14,12 @@ optimizer updates. Recipes, as in DeepSeek-V3 and torchao:
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch
 from torch import nn
 
+from .. import _transformers
 from ..amp.patterns import matches
 from ..ops.fp8 import fp8_matmul, quantize_fp8
 
@@ -207,7 +207,7 @@ def convert_to_fp8(
     * modules whose qualified name matches a pattern in ``skip`` (dot-component patterns, e.g. ``'lm_head'``);
     * layers FP8 tensor cores cannot take: ``in_features`` or ``out_features`` below ``min_features`` or not a
       multiple of ``multiple_of`` (16 for cuBLASLt's FP8 kernels);
-    * subclasses of ``nn.Linear`` (their forward may differ).
+    * subclasses of ``nn.Linear`` (their forward may differ), except transformers' FalconLinear (a plain Linear).
 
     Layers left in float for any reason but ``skip`` are named in one warning. Tied weights stay tied (the FP8
     layer computes from the same master parameter). Convert before building the optimizer, or keep using the same
@@ -219,13 +219,13 @@ def convert_to_fp8(
     if recipe not in RECIPES:
         raise ValueError(f"convert_to_fp8: recipe must be one of {RECIPES}, got {recipe!r}")
     skip = [skip] if isinstance(skip, str) else list(skip)
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # loaded if the model has one
+    conv1d, linears = _transformers.conv1d(), (nn.Linear, *_transformers.linear_likes())
     left: dict[str, str] = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             is_conv1d = conv1d is not None and type(child) is conv1d
-            if not (type(child) is nn.Linear or is_conv1d):
+            if not (type(child) in linears or is_conv1d):
                 if isinstance(child, nn.Linear) and not isinstance(child, (FP8Linear, FP8Conv1D)):
                     left[full] = f"{type(child).__name__} subclasses Linear"
                 continue

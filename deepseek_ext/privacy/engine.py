@@ -369,6 +369,13 @@ class DifferentialPrivacy:
         generator: a seeded ``torch.Generator`` for sampling and noise (reproducible tests).
         loss_reduction: ``'mean'`` (the loss is averaged over the batch, PyTorch's default) or ``'sum'``.
 
+    The batch size is the first dimension of the model's first tensor input. A layer whose output is shared by the
+    whole batch (batch dimension 1, as the position embeddings of stock BERT and GPT-2, which look up ids of shape
+    ``(1, seq)``) has its output expanded to the batch, so its per-example gradients are exact in every clipping
+    mode; a layer fed the batch's tokens flattened example by example (``(batch * seq, ...)``, as OPT's MLPs) is
+    read as ``(batch, seq, ...)``. A layer whose input does not carry the batch at all (T5's relative attention
+    bias) is refused at the first forward with an error naming it: freeze it or give it batch-first inputs.
+
     Example:
         >>> dp = DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=0.5, max_grad_norm=1.0)
         >>> optimizer = dp.wrap(optimizer, model=model, data_loader=train_loader)

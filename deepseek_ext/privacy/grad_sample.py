@@ -6,7 +6,7 @@ sampler* computes per-sample gradients ``{parameter: (batch, *parameter.shape)}`
 summed gradient ``sum_i c_i g_i`` straight from activations and output gradients (Li et al. 2022, Bu et al. 2023).
 
 Samplers exist for Linear, Conv1d/Conv2d, Embedding, LayerNorm, GroupNorm and transformers' Conv1D (GPT-2's
-transposed Linear). Any other module with parameters
+transposed Linear) and FalconLinear. Any other module with parameters
 falls back to ``torch.func`` (``vmap`` over ``vjp`` of the module on one sample), which also covers
 ``nn.MultiheadAttention``. BatchNorm is refused: it mixes the examples of a batch. ``register_grad_sampler`` adds a
 layer type.
@@ -15,12 +15,13 @@ layer type.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .. import _transformers
 
 # sampler(module, activation, grad_output) -> {param: per-sample grad (B, *param.shape)}
 GradSampler = Callable[[nn.Module, tuple, tuple], dict]
@@ -137,12 +138,16 @@ def _conv1d_ghost_sum(module, activations, grad_outputs, factors):
 
 
 def register_transformers_layers() -> None:
-    """Registers the samplers of transformers' layers that are loaded (a model holding one has imported them;
-    deepseek_ext never imports transformers itself): Conv1D as the transposed Linear, ghost norms included."""
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    """Registers the samplers of transformers' layers that are loaded: Conv1D as the transposed Linear and
+    FalconLinear as a Linear, ghost norms included."""
+    conv1d = _transformers.conv1d()
     if conv1d is not None and conv1d not in _SAMPLERS:
         register_grad_sampler(conv1d)(_conv1d)
         _ghost(_linear_ghost_norm, _conv1d_ghost_sum, conv1d)
+    for linear in _transformers.linear_likes():
+        if linear not in _SAMPLERS:
+            register_grad_sampler(linear)(_linear)
+            _ghost(_linear_ghost_norm, _linear_ghost_sum, linear)
 
 
 # --------------------------------------------------------------------------------------------------- Embedding

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -11,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import _transformers
 from ..amp.patterns import matches
 from .config import QuantConfig
 from .modules import QuantizedConv2d, QuantizedLinear, _QuantizedWeight, check_quantized_state_dict
@@ -41,17 +41,15 @@ register_quantized_module(nn.Linear, QuantizedLinear)
 register_quantized_module(nn.Conv2d, QuantizedConv2d, _conv_reason)
 
 
-def transformers_conv1d() -> type | None:
-    """transformers' ``Conv1D`` (GPT-2's transposed Linear) when transformers is loaded, else None (a model holding
-    one has imported it; deepseek_ext never imports transformers itself)."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
 def _handler(module: nn.Module):
-    """The (can_take, factory) pair for ``module``'s exact type; transformers' Conv1D is registered on first sight."""
-    conv1d = transformers_conv1d()
+    """The (can_take, factory) pair for ``module``'s exact type. transformers' Conv1D (the Linear of its transposed
+    weight) and FalconLinear (a Linear) are registered on first sight."""
+    conv1d = _transformers.conv1d()
     if conv1d is not None and conv1d not in _HANDLERS:
         register_quantized_module(conv1d, QuantizedLinear.from_conv1d)
+    for linear in _transformers.linear_likes():
+        if linear not in _HANDLERS:
+            register_quantized_module(linear, QuantizedLinear)
     return _HANDLERS.get(type(module))
 
 
@@ -218,7 +216,7 @@ class Quantizer:
                 stacklevel=3,
             )
             return None
-        conv1d = transformers_conv1d()  # not part of the int8 graph: say so
+        conv1d = _transformers.conv1d()  # not part of the int8 graph: say so
         for name, mod in model.named_modules():
             if conv1d is not None and isinstance(mod, conv1d) and name not in fallbacks:
                 fallbacks[name] = "Conv1D is not part of the static int8 graph (method='dynamic' quantizes it)"
