@@ -208,6 +208,7 @@ class Capture:
     def clear(self) -> None:
         for u in self.units:
             u.records.clear()
+        self._depth, self.batch_size, self.seq_len = 0, None, None  # a forward that raised left no trace
 
     def remove(self) -> None:
         for h in self._handles:
