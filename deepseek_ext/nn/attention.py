@@ -18,14 +18,11 @@ _original_sdpa = _attention._SDPA
 
 
 def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` routed to :func:`deepseek_ext.ops.fused_attention` (SDPA itself for
-    inputs the kernels do not take: other ranks, nested tensors, devices other than CPU/CUDA)."""
-    unsupported = (
-        query.dim() not in (3, 4)
-        or query.dim() != key.dim()
-        or query.is_nested
-        or query.device.type not in ("cpu", "cuda")
-    )
+    """``F.scaled_dot_product_attention`` routed to :func:`deepseek_ext.ops.fused_attention`, which takes every shape
+    SDPA takes (broadcast batch and head dimensions included); SDPA itself for nested tensors, devices other than
+    CPU/CUDA and inputs of fewer than 2 dimensions (SDPA's own error)."""
+    on_device = query.device.type in ("cpu", "cuda")
+    unsupported = not on_device or any(t.is_nested or t.dim() < 2 for t in (query, key, value))
     attend = _original_sdpa if unsupported else _attention.fused_attention
     return attend(
         query,

@@ -14,9 +14,12 @@ optimizer updates. Recipes, as in DeepSeek-V3 and torchao:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from .. import _transformers
 from ..amp.patterns import matches
 from ..ops.fp8 import fp8_matmul, quantize_fp8
 
@@ -74,7 +77,41 @@ class _FP8LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-class FP8Linear(nn.Linear):
+class _FP8Compute:
+    """What FP8Linear and FP8Conv1D share: the recipe, the scaling mode and the delayed-scaling history."""
+
+    def _setup_fp8(self, recipe: str, scaling: str, amax_history_len: int) -> None:
+        owner = type(self).__name__
+        if recipe not in RECIPES:
+            raise ValueError(f"{owner}: recipe must be one of {RECIPES}, got {recipe!r}")
+        if scaling not in ("current", "delayed"):
+            raise ValueError(f"{owner}: scaling must be 'current' or 'delayed', got {scaling!r}")
+        if scaling == "delayed" and recipe != "tensorwise":
+            raise ValueError(f"{owner}: delayed scaling is implemented for the 'tensorwise' recipe")
+        self.recipe = recipe
+        self.scaling = scaling
+        self.register_buffer("amax_history", torch.zeros(amax_history_len, device=self.weight.device), persistent=False)
+
+    def _delayed_quantize(self, x2d: torch.Tensor):
+        amax = x2d.detach().abs().amax().float()
+        history = self.amax_history
+        ref = torch.where(history.max() > 0, history.max(), amax)  # first step: nothing recorded yet
+        scale = ref.clamp_min(1e-12) / 448.0
+        q = (x2d.float() / scale).clamp(-448.0, 448.0).to(E4M3)
+        if self.training:
+            self.amax_history.copy_(torch.cat([amax.view(1), history[:-1]]))
+        return q, scale.reshape(())
+
+    def _fp8_linear(self, x: torch.Tensor, weight_out_in: torch.Tensor, out_features: int) -> torch.Tensor:
+        """``x @ weight_out_in.t() + bias`` in FP8, for any leading dims of ``x``."""
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        x_q = self._delayed_quantize(x2d) if self.scaling == "delayed" else None
+        y = _FP8LinearFn.apply(x2d, weight_out_in, self.bias, self.recipe, x_q)
+        return y.reshape(*shape[:-1], out_features)
+
+
+class FP8Linear(_FP8Compute, nn.Linear):
     """``nn.Linear`` computed in FP8 (see the module docstring). Same constructor, parameters and state_dict keys as
     ``nn.Linear``, so checkpoints load either way.
 
@@ -106,17 +143,6 @@ class FP8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup_fp8(recipe, scaling, amax_history_len)
 
-    def _setup_fp8(self, recipe: str, scaling: str, amax_history_len: int) -> None:
-        if recipe not in RECIPES:
-            raise ValueError(f"FP8Linear: recipe must be one of {RECIPES}, got {recipe!r}")
-        if scaling not in ("current", "delayed"):
-            raise ValueError(f"FP8Linear: scaling must be 'current' or 'delayed', got {scaling!r}")
-        if scaling == "delayed" and recipe != "tensorwise":
-            raise ValueError("FP8Linear: delayed scaling is implemented for the 'tensorwise' recipe")
-        self.recipe = recipe
-        self.scaling = scaling
-        self.register_buffer("amax_history", torch.zeros(amax_history_len, device=self.weight.device), persistent=False)
-
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, recipe: str = "tensorwise", scaling: str = "current", amax_history_len: int = 16
@@ -129,25 +155,41 @@ class FP8Linear(nn.Linear):
         new._setup_fp8(recipe, scaling, amax_history_len)
         return new
 
-    def _delayed_quantize(self, x2d: torch.Tensor):
-        amax = x2d.detach().abs().amax().float()
-        history = self.amax_history
-        ref = torch.where(history.max() > 0, history.max(), amax)  # first step: nothing recorded yet
-        scale = ref.clamp_min(1e-12) / 448.0
-        q = (x2d.float() / scale).clamp(-448.0, 448.0).to(E4M3)
-        if self.training:
-            self.amax_history.copy_(torch.cat([amax.view(1), history[:-1]]))
-        return q, scale.reshape(())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        x_q = self._delayed_quantize(x2d) if self.scaling == "delayed" else None
-        y = _FP8LinearFn.apply(x2d, self.weight, self.bias, self.recipe, x_q)
-        return y.reshape(*shape[:-1], self.out_features)
+        return self._fp8_linear(x, self.weight, self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}, scaling={self.scaling}"
+
+
+class FP8Conv1D(_FP8Compute, nn.Module):
+    """transformers' ``Conv1D`` (GPT-2 and its descendants: ``y = x @ weight + bias`` with ``weight`` of shape
+    ``(in, out)``) computed in FP8 as :class:`FP8Linear` computes (the Linear whose weight is ``weight.t()``). It
+    shares the Conv1D's parameter objects and has its ``state_dict`` keys (``weight``, ``bias``) and its ``nf``/``nx``
+    attributes, so checkpoints load either way; it is an ``nn.Module``, not a subclass of transformers' class.
+
+    Example:
+        >>> layer = FP8Conv1D.from_conv1d(gpt2.transformer.h[0].mlp.c_fc, recipe='rowwise')
+    """
+
+    def __init__(self, conv1d: nn.Module, recipe: str = "tensorwise", scaling: str = "current", amax_history_len=16):
+        super().__init__()
+        self.nx, self.nf = conv1d.weight.shape
+        self.weight, self.bias = conv1d.weight, conv1d.bias
+        self._setup_fp8(recipe, scaling, amax_history_len)
+
+    @classmethod
+    def from_conv1d(
+        cls, conv1d: nn.Module, recipe: str = "tensorwise", scaling: str = "current", amax_history_len: int = 16
+    ) -> FP8Conv1D:
+        """An FP8Conv1D sharing ``conv1d``'s parameter objects (an optimizer built on them stays valid)."""
+        return cls(conv1d, recipe, scaling, amax_history_len)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fp8_linear(x, self.weight.t(), self.nf)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, recipe={self.recipe}, scaling={self.scaling}"
 
 
 def convert_to_fp8(
@@ -159,14 +201,17 @@ def convert_to_fp8(
     min_features: int = 16,
     multiple_of: int = 16,
 ) -> nn.Module:
-    """Replaces every ``nn.Linear`` of ``model`` (in place, also returned) by an :class:`FP8Linear` sharing its
-    parameters, except:
+    """Replaces every ``nn.Linear`` of ``model`` (in place, also returned) by an :class:`FP8Linear`, and every
+    transformers ``Conv1D`` (GPT-2's transposed Linear) by an :class:`FP8Conv1D`, sharing their parameters, except:
 
     * modules whose qualified name matches a pattern in ``skip`` (dot-component patterns, e.g. ``'lm_head'``);
     * layers FP8 tensor cores cannot take: ``in_features`` or ``out_features`` below ``min_features`` or not a
-      multiple of ``multiple_of`` (16 for cuBLASLt's FP8 kernels).
+      multiple of ``multiple_of`` (16 for cuBLASLt's FP8 kernels);
+    * subclasses of ``nn.Linear`` (their forward may differ), except transformers' FalconLinear (a plain Linear).
 
-    Convert before building the optimizer, or keep using the same one: the parameter objects are reused.
+    Layers left in float for any reason but ``skip`` are named in one warning. Tied weights stay tied (the FP8
+    layer computes from the same master parameter). Convert before building the optimizer, or keep using the same
+    one: the parameter objects are reused.
 
     Example:
         >>> model = convert_to_fp8(model, recipe='rowwise', skip=['lm_head'])
@@ -174,13 +219,27 @@ def convert_to_fp8(
     if recipe not in RECIPES:
         raise ValueError(f"convert_to_fp8: recipe must be one of {RECIPES}, got {recipe!r}")
     skip = [skip] if isinstance(skip, str) else list(skip)
+    conv1d, linears = _transformers.conv1d(), (nn.Linear, *_transformers.linear_likes())
+    left: dict[str, str] = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is not nn.Linear or any(matches(p, full) for p in skip):
+            is_conv1d = conv1d is not None and type(child) is conv1d
+            if not (type(child) in linears or is_conv1d):
+                if isinstance(child, nn.Linear) and not isinstance(child, (FP8Linear, FP8Conv1D)):
+                    left[full] = f"{type(child).__name__} subclasses Linear"
                 continue
-            sizes = (child.in_features, child.out_features)
+            if any(matches(p, full) for p in skip):
+                continue
+            sizes = tuple(child.weight.shape) if is_conv1d else (child.in_features, child.out_features)
             if min(sizes) < min_features or any(s % multiple_of for s in sizes):
+                left[full] = f"sizes {sizes[0]} x {sizes[1]} (FP8 needs multiples of {multiple_of}, >= {min_features})"
                 continue
-            setattr(module, child_name, FP8Linear.from_linear(child, recipe=recipe, scaling=scaling))
+            if is_conv1d:
+                setattr(module, child_name, FP8Conv1D.from_conv1d(child, recipe=recipe, scaling=scaling))
+            else:
+                setattr(module, child_name, FP8Linear.from_linear(child, recipe=recipe, scaling=scaling))
+    if left:
+        listed = "; ".join(f"{k}: {v}" for k, v in left.items())
+        warnings.warn(f"convert_to_fp8: {len(left)} layer(s) stay in float ({listed})", UserWarning, stacklevel=2)
     return model

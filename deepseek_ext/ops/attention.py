@@ -64,6 +64,74 @@ def _fallback_reason(q, k, v, attn_mask) -> str | None:
     return None
 
 
+def _shape_error(given: list[tuple], why: str) -> ValueError:
+    return ValueError(f"fused_attention: {why}; query, key and value were {given[0]}, {given[1]} and {given[2]}")
+
+
+def _broadcast(shapes: list[tuple], given: list[tuple], what: str) -> tuple:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        raise _shape_error(given, f"expected {what} that broadcast (each 1 or one common size)") from None
+
+
+def _kernel_layout(q, k, v, attn_mask, enable_gqa):
+    """SDPA's shape rules mapped onto the kernels' ``(batch, heads, seq, dim)`` layout.
+
+    SDPA takes inputs of any rank >= 2 whose leading dimensions (batch, then heads at dim -3) broadcast against each
+    other; ``enable_gqa`` instead lets key/value have fewer heads, divisors of the query's. Returns
+    ``(q4, k4, v4, mask, out_shape)``, the kernels' inputs being views wherever possible: a broadcast batch or query
+    head dimension is an expanded view, and key/value heads that divide the query's (one head, as in multi-query
+    attention, always does) run on the kernels' grouped-query path instead of being copied. Autograd sums the
+    gradients of expanded views over the broadcast dimensions, as SDPA's are. Raises ValueError where SDPA raises
+    (shapes that do not broadcast)."""
+    given = [tuple(x.shape) for x in (q, k, v)]
+    if min(q.dim(), k.dim(), v.dim()) < 2:
+        raise _shape_error(given, "expected query, key and value with at least 2 dimensions (seq, head_dim)")
+    out_rank = max(q.dim(), k.dim(), v.dim())
+    nd = max(out_rank, 3)
+    q, k, v = (x.view((1,) * (nd - x.dim()) + tuple(x.shape)) for x in (q, k, v))
+    hq, hk, hv = q.size(-3), k.size(-3), v.size(-3)
+    if enable_gqa:
+        if hk == 0 or hv == 0 or hq % hk or hq % hv:
+            raise _shape_error(
+                given, f"enable_gqa=True needs key/value heads ({hk}, {hv}) that divide the query heads ({hq})"
+            )
+        heads = hq
+    else:
+        h_kv = hv if hk == 1 else hk
+        if hq != 1 and h_kv not in (0, 1, hq) and hq % h_kv == 0 and hv in (1, h_kv):
+            raise ValueError(
+                f"fused_attention: query has {hq} heads and key/value {h_kv}; pass enable_gqa=True for "
+                "grouped-query attention (as with scaled_dot_product_attention)"
+            )
+        heads = _broadcast([(hq,), (hk,), (hv,)], given, "head counts")[0]
+    batch = _broadcast([x.shape[:-3] for x in (q, k, v)], given, "batch dimensions")
+    if hk == hv and (hk == heads or (hk and heads % hk == 0)):
+        kv_heads = hk  # the same count for key and value, dividing the query's: grouped-query attention, no copy
+    elif min(hk, hv) == 1 and heads % max(hk, hv) == 0:
+        kv_heads = max(hk, hv)  # one of them broadcast: expand it (a view)
+    else:  # enable_gqa with two different divisors: both repeated to the query heads, as SDPA does
+        kv_heads = heads
+        k = k.repeat_interleave(heads // hk, dim=-3)
+        v = v.repeat_interleave(heads // hv, dim=-3)
+
+    def to4(x, h):
+        x = x.expand(*batch, h, *x.shape[-2:])
+        return x if len(batch) == 1 else x.reshape(-1, *x.shape[-3:])
+
+    if attn_mask is not None and len(batch) > 1:  # several batch dims become one: the mask must follow them
+        score_shape = (*batch, heads, q.size(-2), k.size(-2))
+        try:
+            attn_mask = attn_mask.expand(score_shape).reshape(-1, *score_shape[-3:])
+        except RuntimeError:
+            raise _shape_error(
+                given, f"expected attn_mask broadcastable to {score_shape}, but got {tuple(attn_mask.shape)}"
+            ) from None
+    out_shape = (*batch, heads, q.size(-2), v.size(-1))[-out_rank:]
+    return to4(q, heads), to4(k, kv_heads), to4(v, kv_heads), attn_mask, out_shape
+
+
 def fused_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,8 +146,8 @@ def fused_attention(
     ``torch.nn.functional.scaled_dot_product_attention``.
 
     Args:
-        q: ``(batch, heads_q, seq_q, head_dim)`` (or ``(heads_q, seq_q, head_dim)``), float32/float16/bfloat16/
-            float64; any strides.
+        q: ``(batch, heads_q, seq_q, head_dim)`` (or ``(heads_q, seq_q, head_dim)``, or any rank >= 2 with the
+            leading dims as batch), float32/float16/bfloat16/float64; any strides.
         k: ``(batch, heads_kv, seq_k, head_dim)``.
         v: ``(batch, heads_kv, seq_k, head_dim_v)``.
         attn_mask: boolean (True = attend) or additive float mask broadcastable to ``(batch, heads_q, seq_q,
@@ -88,6 +156,11 @@ def fused_attention(
         is_causal: query ``i`` attends keys ``j <= i`` (top-left alignment, as SDPA).
         scale: score scale, ``1 / sqrt(head_dim)`` by default.
         enable_gqa: allow ``heads_q`` to be a multiple of ``heads_kv`` (grouped-query attention).
+
+    As with SDPA, batch and head dimensions broadcast: q, k and v may each have a batch or head count of 1 (a key
+    and value with one head is multi-query attention, with or without ``enable_gqa``; it runs on the kernels'
+    grouped-query path, without copies), and the result has the broadcast shape. Shapes SDPA rejects raise a
+    ``ValueError``.
 
     Returns:
         ``(batch, heads_q, seq_q, head_dim_v)`` in ``q``'s dtype. Rows whose keys are all masked give zeros.
@@ -100,34 +173,21 @@ def fused_attention(
         >>> out = fused_attention(q, k, v, is_causal=True)
     """
     require_native("ops.fused_attention")
-    unbatched = q.dim() == 3
-    if unbatched:
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            "fused_attention: expected query, key and value of shape (batch, heads, seq, head_dim) or "
-            f"(heads, seq, head_dim), but got {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if q.size(1) != k.size(1) and not enable_gqa:
-        raise ValueError(
-            f"fused_attention: query has {q.size(1)} heads and key/value {k.size(1)}; pass enable_gqa=True for "
-            "grouped-query attention (as with scaled_dot_product_attention)"
-        )
-    reason = _fallback_reason(q, k, v, attn_mask)
+    q4, k4, v4, mask, out_shape = _kernel_layout(q, k, v, attn_mask, enable_gqa)
+    reason = _fallback_reason(q4, k4, v4, mask)
     if reason is not None:
         _warn_once(
             reason,
             f"deepseek_ext.fused_attention: {reason}; falling back to torch.nn.functional."
             "scaled_dot_product_attention for such calls",
         )
-        out = _SDPA(
+        return _SDPA(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
-    else:
-        sc = _default_scale(q) if scale is None else float(scale)
-        args = (q, k, v, attn_mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p))
-        out, _ = _call_forward(torch.ops.deepseek_ext.fused_attention_fwd.default, args, (q, k, v))
-    return out.squeeze(0) if unbatched else out
+    sc = _default_scale(q4) if scale is None else float(scale)
+    args = (q4, k4, v4, mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p))
+    out, _ = _call_forward(torch.ops.deepseek_ext.fused_attention_fwd.default, args, (q4, k4, v4))
+    return out.reshape(out_shape) if out.shape != out_shape else out
 
 
 def fused_attention_varlen(

@@ -215,7 +215,9 @@ class DPOptimizer(torch.optim.Optimizer):
         total: dict = {}
         for r in self._records(unit):
             try:
-                grads = grad_sample.per_sample_grads(unit.module, r.activations, tuple(r.grad_outputs), r.kwargs)
+                grads = grad_sample.per_sample_grads(
+                    unit.module, r.activations, tuple(r.grad_outputs), r.kwargs, r.batch_size
+                )
             except Exception as e:  # a clear pointer instead of an obscure vmap error
                 how = "the torch.func fallback" if not grad_sample.has_sampler(unit.module) else "its grad sampler"
                 raise RuntimeError(
@@ -235,13 +237,25 @@ class DPOptimizer(torch.optim.Optimizer):
         units = self.capture.units
         noises = noises or {}
         if self.clipping == "per_layer":
-            sums = {}
-            n_params = sum(len(u.params) for u in units)
-            bound = self.max_grad_norm / math.sqrt(max(n_params, 1))
+            sums, tied = {}, {}
+            uses: dict[nn.Parameter, int] = {}
+            for u in units:
+                for p in u.params:
+                    uses[p] = uses.get(p, 0) + 1
+            bound = self.max_grad_norm / math.sqrt(max(len(uses), 1))
+
+            def clip(p, g):
+                f = (bound / (per_sample_sq_norms(g).sqrt() + CLIP_EPS)).clamp(max=1.0).float()
+                sums[p] = clip_sum_noise(g, f, noises.get(p), scale)
+
             for u in units:
                 for p, g in self._materialise(u).items():
-                    f = (bound / (per_sample_sq_norms(g).sqrt() + CLIP_EPS)).clamp(max=1.0).float()
-                    sums[p] = clip_sum_noise(g, f, noises.get(p), scale)
+                    if uses[p] > 1:  # a tied parameter is clipped once, on the sum over its units
+                        tied[p] = g if p not in tied else tied[p] + g
+                    else:
+                        clip(p, g)
+            for p, g in tied.items():
+                clip(p, g)
             return sums
 
         ghost = self.clipping == "ghost"
@@ -354,6 +368,13 @@ class DifferentialPrivacy:
         secure_rng: draw sampling and noise from the operating system's CSPRNG instead of torch generators.
         generator: a seeded ``torch.Generator`` for sampling and noise (reproducible tests).
         loss_reduction: ``'mean'`` (the loss is averaged over the batch, PyTorch's default) or ``'sum'``.
+
+    The batch size is the first dimension of the model's first tensor input. A layer whose output is shared by the
+    whole batch (batch dimension 1, as the position embeddings of stock BERT and GPT-2, which look up ids of shape
+    ``(1, seq)``) has its output expanded to the batch, so its per-example gradients are exact in every clipping
+    mode; a layer fed the batch's tokens flattened example by example (``(batch * seq, ...)``, as OPT's MLPs) is
+    read as ``(batch, seq, ...)``. A layer whose input does not carry the batch at all (T5's relative attention
+    bias) is refused at the first forward with an error naming it: freeze it or give it batch-first inputs.
 
     Example:
         >>> dp = DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=0.5, max_grad_norm=1.0)

@@ -5,7 +5,8 @@ sampler* computes per-sample gradients ``{parameter: (batch, *parameter.shape)}`
 *ghost norm* gives per-sample squared gradient norms without materialising them, and a *ghost sum* the clipped,
 summed gradient ``sum_i c_i g_i`` straight from activations and output gradients (Li et al. 2022, Bu et al. 2023).
 
-Samplers exist for Linear, Conv1d/Conv2d, Embedding, LayerNorm and GroupNorm. Any other module with parameters
+Samplers exist for Linear, Conv1d/Conv2d, Embedding, LayerNorm, GroupNorm and transformers' Conv1D (GPT-2's
+transposed Linear) and FalconLinear. Any other module with parameters
 falls back to ``torch.func`` (``vmap`` over ``vjp`` of the module on one sample), which also covers
 ``nn.MultiheadAttention``. BatchNorm is refused: it mixes the examples of a batch. ``register_grad_sampler`` adds a
 layer type.
@@ -19,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .. import _transformers
 
 # sampler(module, activation, grad_output) -> {param: per-sample grad (B, *param.shape)}
 GradSampler = Callable[[nn.Module, tuple, tuple], dict]
@@ -120,6 +123,31 @@ def _linear_ghost_sum(module: nn.Linear, activations, grad_outputs, factors):
 
 
 _ghost(_linear_ghost_norm, _linear_ghost_sum, nn.Linear)
+
+
+# transformers' Conv1D (GPT-2): y = x @ weight + bias with weight (in, out), the Linear of weight.t()
+def _conv1d(module, activations, grad_outputs):
+    return {
+        p: g.transpose(1, 2) if p is module.weight else g for p, g in _linear(module, activations, grad_outputs).items()
+    }
+
+
+def _conv1d_ghost_sum(module, activations, grad_outputs, factors):
+    sums = _linear_ghost_sum(module, activations, grad_outputs, factors)
+    return {p: s.t() if p is module.weight else s for p, s in sums.items()}
+
+
+def register_transformers_layers() -> None:
+    """Registers the samplers of transformers' layers that are loaded: Conv1D as the transposed Linear and
+    FalconLinear as a Linear, ghost norms included."""
+    conv1d = _transformers.conv1d()
+    if conv1d is not None and conv1d not in _SAMPLERS:
+        register_grad_sampler(conv1d)(_conv1d)
+        _ghost(_linear_ghost_norm, _conv1d_ghost_sum, conv1d)
+    for linear in _transformers.linear_likes():
+        if linear not in _SAMPLERS:
+            register_grad_sampler(linear)(_linear)
+            _ghost(_linear_ghost_norm, _linear_ghost_sum, linear)
 
 
 # --------------------------------------------------------------------------------------------------- Embedding
@@ -229,9 +257,13 @@ def batch_dim(module: nn.Module) -> int:
     return 0
 
 
-def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
-    """vmap over samples of vjp(module's own parameters) — for any module without a dedicated sampler. Keyword
-    arguments are passed through unchanged, except nn.MultiheadAttention's key_padding_mask (batched)."""
+def _functional(module: nn.Module, activations, grad_outputs, kwargs=None, batch_size: int | None = None):
+    """vmap over samples of vjp(module's own parameters) — for any module without a dedicated sampler.
+
+    Inputs are mapped over the batch when they carry it (``batch_size`` at the module's batch dimension; every
+    positional tensor when ``batch_size`` is None); the others (a position tensor shared by the whole batch, say) go
+    to every sample's call unchanged. nn.MultiheadAttention maps its key_padding_mask and nothing else among its
+    keyword arguments."""
     from torch.func import functional_call, vjp, vmap
 
     kwargs = dict(kwargs or {})
@@ -242,8 +274,18 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
     if composite and isinstance(kwargs.get("attn_mask"), torch.Tensor) and kwargs["attn_mask"].dim() == 3:
         raise ValueError("a 3-D attn_mask mixes batch and heads; pass a 2-D attn_mask and key_padding_mask instead")
     bd = batch_dim(module)
-    tensor_pos = [i for i, a in enumerate(activations) if isinstance(a, torch.Tensor)]
-    batched_kw = [k for k in ("key_padding_mask",) if composite and isinstance(kwargs.get(k), torch.Tensor)]
+
+    def batched(x) -> bool:
+        if not isinstance(x, torch.Tensor):
+            return False
+        return batch_size is None or (x.dim() > bd and x.shape[bd] == batch_size)
+
+    tensor_pos = [i for i, a in enumerate(activations) if batched(a)]
+    if composite:
+        batched_kw = [k for k in ("key_padding_mask",) if isinstance(kwargs.get(k), torch.Tensor)]
+    else:
+        batched_kw = [k for k, v in kwargs.items() if batch_size is not None and batched(v)]
+    kw_dim = 0 if composite else bd
 
     def one(p, xs, kws, gs):
         args = list(activations)
@@ -251,7 +293,7 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
             args[i] = x.unsqueeze(bd)
         kw = dict(kwargs)
         for k, v in zip(batched_kw, kws):
-            kw[k] = v.unsqueeze(0)
+            kw[k] = v.unsqueeze(kw_dim)
 
         def run(p_):
             out = functional_call(module, p_, tuple(args), kw)
@@ -267,7 +309,7 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
     in_dims = (
         None,
         tuple(bd for _ in xs),
-        tuple(0 for _ in kws),
+        tuple(kw_dim for _ in kws),
         tuple(None if g is None else bd for g in grad_outputs),
     )
     grads = vmap(one, in_dims=in_dims)(params, xs, kws, tuple(grad_outputs))
@@ -280,13 +322,13 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None):
 computing = False
 
 
-def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None) -> dict:
+def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None, batch_size: int | None = None) -> dict:
     global computing
     sampler = _SAMPLERS.get(type(module))
     computing = True
     try:
         if sampler is None:
-            return _functional(module, activations, grad_outputs, kwargs)
+            return _functional(module, activations, grad_outputs, kwargs, batch_size)
         return sampler(module, activations, grad_outputs)
     finally:
         computing = False

@@ -158,6 +158,15 @@ class _QuantizedWeight(nn.Module):
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
+    def _dequantized(self) -> torch.Tensor:
+        """The float32 weight the codes stand for, ``(out, in_features)``, computed on each call."""
+        from ..reference.quant import dequantize_weight
+
+        c = self.config
+        return dequantize_weight(
+            self._stored_codes(), self.scales, self.zeros, c.weight_bits, c.group_size or 0, self.in_features
+        )
+
 
 class QuantizedLinear(_QuantizedWeight):
     """``nn.Linear`` with an 8- or 4-bit packed weight (activations per the config).
@@ -171,6 +180,26 @@ class QuantizedLinear(_QuantizedWeight):
         super().__init__()
         self.out_features = linear.out_features
         self._init_weight(linear.weight, linear.bias, config)
+
+    @classmethod
+    def from_conv1d(cls, conv1d: nn.Module, config: QuantConfig) -> QuantizedLinear:
+        """A QuantizedLinear computing transformers' ``Conv1D`` (GPT-2 and its descendants): ``x @ weight + bias``
+        with ``weight`` of shape ``(in, out)``, i.e. the Linear whose weight is ``weight.t()``.
+
+        Example:
+            >>> qproj = QuantizedLinear.from_conv1d(gpt2.transformer.h[0].attn.c_attn, QuantConfig())
+        """
+        new = cls.__new__(cls)
+        _QuantizedWeight.__init__(new)
+        new.out_features = conv1d.weight.shape[1]
+        new._init_weight(conv1d.weight.detach().t().contiguous(), conv1d.bias, config)
+        return new
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float32 weight ``(out_features, in_features)``, computed on each access: for code that
+        inspects a layer's ``weight`` (its dtype, device or shape, as transformers' T5 does), not for computing."""
+        return self._dequantized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
@@ -205,6 +234,14 @@ class QuantizedConv2d(_QuantizedWeight):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         # (Cout, Cin, kh, kw) -> (Cout, kh * kw * Cin): the patch order of forward()
         self._init_weight(conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias, config)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float32 weight ``(out_channels, in_channels, kh, kw)``, computed on each access: for code
+        that inspects a layer's ``weight`` (its dtype, device or shape, as transformers' ViT does), not for
+        computing."""
+        kh, kw = self.kernel_size
+        return self._dequantized().view(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape

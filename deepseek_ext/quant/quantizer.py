@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import _transformers
 from ..amp.patterns import matches
 from .config import QuantConfig
 from .modules import QuantizedConv2d, QuantizedLinear, _QuantizedWeight, check_quantized_state_dict
@@ -38,6 +39,52 @@ def _conv_reason(conv: nn.Conv2d):
 
 register_quantized_module(nn.Linear, QuantizedLinear)
 register_quantized_module(nn.Conv2d, QuantizedConv2d, _conv_reason)
+
+
+def _handler(module: nn.Module):
+    """The (can_take, factory) pair for ``module``'s exact type. transformers' Conv1D (the Linear of its transposed
+    weight) and FalconLinear (a Linear) are registered on first sight."""
+    conv1d = _transformers.conv1d()
+    if conv1d is not None and conv1d not in _HANDLERS:
+        register_quantized_module(conv1d, QuantizedLinear.from_conv1d)
+    for linear in _transformers.linear_likes():
+        if linear not in _HANDLERS:
+            register_quantized_module(linear, QuantizedLinear)
+    return _HANDLERS.get(type(module))
+
+
+def _unhandled_reason(module: nn.Module) -> str | None:
+    """Why a layer that looks quantizable (a subclass of a registered type) is left in float, or None."""
+    for base in (nn.Linear, nn.Conv2d):
+        if isinstance(module, base) and type(module) is not base:
+            return (
+                f"{type(module).__name__} subclasses {base.__name__} but has no handler "
+                f"(register_quantized_module({type(module).__name__}, ...))"
+            )
+    return None
+
+
+def _tied_reason(name: str, module: nn.Module, holders: dict[int, list]) -> str | None:
+    """A layer whose weight is also held by another module (a tied LM head and embedding) stays in float with it:
+    quantizing one alone would keep the float weight for the other as well as the codes (a larger model)."""
+    weight = getattr(module, "weight", None)
+    others = [(n, m) for n, m in holders.get(id(weight), []) if m is not module]
+    if not isinstance(weight, torch.Tensor) or not others:
+        return None
+    n, m = others[0]
+    return f"weight tied to '{n}' ({type(m).__name__}); tied layers stay in float together"
+
+
+def _warn_fallbacks(fallbacks: dict[str, str]) -> None:
+    """One warning per quantization listing the layers left in float that the config did not ask to skip."""
+    left = {k: v for k, v in fallbacks.items() if v != "skipped by config"}
+    if left:
+        listed = "; ".join(f"{k}: {v}" for k, v in left.items())
+        warnings.warn(
+            f"Quantizer: {len(left)} layer(s) stay in float ({listed}); Quantizer.fallbacks and compare() list them",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _run(model: nn.Module, batch: Any):
@@ -95,7 +142,10 @@ class LayerReport:
 
 
 class Quantizer:
-    """Quantizes ``model``'s Linear and Conv2d layers per ``config``; the rest is untouched.
+    """Quantizes ``model``'s Linear and Conv2d layers (and transformers' ``Conv1D``, GPT-2's transposed Linear) per
+    ``config``; the rest is untouched. Layers left in float (skipped, unsupported, or with a weight tied to a module
+    that stays float, as a tied LM head and embedding) are listed in ``fallbacks`` and in :meth:`compare`, and
+    :meth:`quantize` warns once about those the config did not ask to skip.
 
     Example:
         >>> quantizer = Quantizer(model, QuantConfig(weight_bits=4, activation_bits=8, method="dynamic"))
@@ -123,20 +173,28 @@ class Quantizer:
                 return static
         qmodel = copy.deepcopy(self.model)
         self.fallbacks = {}
+        holders: dict[int, list] = {}  # parameter -> the modules holding it (tied weights have several)
+        for name, module in qmodel.named_modules():
+            for p in module.parameters(recurse=False):
+                holders.setdefault(id(p), []).append((name, module))
         for name, module in list(qmodel.named_modules()):
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
-                handler = _HANDLERS.get(type(child))
+                handler = _handler(child)
                 if handler is None:
+                    reason = _unhandled_reason(child)
+                    if reason is not None:
+                        self.fallbacks[full] = reason
                     continue
                 if any(matches(p, full) for p in self.config.skip):
                     self.fallbacks[full] = "skipped by config"
                     continue
-                reason = handler[0](child)
+                reason = handler[0](child) or _tied_reason(full, child, holders)
                 if reason is not None:
                     self.fallbacks[full] = reason
                     continue
                 setattr(module, child_name, handler[1](child, self.config))
+        _warn_fallbacks(self.fallbacks)
         self._last = qmodel
         self._apply_act_scales(qmodel)
         if not isinstance(qmodel, _QuantizedWeight):
@@ -158,7 +216,12 @@ class Quantizer:
                 stacklevel=3,
             )
             return None
+        conv1d = _transformers.conv1d()  # not part of the int8 graph: say so
+        for name, mod in model.named_modules():
+            if conv1d is not None and isinstance(mod, conv1d) and name not in fallbacks:
+                fallbacks[name] = "Conv1D is not part of the static int8 graph (method='dynamic' quantizes it)"
         self.fallbacks = fallbacks
+        _warn_fallbacks(fallbacks)
         return StaticQuantizedModel(gm, self.config, fallbacks)
 
     def calibrate(self, loader, num_batches: int = 10) -> dict[str, float]:
@@ -183,7 +246,7 @@ class Quantizer:
         amax: dict[str, torch.Tensor] = {}
         hooks = []
         for name, m in self.model.named_modules():
-            if type(m) in _HANDLERS:
+            if _handler(m) is not None:
 
                 def observe(mod, args, name=name):
                     a = args[0].detach().abs().amax().float()

@@ -109,6 +109,39 @@ def test_swap_routes_through_our_kernel(monkeypatch):
     assert len(seen) == 2 and seen[0] == (2, 4, 7, 16)
 
 
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((2, 4, 5, 8), (2, 1, 6, 8), (2, 1, 6, 8)),  # multi-query (Falcon) without enable_gqa
+        ((2, 4, 5, 8), (1, 4, 6, 8), (1, 4, 6, 8)),  # batch-shared key/value
+        ((2, 4, 5, 8), (4, 6, 8), (4, 6, 8)),  # ranks differ
+        ((2, 3, 4, 5, 8), (2, 3, 1, 6, 8), (2, 3, 1, 6, 8)),  # 5-D
+    ],
+    ids=str,
+)
+def test_swap_takes_every_shape_sdpa_takes_on_our_kernel(shapes, monkeypatch):
+    import deepseek_ext.ops.attention as attn_ops
+
+    calls = []
+    original = attn_ops._call_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attn_ops, "_call_forward", spy)
+    q, k, v = (torch.randn(*s, requires_grad=True) for s in shapes)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    with use_fused_attention():
+        got = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got_grads = torch.autograd.grad(got.sum(), (q, k, v))
+    assert calls and got.shape == want.shape
+    _close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        _close(g, w, 1e-4)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("kdim", [None, 24])
 @pytest.mark.parametrize("mask", [None, "key_padding", "attn_bool", "attn_float", "causal"])

@@ -76,7 +76,9 @@ def test_convert_to_fp8_replaces_what_fp8_can_take():
     model.add_module("odd", nn.Linear(64, 10))  # 10 output features: not a multiple of 16
     model.add_module("lm_head", nn.Linear(64, 64))
     weight = model.encoder[0].weight
-    convert_to_fp8(model, recipe="rowwise", skip=["lm_head"])
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) stay in float \(odd: sizes 64 x 10") as record:
+        convert_to_fp8(model, recipe="rowwise", skip=["lm_head"])
+    assert len(record) == 1  # once; lm_head was skipped on request
     assert isinstance(model.encoder[0], FP8Linear) and isinstance(model.encoder[2], FP8Linear)
     assert model.encoder[0].recipe == "rowwise" and model.encoder[0].weight is weight
     assert type(model.odd) is nn.Linear and type(model.lm_head) is nn.Linear
@@ -112,3 +114,33 @@ def test_training_reaches_the_bf16_loss(recipe):
     print(f"{recipe}: final loss bf16 {bf16:.4f}, fp8 {fp8:.4f}")
     # Measured: 1.6-2.2% above bf16 at this tiny width (K = 64/128 makes FP8's rounding relatively large).
     assert fp8 <= bf16 * 1.03
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fp8_conv1d_is_the_fp8_linear_of_the_transposed_weight(recipe):
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    from deepseek_ext.nn.fp8 import FP8Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(48, 32)  # weight (32, 48): 32 inputs, 48 outputs
+    linear = nn.Linear(32, 48)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    model = nn.Sequential(conv)
+    convert_to_fp8(model, recipe=recipe)
+    fp8_conv, fp8_linear = model[0], FP8Linear.from_linear(linear, recipe=recipe)
+    assert isinstance(fp8_conv, FP8Conv1D) and fp8_conv.weight is conv.weight and fp8_conv.bias is conv.bias
+    assert fp8_conv.state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(4, 3, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = fp8_conv(x), fp8_linear(x2)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(conv.weight.grad, linear.weight.grad.t())
+    torch.testing.assert_close(conv.bias.grad, linear.bias.grad)

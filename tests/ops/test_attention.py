@@ -221,6 +221,86 @@ def test_varlen_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
+# SDPA broadcasts the leading (batch, head) dimensions of q, k and v: (q, k, v, mask, enable_gqa, is_causal).
+BROADCAST_CASES = [
+    ((2, 4, 5, 8), (2, 1, 6, 8), (2, 1, 6, 8), None, False, True),  # multi-query attention without enable_gqa
+    ((2, 4, 5, 8), (2, 1, 6, 8), (2, 1, 6, 8), None, True, False),
+    ((2, 4, 5, 8), (2, 1, 6, 8), (2, 4, 6, 8), None, False, False),  # key broadcast, value not
+    ((2, 1, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8), None, False, True),  # query with one head
+    ((2, 4, 5, 8), (1, 4, 6, 8), (1, 4, 6, 8), (2, 1, 5, 6), False, False),  # batch-shared key/value
+    ((1, 4, 5, 8), (3, 4, 6, 8), (3, 4, 6, 8), (1, 1, 5, 6), False, False),  # batch-shared query
+    ((3, 4, 5, 8), (1, 1, 6, 8), (1, 1, 6, 8), (3, 1, 5, 6), False, False),
+    ((2, 4, 5, 8), (1, 4, 6, 8), (2, 4, 6, 8), None, False, False),
+    ((1, 5, 8), (4, 6, 8), (4, 6, 8), None, False, False),  # unbatched
+    ((2, 4, 5, 8), (4, 6, 8), (4, 6, 8), None, False, True),  # ranks differ
+    ((5, 8), (6, 8), (6, 8), None, False, True),  # 2-D
+    ((5, 8), (2, 4, 6, 8), (2, 4, 6, 8), None, False, False),
+    ((2, 3, 4, 5, 8), (2, 3, 4, 6, 8), (1, 3, 4, 6, 8), (3, 1, 5, 6), False, False),  # 5-D
+    ((2, 3, 4, 5, 8), (2, 3, 2, 6, 8), (1, 3, 2, 6, 8), None, True, True),
+    ((1, 4, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), None, True, False),
+    ((2, 4, 5, 8), (2, 1, 6, 8), (2, 2, 6, 8), None, True, False),
+    ((2, 6, 5, 8), (2, 2, 6, 8), (2, 3, 6, 8), None, True, False),  # two different divisors
+    ((2, 4, 5, 8), (2, 1, 6, 8), (2, 1, 6, 16), None, False, True),  # value head dim differs
+]
+
+
+@pytest.mark.parametrize("qs,ks,vs,ms,gqa,causal", BROADCAST_CASES, ids=str)
+def test_broadcast_shapes_match_sdpa_on_the_kernels(qs, ks, vs, ms, gqa, causal):
+    import warnings
+
+    q, k, v = (torch.randn(*s, dtype=torch.float64) for s in (qs, ks, vs))
+    m = None if ms is None else torch.rand(ms) > 0.3
+    results = []
+    for attend in (F.scaled_dot_product_attention, fused_attention):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback: the kernels run
+            out = attend(*leaves, attn_mask=m, is_causal=causal, enable_gqa=gqa)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape))
+        results.append((out, *(x.grad for x in leaves)))
+    for want, got in zip(*results):
+        assert got.shape == want.shape
+        _check(got, want, 1e-10)
+
+
+@pytest.mark.any_isa
+def test_multi_query_key_value_reach_the_kernel_without_copies(monkeypatch):
+    seen = []
+    op = torch.ops.deepseek_ext.fused_attention_fwd.default
+
+    def spy(q, k, v, *rest):
+        seen.append((q.shape, k.shape, k.data_ptr()))
+        return op(q, k, v, *rest)
+
+    import deepseek_ext.ops.attention as attn
+
+    monkeypatch.setattr(attn.torch.ops.deepseek_ext.fused_attention_fwd, "default", spy, raising=False)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 1, 6, 8), torch.randn(2, 1, 6, 8)
+    fused_attention(q, k, v)
+    assert seen == [(q.shape, k.shape, k.data_ptr())]
+
+
+@pytest.mark.parametrize(
+    "qs,ks,vs,gqa",
+    [
+        ((2, 4, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), False),
+        ((2, 4, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), True),
+        ((2, 1, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), True),
+        ((2, 4, 5, 8), (3, 4, 6, 8), (3, 4, 6, 8), False),
+        ((2, 4, 5, 8), (2, 4, 6, 8), (2, 2, 6, 8), False),
+        ((8,), (6, 8), (6, 8), False),
+    ],
+    ids=str,
+)
+@pytest.mark.any_isa
+def test_shapes_sdpa_rejects_are_rejected(qs, ks, vs, gqa):
+    q, k, v = (torch.randn(*s) for s in (qs, ks, vs))
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    with pytest.raises(ValueError, match="fused_attention: "):
+        fused_attention(q, k, v, enable_gqa=gqa)
+
+
 @pytest.mark.any_isa
 def test_head_dim_over_256_falls_back_to_sdpa_with_one_warning():
     import deepseek_ext.ops.attention as attn
@@ -247,7 +327,24 @@ def _op(*args, **kw):
         (
             lambda: fused_attention(torch.randn(2, 4, 8), torch.randn(2, 4, 8, 1), torch.randn(2, 4, 8, 1)),
             ValueError,
-            r"expected query, key and value of shape \(batch, heads, seq, head_dim\)",
+            r"expected head counts that broadcast .* were \(2, 4, 8\), \(2, 4, 8, 1\) and \(2, 4, 8, 1\)",
+        ),
+        (
+            lambda: fused_attention(torch.randn(8), torch.randn(4, 8), torch.randn(4, 8)),
+            ValueError,
+            r"expected query, key and value with at least 2 dimensions",
+        ),
+        (
+            lambda: fused_attention(torch.randn(2, 4, 8, 16), torch.randn(3, 4, 8, 16), torch.randn(3, 4, 8, 16)),
+            ValueError,
+            r"expected batch dimensions that broadcast",
+        ),
+        (
+            lambda: fused_attention(
+                torch.randn(2, 4, 8, 16), torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8, 16), enable_gqa=True
+            ),
+            ValueError,
+            r"enable_gqa=True needs key/value heads \(3, 3\) that divide the query heads \(4\)",
         ),
         (
             lambda: fused_attention(torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),

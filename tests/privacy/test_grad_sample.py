@@ -42,6 +42,11 @@ def cases():
     yield "mha", nn.MultiheadAttention(8, 2, batch_first=True), torch.randn(3, 5, 8)
     yield "mha-seq-first", nn.MultiheadAttention(8, 2), torch.randn(5, 3, 8)
     yield "fallback", Scale(6), torch.randn(4, 6, dtype=f64)
+    try:  # transformers' Conv1D (GPT-2's transposed Linear), registered when transformers is loaded
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return
+    yield "hf-conv1d", Conv1D(3, 5), torch.randn(4, 7, 5)
 
 
 def _forward(module, x):

@@ -60,7 +60,9 @@ def test_skip_patterns_and_grouped_conv_fallback_are_reported():
     model.add_module("flat", nn.Flatten())
     model.add_module("fc", nn.Linear(8, 4))
     quantizer = Quantizer(model, QuantConfig(skip=["conv1"]))
-    qmodel = quantizer.quantize()
+    with pytest.warns(UserWarning, match=r"Quantizer: 1 layer\(s\) stay in float \(dw: groups=8") as record:
+        qmodel = quantizer.quantize()
+    assert len(record) == 1  # once, naming the layer the config did not skip (conv1 was asked for)
     assert type(qmodel.conv1) is nn.Conv2d and type(qmodel.dw) is nn.Conv2d and isinstance(qmodel.fc, QuantizedLinear)
     assert quantizer.fallbacks == {"conv1": "skipped by config", "dw": "groups=8 (grouped/depthwise convolution)"}
     rows = {r.name: r for r in quantizer.compare(qmodel, torch.randn(2, 3, 8, 8), print_table=False)}
@@ -198,3 +200,87 @@ def test_a_mismatched_buffer_is_refused_by_name_before_the_model_changes():
     fresh.load_state_dict(state)  # the real one still loads
     x = torch.randn(2, 64)
     assert torch.equal(fresh(x), q(x))
+
+
+@pytest.mark.parametrize(
+    "config", [QuantConfig(8, 8), QuantConfig(4, 8, group_size=32), QuantConfig(8, None)], ids=["w8a8", "w4a8", "w8"]
+)
+def test_transformers_conv1d_is_quantized_as_the_transposed_linear(config):
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(24, 40)  # nf=24 outputs, nx=40 inputs: weight (40, 24)
+    linear = nn.Linear(40, 24)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    qconv, qlinear = QuantizedLinear.from_conv1d(conv, config), QuantizedLinear(linear, config)
+    x = torch.randn(3, 5, 40)
+    assert torch.equal(qconv(x), qlinear(x))
+    assert qconv.weight.shape == (24, 40)
+    state = qconv.state_dict()
+    assert state.keys() == qlinear.state_dict().keys()
+    model = nn.Sequential(conv)
+    quantizer = Quantizer(model, config)
+    qmodel = quantizer.quantize()
+    assert isinstance(qmodel[0], QuantizedLinear) and quantizer.fallbacks == {}
+    assert torch.equal(qmodel(x), qlinear(x))
+    rows = quantizer.compare(qmodel, x, print_table=False)
+    assert rows[0].kind == "Conv1D" and rows[0].status == "quantized" and rows[0].sqnr_db > 20
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.body = nn.Linear(32, 32)
+        self.lm_head = nn.Linear(32, 64, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.tanh(self.body(self.embed(ids))))
+
+
+def _state_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in model.state_dict().values() if isinstance(t, torch.Tensor)}  # tied: counted once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_a_head_tied_to_an_embedding_stays_float_with_it_and_is_reported_once():
+    model = _TiedLM()
+    quantizer = Quantizer(model, QuantConfig(8, 8))
+    with pytest.warns(UserWarning, match=r"lm_head: weight tied to 'embed' \(Embedding\)") as record:
+        qmodel = quantizer.quantize()
+    assert len(record) == 1
+    assert isinstance(qmodel.body, QuantizedLinear) and type(qmodel.lm_head) is nn.Linear
+    assert qmodel.lm_head.weight is qmodel.embed.weight  # still one tensor
+    assert _state_bytes(qmodel) < _state_bytes(model)
+    rows = {r.name: r for r in quantizer.compare(qmodel, torch.randint(0, 64, (2, 5)), print_table=False)}
+    assert rows["lm_head"].status.startswith("float: weight tied to 'embed'")
+
+
+def test_linear_subclasses_without_a_handler_are_listed_not_skipped_silently():
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(32, 32), MyLinear(32, 32))
+    quantizer = Quantizer(model, QuantConfig(8, 8))
+    with pytest.warns(UserWarning, match=r"1: MyLinear subclasses Linear but has no handler"):
+        qmodel = quantizer.quantize()
+    assert isinstance(qmodel[0], QuantizedLinear) and type(qmodel[1]) is MyLinear
+
+
+def test_quantized_layers_expose_their_dequantized_weight():
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(40, 24), nn.Conv2d(3, 8, 3)
+    for layer, quantized in (
+        (linear, QuantizedLinear(linear, QuantConfig(8, None))),
+        (conv, QuantizedConv2d(conv, QuantConfig(8, None))),
+    ):
+        w = quantized.weight
+        assert w.shape == layer.weight.shape and w.dtype == torch.float32 and w.device == layer.weight.device
+        assert (w - layer.weight).abs().max() <= layer.weight.abs().amax() / 127  # within one step of the codes
+    x = torch.randn(2, 40)
+    qlinear = QuantizedLinear(linear, QuantConfig(8, None))  # weight-only: exactly the dequantized weight's product
+    torch.testing.assert_close(qlinear(x), nn.functional.linear(x, qlinear.weight, qlinear.bias))
