@@ -6,10 +6,9 @@ sampler* computes per-sample gradients ``{parameter: (batch, *parameter.shape)}`
 summed gradient ``sum_i c_i g_i`` straight from activations and output gradients (Li et al. 2022, Bu et al. 2023).
 
 Samplers exist for Linear, Conv1d/Conv2d, Embedding, LayerNorm, GroupNorm and transformers' Conv1D (GPT-2's
-transposed Linear) and FalconLinear. Any other module with parameters
-falls back to ``torch.func`` (``vmap`` over ``vjp`` of the module on one sample), which also covers
-``nn.MultiheadAttention``. BatchNorm is refused: it mixes the examples of a batch. ``register_grad_sampler`` adds a
-layer type.
+transposed Linear) and FalconLinear. Any other module with parameters falls back to ``torch.func`` (``vmap`` over
+``vjp`` of the module on one sample), which also covers ``nn.MultiheadAttention``. BatchNorm is refused: it mixes the
+examples of a batch. ``register_grad_sampler`` adds a layer type, ``register_norm_sampler`` a ghost rule.
 """
 
 from __future__ import annotations
@@ -23,13 +22,14 @@ from torch.nn import functional as F
 
 from .. import _transformers
 
-# sampler(module, activation, grad_output) -> {param: per-sample grad (B, *param.shape)}
+# sampler(module, activations, grad_outputs) -> {param: per-sample grad (B, *param.shape)}
 GradSampler = Callable[[nn.Module, tuple, tuple], dict]
+# norm_sampler(module, activations, grad_outputs) -> {param: per-sample squared norm (B,)}
+NormSampler = Callable[[nn.Module, tuple, tuple], dict]
+# clipped_sum(module, activations, grad_outputs, factors) -> {param: sum_i factors_i * g_i}
+ClippedSum = Callable[[nn.Module, tuple, tuple, torch.Tensor], dict]
 _SAMPLERS: dict[type, GradSampler] = {}
-# ghost_norm(module, activation, grad_output) -> {param: per-sample squared norm (B,)}
-_GHOST_NORMS: dict[type, Callable] = {}
-# ghost_sum(module, activation, grad_output, factors) -> {param: sum_i factors_i * g_i}
-_GHOST_SUMS: dict[type, Callable] = {}
+_NORM_SAMPLERS: dict[type, tuple[NormSampler, ClippedSum]] = {}
 
 
 def register_grad_sampler(*module_types: type):
@@ -54,10 +54,30 @@ def register_grad_sampler(*module_types: type):
     return register
 
 
-def _ghost(norm_fn, sum_fn, *module_types):
-    for t in module_types:
-        _GHOST_NORMS[t] = norm_fn
-        _GHOST_SUMS[t] = sum_fn
+def register_norm_sampler(*module_types: type, clipped_sum: ClippedSum):
+    """Decorator: a *ghost* rule for these module types, used by ``clipping='ghost'``.
+
+    The decorated ``fn(module, activations, grad_outputs) -> {param: (B,)}`` gives each example's squared gradient
+    norm per parameter, and ``clipped_sum(module, activations, grad_outputs, factors) -> {param: param.shape}`` the
+    clipped sum ``sum_i factors[i] * g_i``, both without materialising the per-sample gradients ``g_i``. Inputs are
+    as for ``register_grad_sampler``; ``factors`` is a ``(B,)`` float32 tensor on the parameters' device.
+
+    Example:
+        >>> def scale_sum(module, activations, grad_outputs, factors):
+        ...     (x,), (g,) = activations, grad_outputs
+        ...     return {module.weight: (factors.view(-1, 1) * x * g).sum(0)}
+        >>> @register_norm_sampler(MyScale, clipped_sum=scale_sum)
+        ... def _(module, activations, grad_outputs):
+        ...     (x,), (g,) = activations, grad_outputs
+        ...     return {module.weight: (x * g).pow(2).sum(1)}
+    """
+
+    def register(fn: NormSampler) -> NormSampler:
+        for t in module_types:
+            _NORM_SAMPLERS[t] = (fn, clipped_sum)
+        return fn
+
+    return register
 
 
 def has_sampler(module: nn.Module) -> bool:
@@ -65,7 +85,7 @@ def has_sampler(module: nn.Module) -> bool:
 
 
 def supports_ghost(module: nn.Module) -> bool:
-    return type(module) in _GHOST_NORMS
+    return type(module) in _NORM_SAMPLERS
 
 
 def refuse_batch_norm(model: nn.Module) -> None:
@@ -122,7 +142,7 @@ def _linear_ghost_sum(module: nn.Linear, activations, grad_outputs, factors):
     return out
 
 
-_ghost(_linear_ghost_norm, _linear_ghost_sum, nn.Linear)
+register_norm_sampler(nn.Linear, clipped_sum=_linear_ghost_sum)(_linear_ghost_norm)
 
 
 # transformers' Conv1D (GPT-2): y = x @ weight + bias with weight (in, out), the Linear of weight.t()
@@ -143,11 +163,11 @@ def register_transformers_layers() -> None:
     conv1d = _transformers.conv1d()
     if conv1d is not None and conv1d not in _SAMPLERS:
         register_grad_sampler(conv1d)(_conv1d)
-        _ghost(_linear_ghost_norm, _conv1d_ghost_sum, conv1d)
+        register_norm_sampler(conv1d, clipped_sum=_conv1d_ghost_sum)(_linear_ghost_norm)
     for linear in _transformers.linear_likes():
         if linear not in _SAMPLERS:
             register_grad_sampler(linear)(_linear)
-            _ghost(_linear_ghost_norm, _linear_ghost_sum, linear)
+            register_norm_sampler(linear, clipped_sum=_linear_ghost_sum)(_linear_ghost_norm)
 
 
 # --------------------------------------------------------------------------------------------------- Embedding
@@ -192,7 +212,7 @@ def _embedding_ghost_sum(module: nn.Embedding, activations, grad_outputs, factor
     return {module.weight: g}
 
 
-_ghost(_embedding_ghost_norm, _embedding_ghost_sum, nn.Embedding)
+register_norm_sampler(nn.Embedding, clipped_sum=_embedding_ghost_sum)(_embedding_ghost_norm)
 
 
 # ------------------------------------------------------------------------------------------------------ Conv
@@ -317,26 +337,20 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None, batch
     return {by_name[n]: g for n, g in grads.items()}
 
 
-# Set while per-sample gradients are being computed: re-running a module (the torch.func fallback) must not
-# trigger the capture hooks.
-computing = False
-
-
 def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None, batch_size: int | None = None) -> dict:
-    global computing
+    """``{param: (B, *param.shape)}`` from the module's grad sampler, or the ``torch.func`` fallback (which re-runs
+    the module: call it inside ``Capture.paused()`` while capture hooks are installed)."""
     sampler = _SAMPLERS.get(type(module))
-    computing = True
-    try:
-        if sampler is None:
-            return _functional(module, activations, grad_outputs, kwargs, batch_size)
-        return sampler(module, activations, grad_outputs)
-    finally:
-        computing = False
+    if sampler is None:
+        return _functional(module, activations, grad_outputs, kwargs, batch_size)
+    return sampler(module, activations, grad_outputs)
 
 
 def ghost_norms(module: nn.Module, activations, grad_outputs) -> dict:
-    return _GHOST_NORMS[type(module)](module, activations, grad_outputs)
+    """``{param: (B,) squared per-sample norms}`` from the module's norm sampler."""
+    return _NORM_SAMPLERS[type(module)][0](module, activations, grad_outputs)
 
 
 def ghost_sums(module: nn.Module, activations, grad_outputs, factors) -> dict:
-    return _GHOST_SUMS[type(module)](module, activations, grad_outputs, factors)
+    """``{param: sum_i factors_i g_i}`` from the module's norm sampler's clipped sum."""
+    return _NORM_SAMPLERS[type(module)][1](module, activations, grad_outputs, factors)
