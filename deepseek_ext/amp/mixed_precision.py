@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import warnings
@@ -11,7 +12,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..ops.amp import unscale_check_norm_
-from .patterns import matches, normalise_groups
+from ..utils.names import matches
+from .patterns import normalise_groups
+
+log = logging.getLogger(__name__)
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -246,20 +250,22 @@ class AutoMixedPrecision:
         self.model = None
         self._plan = {}
 
-    def plan(self, print_table: bool = True) -> dict[str, torch.dtype]:
-        """Which dtype each submodule computes in, ``{qualified name: dtype}``; prints a summary by default."""
+    def plan(self, print_table: bool = False) -> dict[str, torch.dtype]:
+        """Which dtype each submodule computes in, ``{qualified name: dtype}``. A summary (one line per region) is
+        logged (``logging``, INFO) and, with ``print_table=True``, printed."""
         if self.model is None:
             raise RuntimeError("AutoMixedPrecision.plan(): no model attached (pass model= or call attach(model))")
+        lines = [
+            f"AutoMixedPrecision plan (default {self.default_dtype}, loss scaling {'on' if self.scaling else 'off'}):"
+        ]
+        # A region starts where a module's dtype differs from its parent's (the root's is the default).
+        roots = [n for n in self._plan if self._plan[n] != self._plan.get(n.rpartition(".")[0], self.default_dtype)]
+        for name in roots:
+            below = sum(1 for m in self._plan if m.startswith(name + "."))
+            lines.append(f"  {str(self._plan[name]).removeprefix('torch.'):<9} {name}  (+{below} submodules)")
+        log.info("\n".join(lines))
         if print_table:
-            print(
-                f"AutoMixedPrecision plan (default {self.default_dtype}, loss scaling "
-                f"{'on' if self.scaling else 'off'}):"
-            )
-            # A region starts where a module's dtype differs from its parent's (the root's is the default).
-            roots = [n for n in self._plan if self._plan[n] != self._plan.get(n.rpartition(".")[0], self.default_dtype)]
-            for name in roots:
-                below = sum(1 for m in self._plan if m.startswith(name + "."))
-                print(f"  {str(self._plan[name]).removeprefix('torch.'):<9} {name}  (+{below} submodules)")
+            print("\n".join(lines))
         return dict(self._plan)
 
     # --------------------------------------------------------------------------------------------- loss scaling

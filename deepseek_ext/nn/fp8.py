@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .. import _transformers
-from ..amp.patterns import matches
 from ..ops.fp8 import fp8_matmul, quantize_fp8
+from ..utils.names import matches
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 RECIPES = ("tensorwise", "rowwise", "blockwise")

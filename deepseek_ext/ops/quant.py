@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._native import NATIVE_AVAILABLE, require_native
-from ..reference.quant import padded_k
+from ..utils.packing import padded_k, unpack_codes
 
 
 def quantize_weight(w: torch.Tensor, bits: int = 8, group_size: int = 0, symmetric: bool = True):
@@ -122,8 +122,6 @@ def unpack_quantized_weight(
 
 def code_sums(codes: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     """Per-group sums of a packed weight's codes, ``(N, groups)`` int32 (computed once per weight)."""
-    from ..reference.quant import unpack_codes
-
     c = unpack_codes(codes, bits)
     return c.view(c.shape[0], groups, c.shape[1] // groups).sum(-1, dtype=torch.int32)
 

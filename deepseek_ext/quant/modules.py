@@ -13,6 +13,7 @@ from ..ops.quant import (
     quantize_weight,
     unpack_quantized_weight,
 )
+from ..utils.packing import dequantize_weight
 from .config import QuantConfig
 
 
@@ -160,8 +161,6 @@ class _QuantizedWeight(nn.Module):
 
     def _dequantized(self) -> torch.Tensor:
         """The float32 weight the codes stand for, ``(out, in_features)``, computed on each call."""
-        from ..reference.quant import dequantize_weight
-
         c = self.config
         return dequantize_weight(
             self._stored_codes(), self.scales, self.zeros, c.weight_bits, c.group_size or 0, self.in_features
