@@ -19,8 +19,16 @@ from .modules import QuantizedConv2d, QuantizedLinear, _QuantizedWeight, check_q
 
 log = logging.getLogger(__name__)
 
-# module type -> (can_take(module) -> reason or None, factory(module, config) -> quantized module)
-_HANDLERS: dict[type, tuple[Callable, Callable]] = {}
+
+@dataclass(frozen=True)
+class _Handler:
+    """How :class:`Quantizer` treats one module type."""
+
+    can_take: Callable  # (module) -> a reason to keep this module in float, or None
+    factory: Callable  # (module, config) -> the quantized module
+
+
+_HANDLERS: dict[type, _Handler] = {}
 
 
 def register_quantized_module(module_type: type, factory: Callable, can_take: Callable | None = None) -> None:
@@ -30,7 +38,7 @@ def register_quantized_module(module_type: type, factory: Callable, can_take: Ca
     Example:
         >>> register_quantized_module(MyLinear, QuantizedLinear)   # factory(module, config) -> quantized module
     """
-    _HANDLERS[module_type] = (can_take or (lambda m: None), factory)
+    _HANDLERS[module_type] = _Handler(can_take or (lambda m: None), factory)
 
 
 def _conv_reason(conv: nn.Conv2d):
@@ -46,7 +54,7 @@ register_quantized_module(nn.Conv2d, QuantizedConv2d, _conv_reason)
 
 
 def _handler(module: nn.Module):
-    """The (can_take, factory) pair for ``module``'s exact type. transformers' Conv1D (the Linear of its transposed
+    """The handler of ``module``'s exact type. transformers' Conv1D (the Linear of its transposed
     weight) and FalconLinear (a Linear) are registered on first sight."""
     conv1d = _transformers.conv1d()
     if conv1d is not None and conv1d not in _HANDLERS:
@@ -199,11 +207,11 @@ class Quantizer:
                 if any(matches(p, full) for p in self.config.skip):
                     self.fallbacks[full] = "skipped by config"
                     continue
-                reason = handler[0](child) or _tied_reason(full, child, holders)
+                reason = handler.can_take(child) or _tied_reason(full, child, holders)
                 if reason is not None:
                     self.fallbacks[full] = reason
                     continue
-                setattr(module, child_name, handler[1](child, self.config))
+                setattr(module, child_name, handler.factory(child, self.config))
         _warn_fallbacks(self.fallbacks)
         self._most_recent = weakref.ref(qmodel)
         self._apply_act_scales(qmodel)
