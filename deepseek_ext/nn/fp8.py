@@ -45,7 +45,7 @@ def resolve_granularity(owner: str, granularity: str | None, recipe: str | None 
         if granularity is not None:
             raise TypeError(f"{owner}: pass granularity= alone (recipe= is its deprecated name)")
         warnings.warn(f"{owner}: recipe= is deprecated, use granularity=", DeprecationWarning, stacklevel=stacklevel)
-        granularity = recipe
+        granularity = _FORMER_NAMES.get(recipe, recipe)  # one warning is enough
     if granularity is None:
         return "tensor"
     if granularity in _FORMER_NAMES:
