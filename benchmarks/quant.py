@@ -172,7 +172,7 @@ def resnet_cases() -> list[Case]:
     for name, cfg in [("W8A8 static", STATIC8), ("W4A8 static", STATIC4)]:
         quantizer = Quantizer(model, cfg)
         ours[name] = quantizer.quantize()
-        quantizer.calibrate(calib, len(calib))
+        quantizer.calibrate(calib, len(calib), model=ours[name])
     with torch.no_grad():
         ref = model(test)
         sqnr = {name: _sqnr_db(ref, m(test)) for name, m in ours.items()}

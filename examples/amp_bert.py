@@ -57,7 +57,7 @@ def run(model, data, mixed: bool):
         amp = AutoMixedPrecision(
             optimizer, fp16_groups=[["layer.0", "layer.1"]], bf16_groups=["classifier"], model=model
         )
-        amp.plan()
+        amp.plan(print_table=True)
     losses, times = [], []
     for batch in progress(data, desc="AutoMixedPrecision" if mixed else "fp32"):
         start = time.perf_counter()

@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
         quantizer = Quantizer(net, config)
         quantized = quantizer.quantize()
         if config.method == "static":
-            quantizer.calibrate(batches, len(batches))
+            quantizer.calibrate(batches, len(batches), model=quantized)
         return quantized
 
     one = test[0][:1]

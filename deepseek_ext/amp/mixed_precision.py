@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import numbers
 import warnings
@@ -11,7 +13,20 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..ops.amp import unscale_check_norm_
-from .patterns import matches, normalise_groups
+from ..utils.names import matches
+from .patterns import normalise_groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """One precision group: the dtype its modules compute in, their name patterns, and how errors name it."""
+
+    dtype: torch.dtype
+    patterns: list[str]
+    label: str  # e.g. "fp16_groups[0]"
+
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -127,14 +142,14 @@ class AutoMixedPrecision:
         )
         self.optimizer = optimizer
         self.default_dtype = default_dtype
-        self._groups: list[tuple[torch.dtype, list[str], str]] = []
+        self._groups: list[_Group] = []
         for dtype, groups, name in (
             (torch.float16, fp16_groups, "fp16_groups"),
             (torch.bfloat16, bf16_groups, "bf16_groups"),
             (torch.float32, fp32_groups, "fp32_groups"),
         ):
             for i, patterns in enumerate(normalise_groups(groups, name)):
-                self._groups.append((dtype, patterns, f"{name}[{i}]"))
+                self._groups.append(_Group(dtype, patterns, f"{name}[{i}]"))
         self._growth_factor = growth_factor
         self._backoff_factor = backoff_factor
         self._growth_interval = growth_interval
@@ -156,7 +171,7 @@ class AutoMixedPrecision:
     @property
     def scaling(self) -> bool:
         """Whether loss scaling is active (some group, or the default, computes in fp16)."""
-        return self.default_dtype == torch.float16 or any(d == torch.float16 for d, _, _ in self._groups)
+        return self.default_dtype == torch.float16 or any(g.dtype == torch.float16 for g in self._groups)
 
     def attach(self, model: torch.nn.Module) -> AutoMixedPrecision:
         """Assigns ``model``'s modules to groups and installs the per-group precision. Returns ``self``."""
@@ -172,28 +187,31 @@ class AutoMixedPrecision:
         first = next(model.parameters(), None)
         self._device_type = first.device.type if first is not None else "cpu"
 
-        dtypes = [d for d, _, _ in self._groups]
+        dtypes = [g.dtype for g in self._groups]
         if torch.float16 in dtypes + [self.default_dtype] and not _fp16_supported(self._device_type):
             warnings.warn(
                 f"AutoMixedPrecision: float16 autocast does not work on {self._device_type} with this "
                 "torch; the fp16 groups run in bfloat16 instead",
                 stacklevel=2,
             )
-            self._groups = [(torch.bfloat16 if d == torch.float16 else d, p, n) for d, p, n in self._groups]
+            self._groups = [
+                dataclasses.replace(g, dtype=torch.bfloat16) if g.dtype == torch.float16 else g for g in self._groups
+            ]
             if self.default_dtype == torch.float16:
                 self.default_dtype = torch.bfloat16
 
         assignment: dict[str, int] = {}
         used = [False] * len(self._groups)
         for name, _ in model.named_modules():
-            hits = [gi for gi, (_, patterns, _) in enumerate(self._groups) if any(matches(p, name) for p in patterns)]
+            hits = [gi for gi, g in enumerate(self._groups) if any(matches(p, name) for p in g.patterns)]
             if len(hits) > 1:
-                labels = " and ".join(f"{self._groups[g][2]} {self._groups[g][1]}" for g in hits)
+                labels = " and ".join(f"{self._groups[g].label} {self._groups[g].patterns}" for g in hits)
                 raise ValueError(f"AutoMixedPrecision: module '{name}' is matched by two groups: {labels}")
             if hits:
                 assignment[name] = hits[0]
                 used[hits[0]] = True
-        for gi, (_, patterns, label) in enumerate(self._groups):
+        for gi, group in enumerate(self._groups):
+            patterns, label = group.patterns, group.label
             if not used[gi]:
                 warnings.warn(f"AutoMixedPrecision: {label} {patterns} matches no module of the model", stacklevel=2)
             else:
@@ -208,10 +226,10 @@ class AutoMixedPrecision:
             if not name:
                 continue
             group = assignment.get(name)
-            self._plan[name] = self.default_dtype if group is None else self._groups[group][0]
+            self._plan[name] = self.default_dtype if group is None else self._groups[group].dtype
             parent = name.rpartition(".")[0]
             if group is not None and assignment.get(parent) != group:  # the group's boundary: wrap here
-                self._wrap(module, self._groups[group][0])
+                self._wrap(module, self._groups[group].dtype)
         if self.default_dtype != torch.float32:
             self._wrap(model, self.default_dtype, outermost=True)
         return self
@@ -246,20 +264,22 @@ class AutoMixedPrecision:
         self.model = None
         self._plan = {}
 
-    def plan(self, print_table: bool = True) -> dict[str, torch.dtype]:
-        """Which dtype each submodule computes in, ``{qualified name: dtype}``; prints a summary by default."""
+    def plan(self, print_table: bool = False) -> dict[str, torch.dtype]:
+        """Which dtype each submodule computes in, ``{qualified name: dtype}``. A summary (one line per region) is
+        logged (``logging``, INFO) and, with ``print_table=True``, printed."""
         if self.model is None:
             raise RuntimeError("AutoMixedPrecision.plan(): no model attached (pass model= or call attach(model))")
+        lines = [
+            f"AutoMixedPrecision plan (default {self.default_dtype}, loss scaling {'on' if self.scaling else 'off'}):"
+        ]
+        # A region starts where a module's dtype differs from its parent's (the root's is the default).
+        roots = [n for n in self._plan if self._plan[n] != self._plan.get(n.rpartition(".")[0], self.default_dtype)]
+        for name in roots:
+            below = sum(1 for m in self._plan if m.startswith(name + "."))
+            lines.append(f"  {str(self._plan[name]).removeprefix('torch.'):<9} {name}  (+{below} submodules)")
+        log.info("\n".join(lines))
         if print_table:
-            print(
-                f"AutoMixedPrecision plan (default {self.default_dtype}, loss scaling "
-                f"{'on' if self.scaling else 'off'}):"
-            )
-            # A region starts where a module's dtype differs from its parent's (the root's is the default).
-            roots = [n for n in self._plan if self._plan[n] != self._plan.get(n.rpartition(".")[0], self.default_dtype)]
-            for name in roots:
-                below = sum(1 for m in self._plan if m.startswith(name + "."))
-                print(f"  {str(self._plan[name]).removeprefix('torch.'):<9} {name}  (+{below} submodules)")
+            print("\n".join(lines))
         return dict(self._plan)
 
     # --------------------------------------------------------------------------------------------- loss scaling

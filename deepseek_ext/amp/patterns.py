@@ -1,4 +1,4 @@
-"""Module-name patterns for AutoMixedPrecision groups.
+"""Module-name patterns for AutoMixedPrecision groups (the matching itself is deepseek_ext.utils.names).
 
 A pattern is a dotted name whose components must appear, consecutively, among the dot-separated components of a
 module's qualified name. So ``'layer.0'`` matches ``bert.encoder.layer.0`` and everything under it
@@ -8,30 +8,9 @@ module's qualified name. So ``'layer.0'`` matches ``bert.encoder.layer.0`` and e
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
+from ..utils.names import matches
 
-
-def _split(name: str) -> list[str]:
-    return name.split(".") if name else []
-
-
-def matches(pattern: str, module_name: str) -> bool:
-    """Whether ``pattern`` matches the module called ``module_name`` (see the module docstring).
-
-    Example:
-        >>> matches('layer.0', 'bert.encoder.layer.0.attention')
-        True
-        >>> matches('layer.0', 'bert.encoder.layer.01')
-        False
-    """
-    parts = _split(pattern)
-    names = _split(module_name)
-    if not parts:
-        return False
-    for start in range(len(names) - len(parts) + 1):
-        if all(fnmatchcase(names[start + i], p) for i, p in enumerate(parts)):
-            return True
-    return False
+__all__ = ["matches", "normalise_groups"]
 
 
 def normalise_groups(groups, what: str) -> list[list[str]]:

@@ -2,29 +2,40 @@
 
 Each *unit* (by default every child module that holds parameters, looking through ``ModuleList``/``Sequential``
 containers; or every module of the classes in ``wrap_policy``) keeps its parameters as one flat buffer, padded to
-split evenly, of which each rank stores a slice (an ``nn.Parameter`` the optimizer sees). Around the unit's
-forward the slices are all-gathered into the full buffer and the module's parameters become views of it; after
-the forward the buffer's storage is released (``reshard_after_forward``) and gathered again when the gradient
-reaches the unit's outputs; once the full gradient has accumulated it is reduce-scattered (averaged over ranks)
-into the slice's ``.grad`` and the storage is released again. With ``prefetch >= 1`` the next units' gathers are
-started asynchronously while the current unit computes. Parameters shared between units (tied weights) and
-parameters outside every unit live in a root unit that stays gathered for the whole step.
+split evenly, of which each rank stores a slice (an ``nn.Parameter`` the optimizer sees). Parameters shared between
+units (tied weights) and parameters outside every unit live in a root unit that stays gathered for the whole step.
 
-The flat layout (offsets, padding, each rank's slice) comes from the C++ planner in ``csrc/distributed``.
+A unit is always in one of four states (``UnitState``), and ``_Unit.to`` is the one place that changes it:
+
+    SHARDED --gather(async)--> GATHERING --wait--> GATHERED --release--> SHARDED
+    SHARDED --gather---------------------------> GATHERED --reduce---> REDUCING --done--> SHARDED
+
+Around the unit's forward it is gathered and the module's parameters become views of the full buffer; after the
+forward it is released (``reshard_after_forward``) and gathered again when the gradient reaches the unit's outputs;
+once the full gradient has accumulated it is reduce-scattered (averaged over ranks) into the slice's ``.grad`` and
+released. With ``prefetch >= 1`` the next units' gathers start asynchronously while the current unit computes.
+
+Small consecutive units (up to ``bucket_elems`` elements together, in first-forward order) share one *bucket*: one
+all-gather brings all of them in (each unit's slice is copied out of the bucket's buffer), so a model of many small
+modules does not pay one collective latency per module. The flat layout (offsets, alignment, padding) and the buckets
+are planned here, in Python: they are computed once, at construction.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._native import _C, require_native
+log = logging.getLogger(__name__)
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+_MAX_REDUCTIONS = 2  # asynchronous reduce-scatters in flight during backward
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
@@ -32,9 +43,70 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = Fa
     return fn(out, inp, group=group, async_op=async_op)
 
 
-def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group):
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(out, inp, group=group)
+    return fn(out, inp, group=group, async_op=async_op)
+
+
+# -------------------------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where the parameters of one unit sit in its flat buffer.
+
+    Attributes:
+        offsets: start of each parameter (elements), each aligned to ``align``.
+        used: elements up to the end of the last parameter (alignment gaps included).
+        padded: the buffer's size: a multiple of ``world_size * align`` (at least one such block), so every rank's
+            slice has the same size and starts aligned.
+        shard: ``padded // world_size``, the elements each rank owns.
+    """
+
+    offsets: tuple[int, ...]
+    used: int
+    padded: int
+    shard: int
+
+
+def plan_flat_layout(numels: list[int], world_size: int, align: int) -> FlatLayout:
+    """The flat layout of parameters of ``numels`` elements, laid out in order.
+
+    Example:
+        >>> plan_flat_layout([10, 3, 0, 17], world_size=4, align=4)
+        FlatLayout(offsets=(0, 12, 16, 16), used=33, padded=48, shard=12)
+    """
+    if world_size < 1:
+        raise ValueError(f"plan_flat_layout: expected world_size >= 1, but got {world_size}")
+    if align < 1:
+        raise ValueError(f"plan_flat_layout: expected align >= 1, but got {align}")
+    offsets, pos = [], 0
+    for n in numels:
+        if n < 0:
+            raise ValueError(f"plan_flat_layout: expected parameter sizes >= 0, but got {n}")
+        pos = -(-pos // align) * align
+        offsets.append(pos)
+        pos += n
+    block = world_size * align
+    padded = max(block, -(-pos // block) * block)
+    return FlatLayout(tuple(offsets), pos, padded, padded // world_size)
+
+
+def plan_buckets(sizes: list[int], bucket_elems: int) -> list[list[int]]:
+    """Consecutive indices grouped so each group's ``sizes`` add up to at most ``bucket_elems`` (an item larger than
+    that is a group of its own).
+
+    Example:
+        >>> plan_buckets([5, 5, 5, 20, 1, 1], 10)
+        [[0, 1], [2], [3], [4, 5]]
+    """
+    groups: list[list[int]] = []
+    filled = 0
+    for i, n in enumerate(sizes):
+        if not groups or filled + n > bucket_elems:
+            groups.append([])
+            filled = 0
+        groups[-1].append(i)
+        filled += n
+    return groups
 
 
 class ShardedParameter:
@@ -62,20 +134,84 @@ class _Slot:
     numel: int
     offset: int = 0
 
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        """This parameter's view of a unit's flat buffer."""
+        return flat[self.offset : self.offset + self.numel].view(self.shape)
 
-@dataclass
+    def point_at(self, value) -> None:
+        """Every alias of the parameter now reads ``value`` (a view, or a ``ShardedParameter``)."""
+        for m, attr, fq in self.aliases:
+            m.__dict__[attr] = ShardedParameter(fq) if value is None else value
+
+
+class UnitState(enum.Enum):
+    SHARDED = "sharded"  # the rank holds its slice only; the full buffer has no storage
+    GATHERING = "gathering"  # an asynchronous all-gather into the full buffer is in flight
+    GATHERED = "gathered"  # the full buffer holds the whole parameters
+    REDUCING = "reducing"  # the full gradient is being reduce-scattered into the slice's gradient
+
+
+_TRANSITIONS = {
+    UnitState.SHARDED: {UnitState.GATHERING, UnitState.GATHERED},
+    UnitState.GATHERING: {UnitState.GATHERED},
+    UnitState.GATHERED: {UnitState.SHARDED, UnitState.REDUCING},
+    UnitState.REDUCING: {UnitState.SHARDED},
+}
+
+
+@dataclass(eq=False)
 class _Unit:
     name: str
     module: nn.Module | None  # None for the root unit
     slots: list[_Slot]
-    used: int = 0
-    padded: int = 0
-    shard_size: int = 0
-    shard: nn.Parameter | None = None
-    full: torch.Tensor | None = None  # leaf requiring grad; storage released while sharded
-    gathered: bool = False
-    pending: object | None = None  # async all-gather in flight
+    layout: FlatLayout
+    shard: nn.Parameter  # this rank's slice, what the optimizer sees
+    full: torch.Tensor  # the whole flat buffer: a leaf requiring grad, without storage while sharded
+    state: UnitState = UnitState.SHARDED
+    bucket: _Bucket | None = None
     hooks: list = field(default_factory=list)
+
+    def to(self, state: UnitState) -> None:
+        """The one place a unit's state changes; an impossible transition is a bug, reported as such."""
+        if state not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"ZeRO3: unit '{self.name}' cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
+    def point_modules(self, flat: torch.Tensor | None) -> None:
+        """Every parameter attribute now reads its view of ``flat`` (None: a ``ShardedParameter``)."""
+        for slot in self.slots:
+            slot.point_at(None if flat is None else slot.view(flat))
+
+    def storage_alias(self) -> torch.Tensor:
+        """A second tensor on the full buffer's storage (allocated if released): it has its own version counter, so
+        refilling the storage before backward does not look like an in-place change to the views autograd saved."""
+        full = self.full
+        full.untyped_storage().resize_(full.numel() * full.element_size())
+        return torch.empty(0, dtype=full.dtype, device=full.device).set_(full.untyped_storage(), 0, full.shape)
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """Consecutive units gathered by one all-gather and reduce-scattered by one reduce-scatter. Rank ``r``'s part
+    of the collective buffer is ``[unit 0's slice r | unit 1's slice r | ...]``."""
+
+    units: list[_Unit]
+    work: object | None = None  # the all-gather in flight
+    gathered: torch.Tensor | None = None  # its output, until copied into the units' buffers
+    receivers: list[_Unit] = field(default_factory=list)  # the units it fills
+    # reduce-scatters in flight: (work, its input and output, {unit: its part of the output})
+    reductions: list[tuple[object, torch.Tensor, torch.Tensor, dict]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(u.layout.shard for u in self.units)
+
+    def columns(self):
+        """``(unit, first column, last column)`` of each unit in the ``(world, total)`` view of a bucket buffer."""
+        start = 0
+        for u in self.units:
+            yield u, start, start + u.layout.shard
+            start += u.layout.shard
 
 
 class ZeRO3(nn.Module):
@@ -91,6 +227,9 @@ class ZeRO3(nn.Module):
         param_dtype: gather parameters in this dtype (e.g. ``torch.bfloat16``) while shards, gradients and optimizer
             state stay in the parameters' own dtype.
         process_group: the group to shard over.
+        align: every parameter and every rank's slice starts at a multiple of this many elements.
+        bucket_elems: consecutive units with at most this many elements together share one all-gather and one
+            reduce-scatter (0: one collective per unit).
 
     ``model.parameters()`` yields the local shards; build the optimizer after wrapping. Outside forward/backward
     the original parameters are not whole: use :meth:`gathered_parameters` or :meth:`full_state_dict`.
@@ -110,9 +249,9 @@ class ZeRO3(nn.Module):
         param_dtype: torch.dtype | None = None,
         process_group=None,
         align: int = 16,
+        bucket_elems: int = 1 << 20,
     ):
         super().__init__()
-        require_native("distributed.ZeRO3")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ZeRO3 needs torch.distributed initialised (dist.init_process_group) first")
         self.module = model
@@ -123,21 +262,23 @@ class ZeRO3(nn.Module):
         self.reshard_after_forward = reshard_after_forward
         self.param_dtype = param_dtype
         self.align = align
-        self._units = self._plan_units(model, wrap_policy)
+        self._state_keys = list(model.state_dict().keys())  # the unsharded model's, in its order
+        self._units = [self._build(name, m, slots) for name, m, slots in self._plan_units(model, wrap_policy)]
+        self.flat_shards = nn.ParameterList([u.shard for u in self._units])
+        self._root = next((u for u in self._units if u.module is None), None)
+        self._buckets = self._plan_buckets(bucket_elems)
         self._order: list[_Unit] = []  # units in first-forward order, for prefetching
         self._recording = True
-        self.flat_shards = nn.ParameterList()
-        for unit in self._units:
-            self._build(unit)
-            self.flat_shards.append(unit.shard)
-        self._root = next((u for u in self._units if u.module is None), None)
+        self._flush_queued = False
+        self._reducing: list[_Bucket] = []  # buckets with reduce-scatters in flight, oldest first
         for unit in self._units:
             if unit.module is not None:
                 unit.hooks.append(unit.module.register_forward_pre_hook(self._pre_forward(unit)))
                 unit.hooks.append(unit.module.register_forward_hook(self._post_forward(unit), always_call=True))
 
     # ------------------------------------------------------------------------------------------------ planning
-    def _plan_units(self, model: nn.Module, wrap_policy) -> list[_Unit]:
+    @staticmethod
+    def _plan_units(model: nn.Module, wrap_policy) -> list[tuple[str, nn.Module | None, list[_Slot]]]:
         owners: list[tuple[str, nn.Module]] = []
         if wrap_policy:
             policy = tuple(wrap_policy)
@@ -178,73 +319,113 @@ class ZeRO3(nn.Module):
             units = touching[pid]
             where = next(iter(units)) if len(units) == 1 else -1  # tied across units -> root
             slots_by_unit[where].append(_Slot(aliases[pid], p.shape, p.numel()))
-        out = [_Unit(name, m, slots_by_unit[i]) for i, (name, m) in enumerate(owners) if slots_by_unit[i]]
+        out = [(name, m, slots_by_unit[i]) for i, (name, m) in enumerate(owners) if slots_by_unit[i]]
         if slots_by_unit[-1]:
-            out.append(_Unit("<root>", None, slots_by_unit[-1]))
+            out.append(("<root>", None, slots_by_unit[-1]))
         return out
 
-    def _build(self, unit: _Unit) -> None:
-        first = unit.slots[0].aliases[0]
-        p0 = first[0]._parameters[first[1]]
+    def _build(self, name: str, module: nn.Module | None, slots: list[_Slot]) -> _Unit:
+        first_module, first_attr, _ = slots[0].aliases[0]
+        p0 = first_module._parameters[first_attr]
         device, dtype = p0.device, p0.dtype
-        offsets, used, padded, shard, _ = _C.flat_layout([s.numel for s in unit.slots], self.world, self.align)
-        unit.used, unit.padded, unit.shard_size = used, padded, shard
-        flat = torch.zeros(padded, dtype=dtype, device=device)
-        for slot, off in zip(unit.slots, offsets):
-            slot.offset = off
+        layout = plan_flat_layout([s.numel for s in slots], self.world, self.align)
+        flat = torch.zeros(layout.padded, dtype=dtype, device=device)
+        for slot, offset in zip(slots, layout.offsets):
+            slot.offset = offset
             m, attr, _ = slot.aliases[0]
-            flat[off : off + slot.numel].copy_(m._parameters[attr].detach().reshape(-1))
+            slot.view(flat).copy_(m._parameters[attr].detach())
         dist.broadcast(flat, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
-        unit.shard = nn.Parameter(flat[self.rank * shard : (self.rank + 1) * shard].clone())
-        compute = self.param_dtype or dtype
-        unit.full = torch.empty(padded, dtype=compute, device=device).requires_grad_()
-        unit.full.untyped_storage().resize_(0)
-        unit.full.register_post_accumulate_grad_hook(self._post_backward(unit))
-        for slot in unit.slots:
-            for m, attr, fq in slot.aliases:
+        shard = nn.Parameter(flat[self.rank * layout.shard : (self.rank + 1) * layout.shard].clone())
+        full = torch.empty(layout.padded, dtype=self.param_dtype or dtype, device=device).requires_grad_()
+        full.untyped_storage().resize_(0)
+        unit = _Unit(name, module, slots, layout, shard, full)
+        full.register_post_accumulate_grad_hook(self._post_backward(unit))
+        for slot in slots:
+            for m, attr, _ in slot.aliases:
                 del m._parameters[attr]
-                m.__dict__[attr] = ShardedParameter(fq)
+        unit.point_modules(None)
+        return unit
+
+    def _plan_buckets(self, bucket_elems: int) -> list[_Bucket]:
+        """Consecutive module units of the same dtype and device up to ``bucket_elems`` elements share a bucket;
+        the root unit (gathered for the whole step) has its own."""
+        buckets: list[_Bucket] = []
+        run: list[_Unit] = []
+
+        def close():
+            for group in plan_buckets([u.layout.padded for u in run], bucket_elems):
+                buckets.append(_Bucket([run[i] for i in group]))
+            run.clear()
+
+        for unit in self._units:
+            if run and (
+                unit.module is None or (unit.full.dtype, unit.full.device) != (run[0].full.dtype, run[0].full.device)
+            ):
+                close()
+            run.append(unit)
+            if unit.module is None:
+                close()
+        close()
+        for b in buckets:
+            for u in b.units:
+                u.bucket = b
+        return buckets
 
     # ------------------------------------------------------------------------------------------ gather / release
     def _start_gather(self, unit: _Unit, async_op: bool) -> None:
-        if unit.gathered or unit.pending is not None:
+        """SHARDED -> GATHERING (async) or GATHERED, for every sharded unit of ``unit``'s bucket."""
+        bucket = unit.bucket
+        if bucket.receivers:  # the bucket's previous gather (for its other units) completes first
+            self._finish_gather(bucket)
+        if unit.state is not UnitState.SHARDED:
             return
+        receivers = [u for u in bucket.units if u.state is UnitState.SHARDED]
         full = unit.full
-        full.untyped_storage().resize_(full.numel() * full.element_size())
-        src = unit.shard.detach().to(full.dtype)
-        # Gather through a second tensor on the same storage: it has its own version counter, so refilling the
-        # storage before backward does not look like an in-place change to the views autograd saved.
-        alias = torch.empty(0, dtype=full.dtype, device=full.device).set_(full.untyped_storage(), 0, full.shape)
-        with torch.no_grad():
-            work = _all_gather(alias, src, self.group, async_op=async_op)
-        if async_op:
-            unit.pending = work
+        if len(bucket.units) == 1:  # straight into the unit's buffer
+            out = unit.storage_alias()
+            send = unit.shard.detach().to(full.dtype)
         else:
-            unit.gathered = True
+            out = torch.empty(self.world * bucket.total, dtype=full.dtype, device=full.device)
+            send = torch.cat([u.shard.detach().to(full.dtype) for u in bucket.units])
+        with torch.no_grad():
+            work = _all_gather(out, send, self.group, async_op=async_op)
+        bucket.work, bucket.gathered, bucket.receivers = work if async_op else None, out, receivers
+        for u in receivers:
+            u.to(UnitState.GATHERING)
+        if not async_op:
+            self._finish_gather(bucket)
+
+    def _finish_gather(self, bucket: _Bucket) -> None:
+        """GATHERING -> GATHERED: waits for the bucket's all-gather and copies each unit's part out of it."""
+        if bucket.work is not None:
+            bucket.work.wait()
+            bucket.work = None
+        if len(bucket.units) > 1:
+            table = bucket.gathered.view(self.world, bucket.total)
+            with torch.no_grad():
+                for u, lo, hi in bucket.columns():
+                    if u in bucket.receivers:
+                        u.storage_alias().view(self.world, u.layout.shard).copy_(table[:, lo:hi])
+        for u in bucket.receivers:
+            u.to(UnitState.GATHERED)
+        bucket.gathered, bucket.receivers = None, []
 
     def _gather(self, unit: _Unit) -> None:
-        if unit.pending is not None:
-            unit.pending.wait()
-            unit.pending = None
-            unit.gathered = True
-        self._start_gather(unit, async_op=False)
-
-    def _bind(self, unit: _Unit) -> None:
-        """Points the modules' parameter attributes at views of the gathered buffer."""
-        for slot in unit.slots:
-            view = unit.full[slot.offset : slot.offset + slot.numel].view(slot.shape)
-            for m, attr, _ in slot.aliases:
-                m.__dict__[attr] = view
+        """Whatever its state, ``unit`` is GATHERED (or REDUCING) on return."""
+        if unit.state is UnitState.SHARDED:
+            self._start_gather(unit, async_op=False)
+        elif unit.state is UnitState.GATHERING:
+            self._finish_gather(unit.bucket)
 
     def _release(self, unit: _Unit) -> None:
-        for slot in unit.slots:
-            for m, attr, fq in slot.aliases:
-                m.__dict__[attr] = ShardedParameter(fq)
-        if unit.pending is not None:
-            unit.pending.wait()
-            unit.pending = None
+        """-> SHARDED: the modules see ``ShardedParameter``s and the full buffer's storage is freed."""
+        if unit.state is UnitState.GATHERING:
+            self._finish_gather(unit.bucket)
+        if unit.state is UnitState.SHARDED:
+            return
+        unit.point_modules(None)
         unit.full.untyped_storage().resize_(0)
-        unit.gathered = False
+        unit.to(UnitState.SHARDED)
 
     def _prefetch_after(self, unit: _Unit, step: int) -> None:
         if self.prefetch <= 0 or unit not in self._order:
@@ -255,13 +436,65 @@ class ZeRO3(nn.Module):
             if 0 <= k < len(self._order):
                 self._start_gather(self._order[k], async_op=True)
 
+    # ---------------------------------------------------------------------------------------------- reduction
+    def _reduce(self, bucket: _Bucket) -> None:
+        """Starts one asynchronous reduce-scatter of the gradients of the bucket's REDUCING units (zeros stand in for
+        units without one) and frees their full buffers; ``_finish_reductions`` completes it. Backward goes on
+        meanwhile, so the collective overlaps the earlier units' gradient computation."""
+        reducing = [u for u in bucket.units if u.state is UnitState.REDUCING and u.full.grad is not None]
+        if not reducing:
+            return
+        dtype, device = bucket.units[0].shard.dtype, bucket.units[0].shard.device
+        if len(bucket.units) == 1:
+            send = reducing[0].full.grad.to(dtype)
+        else:
+            columns = []
+            for u, _, _ in bucket.columns():
+                g = u.full.grad if u in reducing else None
+                g = torch.zeros(u.layout.padded, dtype=dtype, device=device) if g is None else g.to(dtype)
+                columns.append(g.view(self.world, u.layout.shard))
+            send = torch.cat(columns, dim=1).reshape(-1)
+        out = torch.empty(bucket.total, dtype=dtype, device=device)
+        work = _reduce_scatter(out, send, self.group, async_op=True)
+        bucket.reductions.append((work, send, out, {u: out[lo:hi] for u, lo, hi in bucket.columns() if u in reducing}))
+        for u in reducing:
+            u.full.grad = None
+            u.point_modules(None)
+            u.full.untyped_storage().resize_(0)
+        # At most MAX_REDUCTIONS in flight: enough to overlap the next units' backward, while a full-size gradient
+        # is never held for more than that many buckets.
+        self._reducing.append(bucket)
+        while len(self._reducing) > _MAX_REDUCTIONS:
+            self._finish_reductions(self._reducing.pop(0))
+
+    def _finish_reductions(self, bucket: _Bucket) -> None:
+        """REDUCING -> SHARDED: waits for the bucket's reduce-scatters and adds each unit's part, averaged over the
+        ranks, to its slice's ``.grad``."""
+        for work, _, _, parts in bucket.reductions:
+            work.wait()
+            for u, part in parts.items():
+                g = part / self.world
+                u.shard.grad = g if u.shard.grad is None else u.shard.grad + g
+                u.to(UnitState.SHARDED)
+        bucket.reductions.clear()
+
+    def _flush(self) -> None:
+        """End of backward: the buckets still holding gradients (some of their units took no part in this backward)
+        are reduced, and every reduce-scatter in flight completes before ``backward()`` returns."""
+        self._flush_queued = False
+        for bucket in self._buckets:
+            self._reduce(bucket)
+        for bucket in self._buckets:
+            self._finish_reductions(bucket)
+        self._reducing.clear()
+
     # --------------------------------------------------------------------------------------------------- hooks
     def _pre_forward(self, unit: _Unit):
         def hook(module, args):
             if self._recording and unit not in self._order:
                 self._order.append(unit)
             self._gather(unit)
-            self._bind(unit)
+            unit.point_modules(unit.full)
             self._prefetch_after(unit, +1)
 
         return hook
@@ -281,27 +514,30 @@ class ZeRO3(nn.Module):
                 for t in output if isinstance(output, (tuple, list)) else (output,):
                     if isinstance(t, torch.Tensor) and t.requires_grad:
                         t.register_hook(pre_backward)
-            if self.reshard_after_forward or not torch.is_grad_enabled():
+            # The last unit of the forward is the first of backward: kept gathered rather than released and gathered
+            # again at once (from the second step on, when the order is known).
+            last = not self._recording and self._order and unit is self._order[-1]
+            if not torch.is_grad_enabled() or (self.reshard_after_forward and not last):
                 self._release(unit)
 
         return hook
 
     def _post_backward(self, unit: _Unit):
         def hook(full: torch.Tensor):
-            grad = full.grad.to(unit.shard.dtype)
-            out = torch.empty(unit.shard_size, dtype=grad.dtype, device=grad.device)
-            _reduce_scatter(out, grad, self.group)
-            out /= self.world
-            unit.shard.grad = out if unit.shard.grad is None else unit.shard.grad + out
-            full.grad = None
-            self._release(unit)
+            unit.to(UnitState.REDUCING)
+            if not self._flush_queued:
+                self._flush_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+            if all(u.state is UnitState.REDUCING for u in unit.bucket.units):
+                self._reduce(unit.bucket)
 
         return hook
 
     def forward(self, *args, **kwargs):
+        self._flush_queued = False  # a backward that raised left its flush unqueued
         if self._root is not None:
             self._gather(self._root)
-            self._bind(self._root)
+            self._root.point_modules(self._root.full)
         try:
             out = self.module(*args, **kwargs)
         finally:
@@ -317,43 +553,39 @@ class ZeRO3(nn.Module):
         must enter. With ``writeback``, changes made inside are written back to the shards on exit."""
         for unit in self._units:
             self._gather(unit)
-            with torch.no_grad():
-                for slot in unit.slots:
-                    view = unit.full.detach()[slot.offset : slot.offset + slot.numel].view(slot.shape)
-                    for m, attr, _ in slot.aliases:
-                        m.__dict__[attr] = view
+            unit.point_modules(unit.full.detach())
         try:
             yield self.module
         finally:
             for unit in self._units:
                 if writeback:
                     with torch.no_grad():
-                        lo = self.rank * unit.shard_size
-                        unit.shard.copy_(unit.full.detach()[lo : lo + unit.shard_size].to(unit.shard.dtype))
+                        lo = self.rank * unit.layout.shard
+                        unit.shard.copy_(unit.full.detach()[lo : lo + unit.layout.shard].to(unit.shard.dtype))
                 self._release(unit)
 
     def full_state_dict(self) -> dict:
         """The unsharded model's state_dict on rank 0 (an empty dict on other ranks), gathered one unit at a time,
-        so peak memory is one unit's parameters, not the model twice. Keys are the original model's."""
+        so peak memory is one unit's parameters, not the model twice. Keys and order are the original model's."""
         out: dict[str, torch.Tensor] = {}
         for unit in self._units:
             self._gather(unit)
             if self.rank == 0:
                 for slot in unit.slots:
-                    value = unit.full.detach()[slot.offset : slot.offset + slot.numel].view(slot.shape)
-                    value = value.to(unit.shard.dtype).clone()
+                    value = slot.view(unit.full.detach()).to(unit.shard.dtype).clone()
                     for _, _, fq in slot.aliases:
                         out[fq] = value
             self._release(unit)
-        if self.rank == 0:
-            for name, buf in self.module.named_buffers():
-                out[name] = buf.detach().clone()
-            keys = [k for k in _state_keys(self.module)]
-            out = {k: out[k] for k in keys if k in out}
-        return out
+        if self.rank != 0:
+            return {}
+        for name, buf in self.module.named_buffers():
+            out[name] = buf.detach().clone()
+        return {k: out[k] for k in self._state_keys if k in out}
 
-    def memory_report(self, optimizer: torch.optim.Optimizer | None = None, print_report: bool = True) -> dict:
-        """Bytes this rank holds: parameter shards, their gradients, optimizer state, and the largest gathered unit."""
+    def memory_report(self, optimizer: torch.optim.Optimizer | None = None, print_report: bool = False) -> dict:
+        """Bytes this rank holds: parameter shards, their gradients, optimizer state, and the largest gathered unit.
+
+        The report is returned and logged (``logging``, INFO); ``print_report=True`` also prints it."""
         shards = [u.shard for u in self._units]
         report = {
             "rank": self.rank,
@@ -361,17 +593,21 @@ class ZeRO3(nn.Module):
             "param_shard_bytes": sum(s.numel() * s.element_size() for s in shards),
             "grad_shard_bytes": sum(s.grad.numel() * s.grad.element_size() for s in shards if s.grad is not None),
             "optimizer_state_bytes": 0,
-            "largest_unit_gathered_bytes": max((u.padded * u.full.element_size() for u in self._units), default=0),
-            "unsharded_param_bytes": sum(u.used * u.shard.element_size() for u in self._units),
+            "largest_unit_gathered_bytes": max(
+                (u.layout.padded * u.full.element_size() for u in self._units), default=0
+            ),
+            "unsharded_param_bytes": sum(u.layout.used * u.shard.element_size() for u in self._units),
         }
         if optimizer is not None:
             for st in optimizer.state.values():
                 for v in st.values():
                     if isinstance(v, torch.Tensor):
                         report["optimizer_state_bytes"] += v.numel() * v.element_size()
+        mib = {k: f"{v / 2**20:.2f} MiB" for k, v in report.items() if k.endswith("bytes")}
+        line = f"ZeRO3 rank {self.rank}/{self.world}: {mib}"
+        log.info(line)
         if print_report:
-            mib = {k: f"{v / 2**20:.2f} MiB" for k, v in report.items() if k.endswith("bytes")}
-            print(f"ZeRO3 rank {self.rank}/{self.world}: {mib}")
+            print(line)
         return report
 
     # ------------------------------------------------------------------------------- checkpoint support
@@ -380,9 +616,9 @@ class ZeRO3(nn.Module):
         return [
             {
                 "name": u.name,
-                "used": u.used,
-                "padded": u.padded,
-                "shard": u.shard_size,
+                "used": u.layout.used,
+                "padded": u.layout.padded,
+                "shard": u.layout.shard,
                 "params": [
                     {
                         "names": [fq for _, _, fq in s.aliases],
@@ -399,17 +635,6 @@ class ZeRO3(nn.Module):
     def shards(self) -> list[nn.Parameter]:
         return [u.shard for u in self._units]
 
-
-def _state_keys(module: nn.Module) -> list[str]:
-    """The keys an unsharded module's state_dict would have, in order (parameters then buffers per module)."""
-    keys = []
-    for mname, m in module.named_modules(remove_duplicate=False):
-        prefix = f"{mname}." if mname else ""
-        for attr, value in m.__dict__.items():
-            if isinstance(value, ShardedParameter):
-                keys.append(prefix + attr)
-        for bname, b in m._buffers.items():
-            if b is not None and bname not in m._non_persistent_buffers_set:
-                keys.append(prefix + bname)
-    seen = set()
-    return [k for k in keys if not (k in seen or seen.add(k))]
+    def unit_states(self) -> dict[str, UnitState]:
+        """Each unit's state (all ``SHARDED`` between steps)."""
+        return {u.name: u.state for u in self._units}

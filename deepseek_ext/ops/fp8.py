@@ -23,16 +23,20 @@ from typing import Literal
 import torch
 
 from .._native import NATIVE_AVAILABLE, require_native
+from ._checks import check_dtype, check_dtype_value, check_same_device, sizes
 
 Granularity = Literal["tensor", "row", "group", "block"]
+GRANULARITIES = ("tensor", "row", "group", "block")
 
+# The FP8 format of activations and weights when none is given (the C++ default of quantize_fp8's dtype=None).
+DEFAULT_FP8_DTYPE = torch.float8_e4m3fn
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def quantize_fp8(
     x: torch.Tensor,
-    dtype: torch.dtype = torch.float8_e4m3fn,
+    dtype: torch.dtype = DEFAULT_FP8_DTYPE,
     granularity: Granularity = "tensor",
     block_size: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,28 +139,34 @@ def fp8_matmul(
     return torch.ops.deepseek_ext.fp8_matmul.default(a, b, scale_a, scale_b, bias, out_dtype, block_size)
 
 
-def scale_shape(shape: tuple[int, ...], granularity: Granularity, block_size: int = 128) -> tuple[int, ...]:
-    """Shape of the scales :func:`quantize_fp8` returns for an input of ``shape`` (validates the arguments)."""
+def scale_shape(
+    shape: tuple[int, ...], granularity: Granularity, block_size: int = 128, op: str = "quantize_fp8"
+) -> tuple[int, ...]:
+    """Shape of the scales :func:`quantize_fp8` returns for an input of ``shape``; validates the arguments with the
+    C++ checks' messages (``op`` names the op in them).
+
+    Example:
+        >>> scale_shape((256, 512), "block", 128)
+        (2, 4)
+    """
+    torch._check_value(
+        granularity in GRANULARITIES,
+        lambda: f"{op}: expected granularity to be 'tensor', 'row', 'group' or 'block', but got '{granularity}'",
+    )
     if granularity == "tensor":
         return ()
     torch._check_value(
-        granularity in ("row", "group", "block"),
-        lambda: (
-            f"quantize_fp8: expected granularity to be 'tensor', 'row', 'group' or 'block', but got '{granularity}'"
-        ),
-    )
-    torch._check_value(
         len(shape) == 2,
         lambda: (
-            f"quantize_fp8: granularity='{granularity}' expects x to be a 2-D tensor, but got a "
-            f"{len(shape)}-D tensor of shape {list(shape)}"
+            f"{op}: granularity='{granularity}' expects x to be a 2-D tensor, but got a {len(shape)}-D tensor of "
+            f"shape {sizes(shape)} (use granularity='tensor', or reshape to 2-D first)"
         ),
     )
     rows, cols = shape
     if granularity == "row":
         return (rows, 1)
     torch._check_value(
-        block_size > 0, lambda: f"quantize_fp8: expected block_size to be a positive integer, but got {block_size}"
+        block_size > 0, lambda: f"{op}: expected block_size to be a positive integer, but got {block_size}"
     )
     groups = (cols + block_size - 1) // block_size
     return (rows, groups) if granularity == "group" else ((rows + block_size - 1) // block_size, groups)
@@ -166,26 +176,75 @@ if NATIVE_AVAILABLE:
 
     @torch.library.register_fake("deepseek_ext::quantize_fp8")
     def _quantize_fp8_fake(x, dtype=None, granularity="tensor", block_size=128):
-        dtype = torch.float8_e4m3fn if dtype is None else dtype
-        torch._check_type(x.dtype in _IN_DTYPES, lambda: f"quantize_fp8: unsupported input dtype {x.dtype}")
-        torch._check_type(dtype in _FP8_DTYPES, lambda: f"quantize_fp8: unsupported output dtype {dtype}")
-        shape = scale_shape(tuple(x.shape), granularity, block_size)
+        op = "quantize_fp8"
+        dtype = DEFAULT_FP8_DTYPE if dtype is None else dtype
+        check_dtype(op, "x", x, _IN_DTYPES)
+        check_dtype_value(op, "dtype", dtype, _FP8_DTYPES)
+        shape = scale_shape(tuple(x.shape), granularity, block_size, op)
         return x.new_empty(x.shape, dtype=dtype), x.new_empty(shape, dtype=torch.float32)
 
     @torch.library.register_fake("deepseek_ext::fp8_matmul")
     def _fp8_matmul_fake(a, b, scale_a, scale_b, bias=None, out_dtype=None, block_size=128):
-        torch._check(a.dim() == 2 and b.dim() == 2, lambda: "fp8_matmul: expected 2-D a and b")
-        torch._check(a.shape[1] == b.shape[0], lambda: "fp8_matmul: the inner dimensions (K) must match")
-        return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16 if out_dtype is None else out_dtype)
+        op = "fp8_matmul"
+        check_dtype(op, "a", a, _FP8_DTYPES)
+        check_dtype(op, "b", b, _FP8_DTYPES)
+        torch._check_value(
+            a.dim() == 2 and b.dim() == 2,
+            lambda: f"{op}: expected 2-D a (M, K) and b (K, N), but got shapes {sizes(a.shape)} and {sizes(b.shape)}",
+        )
+        torch._check_value(
+            a.shape[1] == b.shape[0],
+            lambda: f"{op}: a is {sizes(a.shape)} and b is {sizes(b.shape)}: the inner dimensions (K) must match",
+        )
+        check_dtype(op, "scale_a", scale_a, (torch.float32,))
+        check_dtype(op, "scale_b", scale_b, (torch.float32,))
+        check_same_device(op, "a", a, "b", b)
+        check_same_device(op, "a", a, "scale_a", scale_a)
+        check_same_device(op, "a", a, "scale_b", scale_b)
+        torch._check_value(
+            block_size > 0, lambda: f"{op}: expected block_size to be a positive integer, but got {block_size}"
+        )
+        out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+        check_dtype_value(op, "out_dtype", out_dtype, _IN_DTYPES)
+        m, k, n = a.shape[0], a.shape[1], b.shape[1]
+        block = min(block_size, max(k, n, 1))
+        kb, nb = (k + block - 1) // block, (n + block - 1) // block
+        sa, sb = tuple(scale_a.shape), tuple(scale_b.shape)
+        per_tensor = scale_a.numel() == 1 and scale_b.numel() == 1 and scale_a.dim() <= 2 and scale_b.dim() <= 2
+        torch._check_value(
+            per_tensor or (sa == (m, 1) and sb == (1, n)) or (sa == (m, kb) and sb == (kb, nb)),
+            lambda: (
+                f"{op}: scale_a and scale_b of shapes {sizes(sa)} and {sizes(sb)} fit no scaling mode for a "
+                f"{sizes(a.shape)} and b {sizes(b.shape)}; expected one element each (per tensor), [{m}, 1] and "
+                f"[1, {n}] (per row of a / column of b), or [{m}, {kb}] and [{kb}, {nb}] (1x{block_size} groups of "
+                f"a, {block_size}x{block_size} blocks of b)"
+            ),
+        )
+        if bias is not None:
+            check_dtype(op, "bias", bias, _IN_DTYPES)
+            torch._check_value(
+                bias.dim() == 1 and bias.shape[0] == n,
+                lambda: f"{op}: expected bias of shape [{n}], but got {sizes(bias.shape)}",
+            )
+            check_same_device(op, "a", a, "bias", bias)
+        return a.new_empty((m, n), dtype=out_dtype)
 
     @torch.library.register_fake("deepseek_ext::dequantize_fp8")
     def _dequantize_fp8_fake(x, scale, granularity="tensor", block_size=128, out_dtype=None):
+        op = "dequantize_fp8"
         out_dtype = torch.float32 if out_dtype is None else out_dtype
-        torch._check_type(x.dtype in _FP8_DTYPES, lambda: f"dequantize_fp8: unsupported input dtype {x.dtype}")
-        torch._check_type(out_dtype in _IN_DTYPES, lambda: f"dequantize_fp8: unsupported out_dtype {out_dtype}")
-        expected = scale_shape(tuple(x.shape), granularity, block_size)
+        check_dtype(op, "x", x, _FP8_DTYPES)
+        check_dtype(op, "scale", scale, (torch.float32,))
+        check_same_device(op, "x", x, "scale", scale)
+        check_dtype_value(op, "out_dtype", out_dtype, _IN_DTYPES)
+        expected = scale_shape(tuple(x.shape), granularity, block_size, op)
+        blocked = granularity in ("block", "group")
         torch._check_value(
             tuple(scale.shape) == expected,
-            lambda: f"dequantize_fp8: expected scale of shape {list(expected)}, but got {list(scale.shape)}",
+            lambda: (
+                f"{op}: expected scale of shape {sizes(expected)} for x of shape {sizes(x.shape)} with "
+                f"granularity='{granularity}'{f' and block_size={block_size}' if blocked else ''}, but got "
+                f"{sizes(scale.shape)}"
+            ),
         )
         return x.new_empty(x.shape, dtype=out_dtype)

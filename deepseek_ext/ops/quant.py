@@ -11,17 +11,18 @@ from __future__ import annotations
 import torch
 
 from .._native import NATIVE_AVAILABLE, require_native
-from ..reference.quant import padded_k
+from ..utils.packing import none_as_zero, padded_k, unpack_codes
 
 
-def quantize_weight(w: torch.Tensor, bits: int = 8, group_size: int = 0, symmetric: bool = True):
+def quantize_weight(w: torch.Tensor, bits: int = 8, group_size: int | None = None, symmetric: bool = True):
     """Packs a float weight ``(out_features, in_features)``.
 
     Args:
         w: float32/float16/bfloat16, 2-D.
         bits: 8 (int8 codes in [-127, 127], symmetric around 0 or asymmetric) or 4 (codes 0..15, symmetric
             around 8 or asymmetric).
-        group_size: 0 for one scale per output channel, or 32/64/128/... input features per scale.
+        group_size: None for one scale per output channel (``QuantConfig``'s spelling; 0, the schema's, is
+            accepted too), or 32/64/128/... input features per scale.
         symmetric: zero point fixed (0 for 8 bits, 8 for 4 bits), or chosen per group from its range.
 
     Returns:
@@ -33,7 +34,7 @@ def quantize_weight(w: torch.Tensor, bits: int = 8, group_size: int = 0, symmetr
         >>> codes, scales, zeros = quantize_weight(w, bits=4, group_size=128, symmetric=True)
     """
     require_native("ops.quantize_weight")
-    return torch.ops.deepseek_ext.quantize_weight.default(w, bits, group_size, symmetric)
+    return torch.ops.deepseek_ext.quantize_weight.default(w, bits, none_as_zero(group_size), symmetric)
 
 
 def quantized_linear(
@@ -42,9 +43,9 @@ def quantized_linear(
     scales: torch.Tensor,
     zeros: torch.Tensor,
     bits: int,
-    group_size: int,
+    group_size: int | None,
     in_features: int,
-    act_bits: int = 8,
+    act_bits: int | None = 8,
     bias: torch.Tensor | None = None,
     act_scale: torch.Tensor | None = None,
     code_sums: torch.Tensor | None = None,
@@ -62,7 +63,8 @@ def quantized_linear(
             ``act_scale``; the reduce_range that keeps AVX2's u8 x s8 multiply-adds from saturating, as in fbgemm) and
             the products are integer (int32 accumulation per group), finished by
             ``y = sx * sum_g fmaf(sw_g, float(d_g), acc)`` in ascending group order: bit-identical on every CPU and
-            on CUDA; 16 or 0 — weight-only: activations stay float, weights are dequantised to float32 and the
+            on CUDA; None (``QuantConfig(activation_bits=None)``; 16 and the schema's 0 are accepted too) —
+            weight-only: activations stay float, weights are dequantised to float32 and the
             products are float32 for every activation dtype.
         bias: optional ``(N,)``.
         act_scale: a one-element per-tensor activation scale from calibration (static quantization): codes are
@@ -77,11 +79,21 @@ def quantized_linear(
     """
     require_native("ops.quantized_linear")
     return torch.ops.deepseek_ext.quantized_linear.default(
-        x, codes, scales, zeros, bits, group_size, in_features, act_bits, bias, act_scale, code_sums
+        x,
+        codes,
+        scales,
+        zeros,
+        bits,
+        none_as_zero(group_size),
+        in_features,
+        none_as_zero(act_bits),
+        bias,
+        act_scale,
+        code_sums,
     )
 
 
-def pack_quantized_weight(codes: torch.Tensor, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+def pack_quantized_weight(codes: torch.Tensor, bits: int, group_size: int | None, in_features: int) -> torch.Tensor:
     """Rearranges codes from :func:`quantize_weight` for the CPU's integer GEMM; :func:`quantized_linear` takes the
     result in place of the codes.
 
@@ -103,11 +115,11 @@ def pack_quantized_weight(codes: torch.Tensor, bits: int, group_size: int, in_fe
         >>> y = quantized_linear(x, packed, scales, zeros, 4, 128, w.shape[1], act_bits=8)
     """
     require_native("ops.pack_quantized_weight")
-    return torch.ops.deepseek_ext.pack_quantized_weight.default(codes, bits, group_size, in_features)
+    return torch.ops.deepseek_ext.pack_quantized_weight.default(codes, bits, none_as_zero(group_size), in_features)
 
 
 def unpack_quantized_weight(
-    packed: torch.Tensor, bits: int, group_size: int, in_features: int, out_features: int
+    packed: torch.Tensor, bits: int, group_size: int | None, in_features: int, out_features: int
 ) -> torch.Tensor:
     """The inverse of :func:`pack_quantized_weight`: codes in :func:`quantize_weight`'s layout.
 
@@ -117,13 +129,13 @@ def unpack_quantized_weight(
         True
     """
     require_native("ops.unpack_quantized_weight")
-    return torch.ops.deepseek_ext.unpack_quantized_weight.default(packed, bits, group_size, in_features, out_features)
+    return torch.ops.deepseek_ext.unpack_quantized_weight.default(
+        packed, bits, none_as_zero(group_size), in_features, out_features
+    )
 
 
 def code_sums(codes: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     """Per-group sums of a packed weight's codes, ``(N, groups)`` int32 (computed once per weight)."""
-    from ..reference.quant import unpack_codes
-
     c = unpack_codes(codes, bits)
     return c.view(c.shape[0], groups, c.shape[1] // groups).sum(-1, dtype=torch.int32)
 

@@ -14,6 +14,7 @@ examples of a batch. ``register_grad_sampler`` adds a layer type, ``register_nor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,7 +30,17 @@ NormSampler = Callable[[nn.Module, tuple, tuple], dict]
 # clipped_sum(module, activations, grad_outputs, factors) -> {param: sum_i factors_i * g_i}
 ClippedSum = Callable[[nn.Module, tuple, tuple, torch.Tensor], dict]
 _SAMPLERS: dict[type, GradSampler] = {}
-_NORM_SAMPLERS: dict[type, tuple[NormSampler, ClippedSum]] = {}
+
+
+@dataclass(frozen=True)
+class NormRule:
+    """A ghost rule (``register_norm_sampler``): per-sample squared norms and the clipped sum of one layer type."""
+
+    norms: NormSampler
+    clipped_sum: ClippedSum
+
+
+_NORM_SAMPLERS: dict[type, NormRule] = {}
 
 
 def register_grad_sampler(*module_types: type):
@@ -74,7 +85,7 @@ def register_norm_sampler(*module_types: type, clipped_sum: ClippedSum):
 
     def register(fn: NormSampler) -> NormSampler:
         for t in module_types:
-            _NORM_SAMPLERS[t] = (fn, clipped_sum)
+            _NORM_SAMPLERS[t] = NormRule(fn, clipped_sum)
         return fn
 
     return register
@@ -348,9 +359,9 @@ def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None, 
 
 def ghost_norms(module: nn.Module, activations, grad_outputs) -> dict:
     """``{param: (B,) squared per-sample norms}`` from the module's norm sampler."""
-    return _NORM_SAMPLERS[type(module)][0](module, activations, grad_outputs)
+    return _NORM_SAMPLERS[type(module)].norms(module, activations, grad_outputs)
 
 
 def ghost_sums(module: nn.Module, activations, grad_outputs, factors) -> dict:
     """``{param: sum_i factors_i g_i}`` from the module's norm sampler's clipped sum."""
-    return _NORM_SAMPLERS[type(module)][1](module, activations, grad_outputs, factors)
+    return _NORM_SAMPLERS[type(module)].clipped_sum(module, activations, grad_outputs, factors)

@@ -24,7 +24,7 @@ import copy
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -182,6 +182,13 @@ class Encoding:
     scale: float = 1.0
     zero: int = 0
     channels: int = 0  # real channels (codes carry them padded to a multiple of 8)
+
+
+class _Value(NamedTuple):
+    """A node of the int8 graph being built and the encoding of what it computes."""
+
+    node: fx.Node
+    encoding: Encoding
 
 
 def encoding_from_range(lo: float, hi: float, channels: int) -> Encoding:
@@ -440,7 +447,7 @@ def convert(float_gm: fx.GraphModule, encodings: dict[str, Encoding], shapes: di
     """Builds the int8 GraphModule from the fused float graph and the calibrated encodings of its tensors."""
     graph = fx.Graph()
     root = nn.Module()
-    env: dict[str, tuple[fx.Node, Encoding]] = {}  # old node name -> (new node, encoding)
+    env: dict[str, _Value] = {}  # old node name -> its value in the new graph
     counter = [0]
 
     def add_module(prefix: str, module: nn.Module) -> str:
@@ -492,10 +499,10 @@ def convert(float_gm: fx.GraphModule, encodings: dict[str, Encoding], shapes: di
     for node in nodes:
         m = _module_of(float_gm, node)
         quantized_in = [
-            a for a in node.args if isinstance(a, fx.Node) and a.name in env and env[a.name][1].quantized
+            a for a in node.args if isinstance(a, fx.Node) and a.name in env and env[a.name].encoding.quantized
         ]
         if node.op == "placeholder":
-            env[node.name] = (graph.placeholder(node.name), Encoding(False))
+            env[node.name] = _Value(graph.placeholder(node.name), Encoding(False))
         elif node.op == "output":
             graph.output(map_float(node.args[0]))
         elif isinstance(m, FusedConv) and m.groups > 1:
@@ -504,7 +511,8 @@ def convert(float_gm: fx.GraphModule, encodings: dict[str, Encoding], shapes: di
             qm = QuantizedDepthwiseNode(m, config.weight_bits, xenc, out_enc)
             new = graph.call_module(add_module("qdepthwise", qm), (x,))
             cout = m.weight.shape[0]
-            env[node.name] = (new, Encoding(True, out_enc.scale, out_enc.zero, cout) if out_enc else Encoding(False))
+            out = Encoding(True, out_enc.scale, out_enc.zero, cout) if out_enc else Encoding(False)
+            env[node.name] = _Value(new, out)
         elif isinstance(m, FusedConv) and (not m.linear or len(shapes.get(node.args[0].name, ())) == 2):
             x, xenc = as_codes(node.args[0].name)
             res, renc = (None, None)
@@ -515,34 +523,35 @@ def convert(float_gm: fx.GraphModule, encodings: dict[str, Encoding], shapes: di
             qm = QuantizedConvNode(m, config.weight_bits, config.symmetric, xenc, out_enc, renc, in_ch)
             new = graph.call_module(add_module("qconv", qm), (x,) if res is None else (x, res))
             cout = m.weight.shape[0]
-            env[node.name] = (new, Encoding(True, out_enc.scale, out_enc.zero, cout) if out_enc else Encoding(False))
+            out = Encoding(True, out_enc.scale, out_enc.zero, cout) if out_enc else Encoding(False)
+            env[node.name] = _Value(new, out)
         elif isinstance(m, (nn.Dropout, nn.Identity)) and quantized_in:
             env[node.name] = env[node.args[0].name]
         elif isinstance(m, nn.MaxPool2d) and quantized_in:
             x, enc = env[node.args[0].name]
             k, s = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size)
             pool = _MaxPool(k, s, _pair(m.padding), _pair(m.dilation), m.ceil_mode)
-            env[node.name] = (graph.call_module(add_module("maxpool", pool), (x,)), enc)
+            env[node.name] = _Value(graph.call_module(add_module("maxpool", pool), (x,)), enc)
         elif isinstance(m, nn.AdaptiveAvgPool2d) and quantized_in and node.name in encodings:
             x, enc = env[node.args[0].name]
             out_enc = Encoding(True, encodings[node.name].scale, encodings[node.name].zero, enc.channels)
             pool = _AdaptiveAvgPool(_pair(m.output_size), enc, out_enc)
-            env[node.name] = (graph.call_module(add_module("avgpool", pool), (x,)), out_enc)
+            env[node.name] = _Value(graph.call_module(add_module("avgpool", pool), (x,)), out_enc)
         elif _flatten_start(float_gm, node) == 1 and quantized_in and len(shapes.get(node.args[0].name, ())) == 4:
             x, enc = env[node.args[0].name]
             _, c, h, w = shapes[node.args[0].name]
             new = graph.call_module(add_module("flatten", _Flatten(enc)), (x,))
-            env[node.name] = (new, Encoding(True, enc.scale, enc.zero, c * h * w))
+            env[node.name] = _Value(new, Encoding(True, enc.scale, enc.zero, c * h * w))
         elif _is_relu(float_gm, node) and quantized_in:
             x, enc = env[node.args[0].name]
-            env[node.name] = (graph.call_module(add_module("relu", _Relu(enc)), (x,)), enc)
+            env[node.name] = _Value(graph.call_module(add_module("relu", _Relu(enc)), (x,)), enc)
         elif _is_add(node) and len(quantized_in) == 2 and node.name in encodings:
             (a, ae), (b, be) = env[node.args[0].name], env[node.args[1].name]
             if shapes.get(node.args[0].name) == shapes.get(node.args[1].name):
                 out_enc = Encoding(True, encodings[node.name].scale, encodings[node.name].zero, ae.channels)
-                env[node.name] = (graph.call_module(add_module("add", _Add(ae, be, out_enc)), (a, b)), out_enc)
+                env[node.name] = _Value(graph.call_module(add_module("add", _Add(ae, be, out_enc)), (a, b)), out_enc)
             else:
-                env[node.name] = (graph.create_node(node.op, node.target, map_float(node.args),
+                env[node.name] = _Value(graph.create_node(node.op, node.target, map_float(node.args),
                                                     map_float(node.kwargs)), Encoding(False))  # fmt: skip
         else:  # float operation: its inputs dequantized
             if node.op == "call_module":
@@ -561,7 +570,7 @@ def convert(float_gm: fx.GraphModule, encodings: dict[str, Encoding], shapes: di
                     new = graph.get_attr(f"{name}_value")
             else:
                 new = graph.create_node(node.op, node.target, map_float(node.args), map_float(node.kwargs))
-            env[node.name] = (new, Encoding(False))
+            env[node.name] = _Value(new, Encoding(False))
     return fx.GraphModule(root, graph)
 
 

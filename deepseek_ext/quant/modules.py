@@ -13,6 +13,7 @@ from ..ops.quant import (
     quantize_weight,
     unpack_quantized_weight,
 )
+from ..utils.packing import dequantize_weight, none_as_zero
 from .config import QuantConfig
 
 
@@ -33,9 +34,7 @@ class _QuantizedWeight(nn.Module):
     def _init_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig) -> None:
         self.config = config
         self.in_features = weight.shape[1]
-        codes, scales, zeros = quantize_weight(
-            weight.detach(), config.weight_bits, config.group_size or 0, config.symmetric
-        )
+        codes, scales, zeros = quantize_weight(weight.detach(), config.weight_bits, config.group_size, config.symmetric)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
@@ -53,19 +52,17 @@ class _QuantizedWeight(nn.Module):
         if self.codes.dim() == 2:
             return self.codes
         c = self.config
-        return unpack_quantized_weight(
-            self.codes, c.weight_bits, c.group_size or 0, self.in_features, self.scales.shape[0]
-        )
+        return unpack_quantized_weight(self.codes, c.weight_bits, c.group_size, self.in_features, self.scales.shape[0])
 
     def _layout_for_device(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes in the layout the kernels of their device read (packed on the CPU for integer activations)."""
         c = self.config
         packed = codes.dim() == 4
         if self._packs(codes.device) and not packed:
-            return pack_quantized_weight(codes, c.weight_bits, c.group_size or 0, self.in_features)
+            return pack_quantized_weight(codes, c.weight_bits, c.group_size, self.in_features)
         if not self._packs(codes.device) and packed:
             n = self.scales.shape[0]
-            return unpack_quantized_weight(codes, c.weight_bits, c.group_size or 0, self.in_features, n)
+            return unpack_quantized_weight(codes, c.weight_bits, c.group_size, self.in_features, n)
         return codes
 
     def _apply(self, fn, *args, **kwargs):
@@ -147,9 +144,9 @@ class _QuantizedWeight(nn.Module):
             self.scales,
             self.zeros,
             c.weight_bits,
-            c.group_size or 0,
+            none_as_zero(c.group_size),  # the raw op: its schema's integer for None
             self.in_features,
-            c.activation_bits or 0,
+            none_as_zero(c.activation_bits),
             self.bias,
             act_scale,
             self.code_sums,
@@ -160,11 +157,9 @@ class _QuantizedWeight(nn.Module):
 
     def _dequantized(self) -> torch.Tensor:
         """The float32 weight the codes stand for, ``(out, in_features)``, computed on each call."""
-        from ..reference.quant import dequantize_weight
-
         c = self.config
         return dequantize_weight(
-            self._stored_codes(), self.scales, self.zeros, c.weight_bits, c.group_size or 0, self.in_features
+            self._stored_codes(), self.scales, self.zeros, c.weight_bits, c.group_size, self.in_features
         )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -11,12 +13,22 @@ import torch
 from torch import nn
 
 from .. import _transformers
-from ..amp.patterns import matches
+from ..utils.names import matches
 from .config import QuantConfig
 from .modules import QuantizedConv2d, QuantizedLinear, _QuantizedWeight, check_quantized_state_dict
 
-# module type -> (can_take(module) -> reason or None, factory(module, config) -> quantized module)
-_HANDLERS: dict[type, tuple[Callable, Callable]] = {}
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Handler:
+    """How :class:`Quantizer` treats one module type."""
+
+    can_take: Callable  # (module) -> a reason to keep this module in float, or None
+    factory: Callable  # (module, config) -> the quantized module
+
+
+_HANDLERS: dict[type, _Handler] = {}
 
 
 def register_quantized_module(module_type: type, factory: Callable, can_take: Callable | None = None) -> None:
@@ -26,7 +38,7 @@ def register_quantized_module(module_type: type, factory: Callable, can_take: Ca
     Example:
         >>> register_quantized_module(MyLinear, QuantizedLinear)   # factory(module, config) -> quantized module
     """
-    _HANDLERS[module_type] = (can_take or (lambda m: None), factory)
+    _HANDLERS[module_type] = _Handler(can_take or (lambda m: None), factory)
 
 
 def _conv_reason(conv: nn.Conv2d):
@@ -42,7 +54,7 @@ register_quantized_module(nn.Conv2d, QuantizedConv2d, _conv_reason)
 
 
 def _handler(module: nn.Module):
-    """The (can_take, factory) pair for ``module``'s exact type. transformers' Conv1D (the Linear of its transposed
+    """The handler of ``module``'s exact type. transformers' Conv1D (the Linear of its transposed
     weight) and FalconLinear (a Linear) are registered on first sight."""
     conv1d = _transformers.conv1d()
     if conv1d is not None and conv1d not in _HANDLERS:
@@ -147,6 +159,11 @@ class Quantizer:
     that stays float, as a tied LM head and embedding) are listed in ``fallbacks`` and in :meth:`compare`, and
     :meth:`quantize` warns once about those the config did not ask to skip.
 
+    Static quantization: ``calibrate(loader, model=quantized_model)`` sets the activation scales of the model it is
+    given; scales observed before :meth:`quantize` also go into the models quantized afterwards. A quantizer keeps
+    no reference to the models it returned (``calibrate`` without ``model=`` after ``quantize`` is a deprecated
+    form that calibrates the most recent one).
+
     Example:
         >>> quantizer = Quantizer(model, QuantConfig(weight_bits=4, activation_bits=8, method="dynamic"))
         >>> quantized_model = quantizer.quantize()
@@ -158,7 +175,8 @@ class Quantizer:
         self.config = config or QuantConfig()
         self.fallbacks: dict[str, str] = {}
         self._act_scales: dict[str, torch.Tensor] = {}
-        self._last: nn.Module | None = None
+        # Only for the deprecated calibrate() without model=: a weak reference, so the quantizer owns nothing.
+        self._most_recent: weakref.ref | None = None
 
     def quantize(self) -> nn.Module:
         """A quantized copy of the model (the original is left as it was).
@@ -169,7 +187,7 @@ class Quantizer:
         if self.config.method == "static":
             static = self._quantize_graph()
             if static is not None:
-                self._last = static
+                self._most_recent = weakref.ref(static)
                 return static
         qmodel = copy.deepcopy(self.model)
         self.fallbacks = {}
@@ -189,13 +207,13 @@ class Quantizer:
                 if any(matches(p, full) for p in self.config.skip):
                     self.fallbacks[full] = "skipped by config"
                     continue
-                reason = handler[0](child) or _tied_reason(full, child, holders)
+                reason = handler.can_take(child) or _tied_reason(full, child, holders)
                 if reason is not None:
                     self.fallbacks[full] = reason
                     continue
-                setattr(module, child_name, handler[1](child, self.config))
+                setattr(module, child_name, handler.factory(child, self.config))
         _warn_fallbacks(self.fallbacks)
-        self._last = qmodel
+        self._most_recent = weakref.ref(qmodel)
         self._apply_act_scales(qmodel)
         if not isinstance(qmodel, _QuantizedWeight):
             qmodel.register_load_state_dict_pre_hook(check_quantized_state_dict)
@@ -224,9 +242,24 @@ class Quantizer:
         _warn_fallbacks(fallbacks)
         return StaticQuantizedModel(gm, self.config, fallbacks)
 
-    def calibrate(self, loader, num_batches: int = 10) -> dict[str, float]:
-        """Static quantization: observes each layer's input range on the float model over ``num_batches`` batches of
-        ``loader`` and sets one activation scale per layer (on the last quantized model and on later ones)."""
+    def calibrate(self, loader, num_batches: int = 10, model: nn.Module | None = None) -> dict[str, float]:
+        """Static quantization: observes each layer's input range over ``num_batches`` batches of ``loader`` and
+        sets one activation scale per layer in ``model`` (a model :meth:`quantize` returned) and in the models
+        quantized from now on.
+
+        Args:
+            loader: batches (a tensor, a tuple whose first item is the input, or a dict of keyword inputs).
+            num_batches: how many batches to observe.
+            model: the quantized model to calibrate. Omitting it after :meth:`quantize` is deprecated (it calibrates
+                the most recently quantized model, if it still exists).
+
+        Returns:
+            ``{layer name: activation scale}``.
+
+        Example:
+            >>> qmodel = quantizer.quantize()
+            >>> quantizer.calibrate(loader, num_batches=8, model=qmodel)
+        """
         if self.config.method != "static":
             raise ValueError(
                 "Quantizer.calibrate(): the config uses method='dynamic', whose activation scales are "
@@ -234,7 +267,15 @@ class Quantizer:
             )
         from .graph import StaticQuantizedModel
 
-        if isinstance(self._last, StaticQuantizedModel):
+        if model is None and self._most_recent is not None and self._most_recent() is not None:
+            warnings.warn(
+                "Quantizer.calibrate(): pass the model to calibrate (calibrate(loader, n, model=qmodel)); "
+                "calibrating the most recently quantized model implicitly is deprecated",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            model = self._most_recent()
+        if isinstance(model, StaticQuantizedModel):
 
             def inputs():
                 for i, batch in enumerate(loader):
@@ -242,7 +283,7 @@ class Quantizer:
                         break
                     yield _model_args(batch)
 
-            return self._last.calibrate(inputs())
+            return model.calibrate(inputs())
         amax: dict[str, torch.Tensor] = {}
         hooks = []
         for name, m in self.model.named_modules():
@@ -266,11 +307,11 @@ class Quantizer:
                 h.remove()
             self.model.train(was_training)
         self._act_scales = {k: (v.clamp_min(1e-12) / 63.0) for k, v in amax.items()}  # 7-bit codes
-        if self._last is not None:
-            self._apply_act_scales(self._last)
+        if model is not None:
+            self._apply_act_scales(model)
         return {k: v.item() for k, v in self._act_scales.items()}
 
-    def _compare_static(self, qmodel, sample_inputs, print_table: bool) -> list[LayerReport]:
+    def _compare_static(self, qmodel, sample_inputs) -> list[LayerReport]:
         x = _model_args(sample_inputs)
         float_mods = dict(self.model.named_modules())
         outputs = qmodel.layer_outputs(*x)
@@ -308,8 +349,6 @@ class Quantizer:
                 ((ref.float() - out.float()).norm() / ref.float().norm()).item(),
             )
         )  # fmt: skip
-        if print_table:
-            _print_report(rows)
         return rows
 
     def _apply_act_scales(self, qmodel: nn.Module) -> None:
@@ -317,15 +356,27 @@ class Quantizer:
             if isinstance(m, _QuantizedWeight) and m.act_scale is not None and name in self._act_scales:
                 m.act_scale.copy_(self._act_scales[name])
 
-    def compare(self, quantized_model: nn.Module, sample_inputs, print_table: bool = True) -> list[LayerReport]:
+    def compare(self, quantized_model: nn.Module, sample_inputs, print_table: bool = False) -> list[LayerReport]:
         """Per-layer output error (SQNR in dB, relative L2) and weight sizes, float vs quantized, on
         ``sample_inputs`` (a tensor, a tuple whose first item is the input, or a dict of keyword inputs). The last
         row is the whole model's output. For a static int8 model each row is a fused layer (named after its first
-        float module), compared with the same layer of the fused float graph."""
+        float module), compared with the same layer of the fused float graph.
+
+        The rows are returned and logged as a table (``logging``, INFO); ``print_table=True`` also prints it
+        (``format_report(rows)`` gives the same table as a string)."""
         from .graph import StaticQuantizedModel
 
         if isinstance(quantized_model, StaticQuantizedModel):
-            return self._compare_static(quantized_model, sample_inputs, print_table)
+            rows = self._compare_static(quantized_model, sample_inputs)
+        else:
+            rows = self._compare_modules(quantized_model, sample_inputs)
+        table = format_report(rows)
+        log.info("Quantizer.compare:\n%s", table)
+        if print_table:
+            print(table)
+        return rows
+
+    def _compare_modules(self, quantized_model: nn.Module, sample_inputs) -> list[LayerReport]:
         float_out: dict[str, torch.Tensor] = {}
         quant_out: dict[str, torch.Tensor] = {}
 
@@ -387,18 +438,21 @@ class Quantizer:
                 ((ref.float() - out.float()).norm() / ref.float().norm()).item(),
             )
         )
-        if print_table:
-            _print_report(rows)
         return rows
 
 
-def _print_report(rows: list[LayerReport]) -> None:
-    """Prints :meth:`Quantizer.compare`'s rows as a table."""
-    print(f"{'layer':<40} {'kind':<14} {'float KB':>9} {'quant KB':>9} {'SQNR dB':>8} {'rel err':>8}  status")
+def format_report(rows: list[LayerReport]) -> str:
+    """:meth:`Quantizer.compare`'s rows as a text table.
+
+    Example:
+        >>> print(format_report(quantizer.compare(qmodel, x)))
+    """
+    lines = [f"{'layer':<40} {'kind':<14} {'float KB':>9} {'quant KB':>9} {'SQNR dB':>8} {'rel err':>8}  status"]
     for r in rows:
         sq = "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
         re_ = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
-        print(
+        lines.append(
             f"{r.name:<40} {r.kind:<14} {r.float_bytes / 1024:>9.1f} {r.quantized_bytes / 1024:>9.1f} "
             f"{sq:>8} {re_:>8}  {r.status}"
         )
+    return "\n".join(lines)

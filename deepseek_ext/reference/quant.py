@@ -4,29 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..utils.packing import dequantize_weight, padded_k, unpack_codes
 
-def padded_k(k: int, group_size: int) -> int:
-    unit = group_size if group_size > 0 else 32
-    return max(unit, -(-k // unit) * unit)
-
-
-def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(N, Kp) integer codes from the packed storage (see csrc/include/deepseek_ext/quant.h)."""
-    if bits == 8:
-        return codes.to(torch.int32)
-    n, cols = codes.shape
-    b = codes.to(torch.int32).view(n, cols // 16, 16)
-    return torch.cat([b & 0x0F, b >> 4], dim=2).view(n, 2 * cols)
-
-
-def dequantize_weight(codes, scales, zeros, bits: int, group_size: int, in_features: int) -> torch.Tensor:
-    """float32 (N, in_features) weights: scale * (code - zero), per group."""
-    c = unpack_codes(codes, bits)
-    kp = c.shape[1]
-    group = group_size if group_size > 0 else kp
-    s = scales.repeat_interleave(group, 1)
-    z = zeros.repeat_interleave(group, 1)
-    return (s * (c - z).float())[:, :in_features]
+__all__ = ["dequantize_weight", "padded_k", "unpack_codes"]
 
 
 def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor | None = None):

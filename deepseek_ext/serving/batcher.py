@@ -353,7 +353,8 @@ class DynamicBatcher:
                 raise ValueError(f"split returned {len(results)} results for a batch of {len(requests)} requests")
         except Exception as exc:
             if len(live) == 1:
-                self._fail(live[0][1], exc)
+                ((_, only),) = live
+                self._fail(only, exc)
             else:  # isolate the failure: each request alone, so only the bad ones fail
                 for request, future in live:
                     self._serve_one(request, future)

@@ -112,13 +112,17 @@ def test_fp32_group_inside_a_bf16_default():
     assert not amp.scaling
 
 
-def test_plan_prints_regions(capsys):
+def test_plan_logs_regions_and_prints_only_when_asked(capsys, caplog):
     model = mlp()
     amp = AutoMixedPrecision(torch.optim.SGD(model.parameters(), lr=0.1), model=model, fp16_groups=["layer.1"])
-    plan = amp.plan()
+    with caplog.at_level("INFO", logger="deepseek_ext.amp.mixed_precision"):
+        plan = amp.plan()
+    assert capsys.readouterr().out == ""
+    assert "float16   layer.1" in caplog.text and "loss scaling on" in caplog.text
+    assert plan["layer.1.0"] == torch.float16 and plan["layer.0.0"] == torch.float32
+    amp.plan(print_table=True)
     printed = capsys.readouterr().out
     assert "float16   layer.1" in printed and "loss scaling on" in printed
-    assert plan["layer.1.0"] == torch.float16 and plan["layer.0.0"] == torch.float32
 
 
 def train(model, step_fn, steps, seed=0, batch=16):

@@ -358,7 +358,7 @@ def test_amp_and_fp8_train(name, request):
         want = model(**batch).logits
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        convert_to_fp8(model, recipe="rowwise")
+        convert_to_fp8(model, granularity="row")
     warned = " ".join(str(w.message) for w in caught if "convert_to_fp8" in str(w.message))
     fp8_layers = (FP8Linear, FP8Conv1D)
     for n, m in model.named_modules():  # every Linear / Conv1D in FP8, or named in the warning

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from deepseek_ext.distributed import CheckpointManager, ZeRO3, consolidate
+from deepseek_ext.distributed.zero3 import FlatLayout, UnitState, _Unit, plan_buckets, plan_flat_layout
 
 STEPS = 6
 BATCH = 8  # global batch; each rank takes BATCH / world of it
@@ -112,8 +113,9 @@ def _train(
     corrupt=None,
     prefetch=1,
     reshard=True,
+    bucket_elems=1 << 20,
 ):
-    model = ZeRO3(make_model(kind), prefetch=prefetch, reshard_after_forward=reshard)
+    model = ZeRO3(make_model(kind), prefetch=prefetch, reshard_after_forward=reshard, bucket_elems=bucket_elems)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     manager = CheckpointManager(ckpt, every=every, keep=2) if ckpt else None
     start = manager.restore(model, opt) if (manager and start_from_ckpt) else 0
@@ -139,8 +141,10 @@ def _train(
                 data = bytearray(f.read_bytes())
                 data[len(data) // 2] ^= 0xFF
                 f.write_bytes(bytes(data))
-    report = model.memory_report(opt, print_report=False)
-    return {"state": model.full_state_dict(), "start": start, "report": report}
+    report = model.memory_report(opt)
+    states = set(model.unit_states().values())
+    buckets = [len(b.units) for b in model._buckets]
+    return {"state": model.full_state_dict(), "start": start, "report": report, "states": states, "buckets": buckets}
 
 
 def _access(rank, world):
@@ -182,6 +186,50 @@ def test_prefetch_off_and_no_reshard_give_the_same_result():
         state = run("train", 2, kind="tiny_lm", steps=3, prefetch=prefetch, reshard=reshard)[0]["state"]
         for k in expected:
             torch.testing.assert_close(state[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_small_units_share_one_collective_and_every_unit_ends_sharded():
+    expected = reference("tiny_lm", 3)
+    for bucket_elems in (0, 1 << 20):
+        results = run("train", 2, kind="tiny_lm", steps=3, bucket_elems=bucket_elems)
+        # tiny_lm: 3 Linear/LayerNorm units per block, norm and the root (tied embedding/head): 8 units
+        assert results[0]["buckets"] == ([1] * 8 if bucket_elems == 0 else [7, 1])
+        assert all(r["states"] == {UnitState.SHARDED} for r in results)
+        for k in expected:
+            torch.testing.assert_close(results[0]["state"][k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_flat_layout_aligns_pads_and_splits_evenly():
+    layout = plan_flat_layout([10, 3, 0, 17], world_size=4, align=4)
+    assert layout == FlatLayout(offsets=(0, 12, 16, 16), used=33, padded=48, shard=12)
+    assert plan_flat_layout([], 3, 1) == FlatLayout((), 0, 3, 1)
+    for world in (1, 2, 3, 7):
+        numels = [7, 1, 20, 5, 64, 3]
+        layout = plan_flat_layout(numels, world, 2)
+        ends = [o + n for o, n in zip(layout.offsets, numels)]
+        assert all(o % 2 == 0 for o in layout.offsets) and all(e <= o for e, o in zip(ends, layout.offsets[1:]))
+        assert layout.used == ends[-1] <= layout.padded == layout.shard * world and layout.shard % 2 == 0
+    with pytest.raises(ValueError, match=r"plan_flat_layout: expected world_size >= 1, but got 0"):
+        plan_flat_layout([1], 0, 1)
+    with pytest.raises(ValueError, match=r"plan_flat_layout: expected parameter sizes >= 0, but got -1"):
+        plan_flat_layout([-1], 1, 1)
+
+
+def test_buckets_group_consecutive_units_up_to_the_limit():
+    assert plan_buckets([5, 5, 5, 20, 1, 1], 10) == [[0, 1], [2], [3], [4, 5]]
+    assert plan_buckets([], 10) == []
+    assert plan_buckets([100], 10) == [[0]]
+    assert plan_buckets([1, 1], 0) == [[0], [1]]
+
+
+def test_a_unit_refuses_an_impossible_transition():
+    unit = _Unit("blocks.0", None, [], plan_flat_layout([4], 1, 1), nn.Parameter(torch.zeros(4)), torch.zeros(4))
+    unit.to(UnitState.GATHERING)
+    with pytest.raises(RuntimeError, match=r"ZeRO3: unit 'blocks.0' cannot go from gathering to reducing"):
+        unit.to(UnitState.REDUCING)
+    unit.to(UnitState.GATHERED)
+    unit.to(UnitState.REDUCING)
+    unit.to(UnitState.SHARDED)
 
 
 def test_memory_is_split_across_ranks():

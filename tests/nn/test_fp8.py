@@ -10,19 +10,19 @@ from deepseek_ext.nn import FP8Linear, convert_to_fp8
 from deepseek_ext.nn.fp8 import E4M3, E5M2, _left, _right
 from deepseek_ext.reference.fp8 import expand_scale
 
-RECIPES = ["tensorwise", "rowwise", "blockwise"]
+RECIPES = ["tensor", "row", "block"]
 
 
 def dequant_left(x, dtype, recipe):
     q, s = _left(x, dtype, recipe)
-    if recipe == "blockwise":
+    if recipe == "block":
         return q.double() * expand_scale(s, q.shape, "group", 128).double()
     return q.double() * s.double()
 
 
 def dequant_right(w, dtype, recipe):
     q, s = _right(w, dtype, recipe)
-    if recipe == "blockwise":
+    if recipe == "block":
         return q.double() * expand_scale(s, q.shape, "block", 128).double()
     return q.double() * s.double()
 
@@ -30,7 +30,7 @@ def dequant_right(w, dtype, recipe):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_forward_and_gradients_match_the_dequantised_reference(recipe):
     torch.manual_seed(0)
-    layer = FP8Linear(300, 144, recipe=recipe)
+    layer = FP8Linear(300, 144, granularity=recipe)
     x = torch.randn(2, 21, 300, requires_grad=True)
     g = torch.randn(2, 21, 144)
     y = layer(x)
@@ -66,8 +66,8 @@ def test_delayed_scaling_uses_the_amax_history():
     assert layer.amax_history[0] == x.abs().max()
     y = layer(x * 0.5)  # scale from the history (the larger amax): still accurate
     assert (y - nn.functional.linear(x * 0.5, layer.weight, layer.bias)).abs().max() < 0.1
-    with pytest.raises(ValueError, match="delayed scaling is implemented for the 'tensorwise' recipe"):
-        FP8Linear(32, 16, recipe="rowwise", scaling="delayed")
+    with pytest.raises(ValueError, match="delayed scaling is implemented for granularity='tensor'"):
+        FP8Linear(32, 16, granularity="row", scaling="delayed")
 
 
 def test_convert_to_fp8_replaces_what_fp8_can_take():
@@ -77,13 +77,29 @@ def test_convert_to_fp8_replaces_what_fp8_can_take():
     model.add_module("lm_head", nn.Linear(64, 64))
     weight = model.encoder[0].weight
     with pytest.warns(UserWarning, match=r"1 layer\(s\) stay in float \(odd: sizes 64 x 10") as record:
-        convert_to_fp8(model, recipe="rowwise", skip=["lm_head"])
+        convert_to_fp8(model, granularity="row", skip=["lm_head"])
     assert len(record) == 1  # once; lm_head was skipped on request
     assert isinstance(model.encoder[0], FP8Linear) and isinstance(model.encoder[2], FP8Linear)
-    assert model.encoder[0].recipe == "rowwise" and model.encoder[0].weight is weight
+    assert model.encoder[0].granularity == "row" and model.encoder[0].weight is weight
     assert type(model.odd) is nn.Linear and type(model.lm_head) is nn.Linear
-    with pytest.raises(ValueError, match="recipe must be one of"):
-        convert_to_fp8(model, recipe="columnwise")
+    with pytest.raises(ValueError, match="convert_to_fp8: expected granularity to be 'tensor', 'row' or 'block', but"):
+        convert_to_fp8(model, granularity="columnwise")
+
+
+def test_former_recipe_names_are_deprecated_aliases():
+    linear = nn.Linear(32, 32)
+    with pytest.warns(DeprecationWarning, match=r"FP8Linear: recipe= is deprecated, use granularity="):
+        layer = FP8Linear.from_linear(linear, recipe="rowwise")
+    assert layer.granularity == "row" and layer.recipe == "rowwise"
+    with pytest.warns(DeprecationWarning, match=r"granularity 'blockwise' is deprecated, use 'block'"):
+        layer = FP8Linear(32, 32, granularity="blockwise")
+    assert layer.granularity == "block"
+    model = nn.Sequential(nn.Linear(32, 32))
+    with pytest.warns(DeprecationWarning, match=r"convert_to_fp8: recipe= is deprecated"):
+        convert_to_fp8(model, recipe="tensorwise")
+    assert model[0].granularity == "tensor"
+    with pytest.raises(TypeError, match=r"pass granularity= alone"):
+        FP8Linear(32, 32, granularity="row", recipe="rowwise")
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -110,7 +126,7 @@ def test_training_reaches_the_bf16_loss(recipe):
 
     bf16 = train(make().to(torch.bfloat16), torch.bfloat16)
     # The output head stays in high precision, as the issue's own example does with skip=["lm_head"].
-    fp8 = train(convert_to_fp8(make(), recipe=recipe, skip=["4"]), torch.float32)
+    fp8 = train(convert_to_fp8(make(), granularity=recipe, skip=["4"]), torch.float32)
     print(f"{recipe}: final loss bf16 {bf16:.4f}, fp8 {fp8:.4f}")
     # Measured: 1.6-2.2% above bf16 at this tiny width (K = 64/128 makes FP8's rounding relatively large).
     assert fp8 <= bf16 * 1.03
@@ -130,8 +146,8 @@ def test_fp8_conv1d_is_the_fp8_linear_of_the_transposed_weight(recipe):
         linear.weight.copy_(conv.weight.t())
         linear.bias.copy_(conv.bias)
     model = nn.Sequential(conv)
-    convert_to_fp8(model, recipe=recipe)
-    fp8_conv, fp8_linear = model[0], FP8Linear.from_linear(linear, recipe=recipe)
+    convert_to_fp8(model, granularity=recipe)
+    fp8_conv, fp8_linear = model[0], FP8Linear.from_linear(linear, granularity=recipe)
     assert isinstance(fp8_conv, FP8Conv1D) and fp8_conv.weight is conv.weight and fp8_conv.bias is conv.bias
     assert fp8_conv.state_dict().keys() == conv.state_dict().keys()
     x = torch.randn(4, 3, 32, requires_grad=True)

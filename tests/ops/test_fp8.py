@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deepseek_ext import ops
 from deepseek_ext.ops import dequantize_fp8, quantize_fp8
 from deepseek_ext.reference import fp8 as ref
 from tests.helpers import DEVICES, FLOAT_DTYPES, FP8_DTYPES, all_bit_patterns, dtype_id, spread_randn
@@ -287,3 +288,68 @@ def test_huge_block_sizes_are_one_tile_and_never_divide_by_zero(granularity, blo
     outcome = run_isolated(lambda: dequantize_fp8(q, torch.empty(5, 0), granularity, block_size))
     assert outcome[0] == "raised" and isinstance(outcome[1], ValueError)
     assert "expected scale of shape" in str(outcome[1])
+
+
+# ------------------------------------------------------------------------------- fake kernels = the C++ checks
+def _bad_fp8_calls():
+    x = torch.randn(8, 12)
+    q, s = ops.quantize_fp8(x, torch.float8_e4m3fn, "block", 4)
+    e4 = torch.float8_e4m3fn
+    a, sa = ops.quantize_fp8(torch.randn(4, 8), e4, "row")
+    b, sb = ops.quantize_fp8(torch.randn(6, 8), e4, "row")
+    return {
+        "quantize dtype of x": (ops.quantize_fp8, (x.int(),)),
+        "quantize dtype": (ops.quantize_fp8, (x, torch.float16)),
+        "quantize granularity": (ops.quantize_fp8, (x, e4, "column")),
+        "quantize 3-D": (ops.quantize_fp8, (x.view(2, 4, 12), e4, "row")),
+        "quantize block_size": (ops.quantize_fp8, (x, e4, "group", 0)),
+        "dequantize dtype of x": (ops.dequantize_fp8, (x, s, "block", 4)),
+        "dequantize scale dtype": (ops.dequantize_fp8, (q, s.double(), "block", 4)),
+        "dequantize out_dtype": (ops.dequantize_fp8, (q, s, "block", 4, torch.int8)),
+        "dequantize scale shape": (ops.dequantize_fp8, (q, s, "block", 8)),
+        "dequantize scale shape (tensor)": (ops.dequantize_fp8, (q, s, "tensor")),
+        "matmul dtype": (ops.fp8_matmul, (a.float(), b.t(), sa, sb.t())),
+        "matmul 2-D": (ops.fp8_matmul, (a.view(2, 2, 8), b.t(), sa, sb.t())),
+        "matmul K": (ops.fp8_matmul, (a, b, sa, sb.t())),
+        "matmul scale dtype": (ops.fp8_matmul, (a, b.t(), sa.double(), sb.t())),
+        "matmul scales": (ops.fp8_matmul, (a, b.t(), sa, sb)),
+        "matmul bias": (ops.fp8_matmul, (a, b.t(), sa, sb.t(), torch.zeros(5))),
+        "matmul out_dtype": (ops.fp8_matmul, (a, b.t(), sa, sb.t(), None, torch.int32)),
+        "matmul block_size": (ops.fp8_matmul, (a, b.t(), sa, sb.t(), None, torch.bfloat16, 0)),
+    }
+
+
+BAD_FP8_CALLS = [
+    "quantize dtype of x", "quantize dtype", "quantize granularity", "quantize 3-D", "quantize block_size",
+    "dequantize dtype of x", "dequantize scale dtype", "dequantize out_dtype", "dequantize scale shape",
+    "dequantize scale shape (tensor)", "matmul dtype", "matmul 2-D", "matmul K", "matmul scale dtype",
+    "matmul scales", "matmul bias", "matmul out_dtype", "matmul block_size",
+]  # fmt: skip
+
+
+@pytest.mark.any_isa
+@pytest.mark.parametrize("case", BAD_FP8_CALLS)
+def test_fake_kernels_raise_exactly_the_eager_errors(case):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fn, args = _bad_fp8_calls()[case]
+    with pytest.raises((TypeError, ValueError, RuntimeError)) as eager:
+        fn(*args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
+        with pytest.raises((TypeError, ValueError, RuntimeError)) as fake:
+            fn(*fake_args)
+    print(f"{case}: {eager.value}")
+    assert type(fake.value) is type(eager.value)
+    assert str(fake.value) == str(eager.value)
+
+
+@pytest.mark.any_isa
+def test_a_compiled_call_fails_with_the_eager_message():
+    x = torch.randn(2, 4, 12)
+    with pytest.raises(ValueError) as eager:
+        ops.quantize_fp8(x, torch.float8_e4m3fn, "row")
+    compiled = torch.compile(lambda t: ops.quantize_fp8(t, torch.float8_e4m3fn, "row"), fullgraph=True, backend="eager")
+    with pytest.raises(Exception) as traced:
+        compiled(x)
+    assert str(eager.value) in str(traced.value)

@@ -236,3 +236,17 @@ def test_bad_static_activation_scales_are_refused(act_scale, match):
     codes, scales, zeros = quantize_weight(torch.randn(3, 40), 8, 0, True)
     with pytest.raises((ValueError, TypeError), match="quantized_linear: " + match):
         quantized_linear(torch.randn(2, 40), codes, scales, zeros, 8, 0, 40, 8, None, act_scale)
+
+
+@pytest.mark.any_isa
+def test_none_is_the_sentinel_for_per_channel_and_weight_only():
+    qw, ql = quantize_weight, quantized_linear
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 40), torch.randn(3, 40)
+    codes, scales, zeros = qw(w, 8, None)
+    for got, want in zip((codes, scales, zeros), qw(w, 8, 0)):
+        assert torch.equal(got, want)
+    assert scales.shape == (24, 1)  # one scale per output channel
+    weight_only = ql(x, codes, scales, zeros, 8, None, 40, act_bits=None)
+    assert torch.equal(weight_only, ql(x, codes, scales, zeros, 8, 0, 40, act_bits=0))
+    torch.testing.assert_close(weight_only, x @ ref.dequantize_weight(codes, scales, zeros, 8, None, 40).t())

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from deepseek_ext.quant import QuantConfig, QuantizedConv2d, QuantizedLinear, Quantizer
+from deepseek_ext.quant.quantizer import format_report
 from tests.helpers import resnet18
 
 
@@ -114,12 +115,43 @@ def test_static_calibration():
     with pytest.raises(RuntimeError, match="needs Quantizer.calibrate"):
         qmodel(torch.randn(2, 16))
     data = [(torch.randn(8, 16), torch.zeros(8)) for _ in range(4)]
-    scales = quantizer.calibrate(data, num_batches=3)
+    scales = quantizer.calibrate(data, num_batches=3, model=qmodel)
     assert set(scales) == {"0", "2"}
     x = torch.randn(8, 16)
     assert ((qmodel(x) - model(x)).norm() / model(x).norm()) < 0.05
     with pytest.raises(ValueError, match="method='dynamic'"):
         Quantizer(model, QuantConfig()).calibrate(data)
+
+
+def test_calibration_touches_only_the_model_it_is_given():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    data = [torch.randn(8, 16) for _ in range(2)]
+    x = torch.randn(3, 16)
+    quantizer = Quantizer(model, QuantConfig(method="static"))
+    first, second = quantizer.quantize(), quantizer.quantize()
+    quantizer.calibrate(data, 2, model=second)
+    second(x)
+    with pytest.raises(RuntimeError, match="needs Quantizer.calibrate"):
+        first(x)  # calibrating one model leaves the others alone
+    third = quantizer.quantize()
+    with pytest.warns(DeprecationWarning, match=r"calibrate\(\): pass the model to calibrate"):
+        quantizer.calibrate(data, 2)  # the deprecated form: the most recently quantized model
+    torch.testing.assert_close(third(x), second(x))
+    with pytest.raises(RuntimeError, match="needs Quantizer.calibrate"):
+        first(x)
+
+
+def test_compare_logs_its_table_and_prints_only_when_asked(capsys, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    quantizer = Quantizer(model, QuantConfig())
+    qmodel = quantizer.quantize()
+    with caplog.at_level("INFO", logger="deepseek_ext.quant.quantizer"):
+        rows = quantizer.compare(qmodel, torch.randn(2, 16))
+    assert capsys.readouterr().out == "" and "<model output>" in caplog.text
+    quantizer.compare(qmodel, torch.randn(2, 16), print_table=True)
+    assert capsys.readouterr().out.splitlines()[0] == format_report(rows).splitlines()[0]
 
 
 def test_torch_compile_of_a_quantized_model():

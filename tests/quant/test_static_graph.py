@@ -168,7 +168,7 @@ def test_static_graph_model_end_to_end(bits, tmp_path):
     assert isinstance(qmodel, StaticQuantizedModel)
     with pytest.raises(RuntimeError, match="needs Quantizer.calibrate"):
         qmodel(data[0])
-    scales = quantizer.calibrate(data, num_batches=4)
+    scales = quantizer.calibrate(data, num_batches=4, model=qmodel)
     assert scales and all(s > 0 for s in scales.values())
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -192,7 +192,7 @@ def test_static_graph_compiles_fullgraph():
     model = _randomise_bn(SmallResNet())
     quantizer = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8, method="static"))
     qmodel = quantizer.quantize()
-    quantizer.calibrate([torch.randn(2, 3, 16, 16)], 1)
+    quantizer.calibrate([torch.randn(2, 3, 16, 16)], 1, model=qmodel)
     x = torch.randn(2, 3, 16, 16)
     compiled = torch.compile(qmodel, fullgraph=True)
     assert torch.equal(compiled(x), qmodel(x))
@@ -201,11 +201,11 @@ def test_static_graph_compiles_fullgraph():
 def test_calibration_refuses_non_finite_activations():
     model = _randomise_bn(SmallResNet())
     quantizer = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8, method="static"))
-    quantizer.quantize()
+    qmodel = quantizer.quantize()
     bad = torch.randn(2, 3, 16, 16)
     bad[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite activations"):
-        quantizer.calibrate([bad], 1)
+        quantizer.calibrate([bad], 1, model=qmodel)
 
 
 class Untraceable(nn.Module):
@@ -223,7 +223,7 @@ def test_untraceable_models_fall_back_to_module_by_module_with_a_warning():
     quantizer = Quantizer(Untraceable(), QuantConfig(weight_bits=8, activation_bits=8, method="static"))
     with pytest.warns(UserWarning, match="could not trace Untraceable"):
         qmodel = quantizer.quantize()
-    quantizer.calibrate([torch.randn(4, 8)], 1)
+    quantizer.calibrate([torch.randn(4, 8)], 1, model=qmodel)
     x = torch.randn(4, 8)
     assert qmodel(x).shape == (4, 4)
 
@@ -246,7 +246,7 @@ def test_skip_patterns_and_float_ops_in_between():
     quantizer = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8, method="static", skip=["fc"]))
     qmodel = quantizer.quantize()
     assert quantizer.fallbacks == {"fc": "skipped by config"}
-    quantizer.calibrate([torch.randn(2, 3, 8, 8) for _ in range(2)], 2)
+    quantizer.calibrate([torch.randn(2, 3, 8, 8) for _ in range(2)], 2, model=qmodel)
     x = torch.randn(2, 3, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -261,7 +261,7 @@ def test_conv_grid_through_the_graph(stride, padding, dilation):
     quantizer = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8, method="static"))
     qmodel = quantizer.quantize()
     data = [torch.randn(2, 6, 13, 11) for _ in range(3)]
-    quantizer.calibrate(data, 3)
+    quantizer.calibrate(data, 3, model=qmodel)
     assert _sqnr(model(data[0]), qmodel(data[0])) > 25
 
 
@@ -285,7 +285,7 @@ def test_depthwise_convolutions_run_on_codes():
     quantizer = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8, method="static"))
     qmodel = quantizer.quantize()
     assert set(quantizer.fallbacks) == {"grouped"} and "not depthwise" in quantizer.fallbacks["grouped"]
-    quantizer.calibrate([torch.randn(2, 3, 20, 18) for _ in range(3)], 3)
+    quantizer.calibrate([torch.randn(2, 3, 20, 18) for _ in range(3)], 3, model=qmodel)
     kinds = {type(m).__name__ for m in qmodel.int8.modules()}
     assert "QuantizedDepthwiseNode" in kinds
     x = torch.randn(2, 3, 20, 18)
@@ -317,7 +317,7 @@ def test_compare_reports_every_fused_layer_of_a_static_model():
     model = _randomise_bn(SmallResNet())
     quantizer = Quantizer(model, QuantConfig(weight_bits=8, activation_bits=8, method="static"))
     qmodel = quantizer.quantize()
-    quantizer.calibrate([torch.randn(2, 3, 16, 16) for _ in range(2)], 2)
+    quantizer.calibrate([torch.randn(2, 3, 16, 16) for _ in range(2)], 2, model=qmodel)
     rows = quantizer.compare(qmodel, torch.randn(2, 3, 16, 16), print_table=False)
     layers = [r for r in rows if r.status.startswith("quantized")]
     assert len(layers) == len(qmodel.quantized_layers()) == 9  # 8 convolutions (BN folded) and the Linear
