@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Sampler
 
-from ..ops.privacy import clip_sum_noise, per_sample_sq_norms
+from ..ops.privacy import clip_sum_noise, draw_seed, per_sample_sq_norms
 from . import grad_sample
 from .accountants import get_noise_multiplier, make_accountant
 from .capture import Capture, Unit
@@ -87,6 +87,23 @@ def _secure_normal(shape, std: float, device) -> torch.Tensor:
     r = torch.sqrt(-2 * torch.log(u1))
     z = torch.cat([r * torch.cos(2 * math.pi * u[1]), r * torch.sin(2 * math.pi * u[1])])[:n]
     return (z * std).float().view(shape).to(device)
+
+
+def _noisy_sum(grads: torch.Tensor, factors: torch.Tensor, noise, scale: float) -> torch.Tensor:
+    """``clip_sum_noise`` with ``noise`` None, a tensor (secure_rng) or ``(std, seed, offset)``: generated in the op,
+    so it never exists as a tensor."""
+    if isinstance(noise, tuple):
+        std, seed, offset = noise
+        return clip_sum_noise(grads, factors, None, scale, noise_std=std, seed=seed, offset=offset)
+    return clip_sum_noise(grads, factors, noise, scale)
+
+
+def _with_noise(total: torch.Tensor | None, param: nn.Parameter, noise, scale: float) -> torch.Tensor:
+    """``(total + noise) * scale`` for an already summed gradient (``total`` None: no example reached it)."""
+    if total is None:
+        total = param.detach().new_zeros((0, *param.shape))
+        return _noisy_sum(total, torch.empty(0, device=total.device), noise, scale)
+    return _noisy_sum(total.unsqueeze(0), torch.ones(1, device=total.device), noise, scale)
 
 
 def _empty_like_sample(sample: Any) -> Any:
@@ -246,7 +263,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
             def clip(p, g):
                 f = (bound / (per_sample_sq_norms(g).sqrt() + CLIP_EPS)).clamp(max=1.0).float()
-                sums[p] = clip_sum_noise(g, f, noises.get(p), scale)
+                sums[p] = _noisy_sum(g, f, noises.get(p), scale)
 
             for u in units:
                 for p, g in self._materialise(u).items():
@@ -283,14 +300,14 @@ class DPOptimizer(torch.optim.Optimizer):
         factors = (self.max_grad_norm / (sq.sqrt() + CLIP_EPS)).clamp(max=1.0)
         self.last_clip_factors = factors
         # The fused op reads each per-sample gradient once: clip factors, sum, noise and scale together.
-        sums = {p: clip_sum_noise(g, factors.to(g.device), noises.get(p), scale) for p, g in materialised.items()}
+        sums = {p: _noisy_sum(g, factors.to(g.device), noises.get(p), scale) for p, g in materialised.items()}
         for u in ghosted:
             r = self._records(u)[0]
             device = u.params[0].device
             for p, s in grad_sample.ghost_sums(
                 u.module, r.activations, tuple(r.grad_outputs), factors.to(device)
             ).items():
-                sums[p] = (s + noises[p] if p in noises else s) * scale
+                sums[p] = _with_noise(s, p, noises.get(p), scale)
         return sums
 
     def _accumulate(self) -> None:
@@ -305,13 +322,20 @@ class DPOptimizer(torch.optim.Optimizer):
         call it after every micro-batch's backward but the last, then ``step()``)."""
         self._accumulate()
 
-    def _noise(self, p: nn.Parameter) -> torch.Tensor | None:
+    def _noises(self, params) -> dict:
+        """This step's noise per parameter: tensors from the OS CSPRNG with secure_rng (slower), otherwise
+        ``(std, seed, offset)`` for clip_sum_noise to generate: one seed per step from the generator (so
+        ``torch.manual_seed`` or ``generator=`` reproduces runs), each parameter its own range of the stream."""
         std = self.noise_multiplier * self.max_grad_norm
         if std == 0:
-            return None
+            return {}
         if self.secure_rng:
-            return _secure_normal(p.shape, std, p.device)
-        return torch.normal(0.0, std, p.shape, generator=self.generator).to(p.device)
+            return {p: _secure_normal(p.shape, std, p.device) for p in params}
+        seed, offset, noises = draw_seed(self.generator), 0, {}
+        for p in params:
+            noises[p] = (std, seed, offset)
+            offset += -(-p.numel() // 64) * 64  # whole tiles of the stream per parameter
+        return noises
 
     def step(self, closure=None):
         if closure is not None:
@@ -320,7 +344,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if self._on_step is not None:
             self._on_step[0]()  # raises PrivacyBudgetExceeded before anything changes
         params = self.params
-        noises = {p: n for p in params if (n := self._noise(p)) is not None}
+        noises = self._noises(params)
         total = self._accumulated + self._batch_size()
         denominator = self.expected_batch_size or max(total, 1)
         if not self._summed and self._accumulated == 0:
@@ -328,11 +352,11 @@ class DPOptimizer(torch.optim.Optimizer):
             grads = self._clipped_sums(noises, 1.0 / denominator)
         else:
             self._accumulate()
-            grads = {p: (s + noises[p] if p in noises else s) / denominator for p, s in self._summed.items()}
+            grads = {p: _with_noise(s, p, noises.get(p), 1.0 / denominator) for p, s in self._summed.items()}
         for p in params:
             g = grads.get(p)
             if g is None:  # no example reached this parameter: its gradient is the noise alone
-                g = noises[p] / denominator if p in noises else torch.zeros_like(p)
+                g = _with_noise(None, p, noises[p], 1.0 / denominator) if p in noises else torch.zeros_like(p)
             p.grad = g.to(p.dtype)
         self._summed.clear()
         self._accumulated = 0
