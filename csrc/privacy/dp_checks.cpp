@@ -13,6 +13,13 @@ void check_seed(const char* op, const at::Tensor& seed) {
                     " element(s) of dtype ", dtype_name(seed.scalar_type()), " on ", seed.device());
 }
 
+void check_offset(const char* op, int64_t offset, int64_t values) {
+  // offset + values <= 2^63 (the positions used are offset .. offset + values - 1), without overflow
+  TORCH_CHECK_VALUE(offset >= 0 && (values == 0 || offset <= std::numeric_limits<int64_t>::max() - values + 1), op,
+                    ": expected offset >= 0 with offset + the number of noise values (", values,
+                    ") at most 2^63, but got offset ", offset);
+}
+
 void check_per_sample_sq_norms(const at::Tensor& grads) {
   constexpr const char* op = "per_sample_sq_norms";
   check_dtype(op, "grads", grads, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
@@ -43,10 +50,7 @@ GeneratedNoise check_clip_sum_noise(const at::Tensor& grads, const at::Tensor& f
                     ": expected either noise (a tensor) or noise_std > 0 (noise generated from seed), but got both");
   TORCH_CHECK_VALUE(seed.has_value(), op, ": noise_std > 0 needs seed, a one-element int64 CPU tensor, but got None");
   check_seed(op, *seed);
-  const int64_t values = c10::multiply_integers(grads.sizes().slice(1));
-  TORCH_CHECK_VALUE(offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - values, op,
-                    ": expected offset >= 0 with offset + the number of noise values (", values,
-                    ") below 2^63, but got offset ", offset);
+  check_offset(op, offset, c10::multiply_integers(grads.sizes().slice(1)));
   gen.std = noise_std;
   gen.seed = static_cast<uint64_t>(seed->item<int64_t>());
   gen.offset = static_cast<uint64_t>(offset);

@@ -136,6 +136,7 @@ at::Tensor gaussian_noise(at::IntArrayRef size, double std, const at::Tensor& se
                    dtype_name(type));
   TORCH_CHECK_VALUE(std::isfinite(std) && std >= 0.0, op, ": expected std to be finite and >= 0, but got ", std);
   check_seed(op, seed);
+  check_offset(op, offset, c10::multiply_integers(size));
   const at::TensorOptions options = at::TensorOptions().dtype(type).device(device.value_or(at::kCPU));
   std::vector<int64_t> shape{0};
   shape.insert(shape.end(), size.begin(), size.end());

@@ -14,6 +14,9 @@ void check_per_sample_sq_norms(const at::Tensor& grads);
 // A Philox seed: a one-element int64 CPU tensor (read on the host; its value is the key of the stream).
 void check_seed(const char* op, const at::Tensor& seed);
 
+// A stream offset for `values` noise values: positions offset .. offset + values - 1 must be int64.
+void check_offset(const char* op, int64_t offset, int64_t values);
+
 // Noise generated inside clip_sum_noise: std times the normals at positions offset + j of the Philox stream `seed`
 // (deepseek_ext/gaussian.h); off when std is 0.
 struct GeneratedNoise {
