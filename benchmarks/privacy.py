@@ -1,5 +1,7 @@
 """DP-SGD step time and peak memory: ours against Opacus (same clipping mode) and against non-private training, on
-an MLP, a small CNN (CIFAR-sized inputs) and a 2-layer transformer encoder (seq 128), batch 256.
+an MLP, a small CNN (CIFAR-sized inputs) and a 2-layer transformer encoder (seq 128), batch 256. And the noise:
+``gaussian_noise`` against ``torch.normal``, and ``clip_sum_noise`` with the noise generated inside against
+``torch.normal`` followed by ``clip_sum_noise`` with that tensor.
 
 Peak memory is each configuration's peak resident set size, measured in a fresh subprocess
 (``python -m benchmarks.privacy MODEL MODE``), so the modes do not share an allocator's high-water mark.
@@ -17,6 +19,7 @@ from torch.nn import functional as F
 
 from benchmarks import runner
 from benchmarks.runner import Case
+from deepseek_ext.ops import clip_sum_noise, draw_seed, gaussian_noise
 
 BATCH = 256
 DATASET = BATCH * 100
@@ -131,12 +134,89 @@ def peak_rss_mb(name: str, mode: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
+NOISE_SIZES = [10**6, 10**7]  # values; 10^7 is about a 10M-parameter model's noise per step
+NOISE_REDUCTIONS = [(8, 2**20), (64, 100_000)]  # (samples, values per sample) of a clip_sum_noise call
+
+
+def _check_normal(z: torch.Tensor, std: float) -> None:
+    z = z.double().flatten()
+    n = z.numel()
+    if abs(z.mean().item()) > 6 * std / n**0.5 or abs(z.std().item() / std - 1) > 6 * (2 / n) ** 0.5:
+        raise AssertionError(f"noise with mean {z.mean().item():.4g} and std {z.std().item():.4g}, expected 0, {std}")
+
+
+def noise_cases(device: str, quick: bool = False) -> list[Case]:
+    """Generating Gaussian noise (into a fresh tensor, as both sides do in a DP step) and the fused reduction."""
+    out = []
+    threads = torch.get_num_threads()
+    seed = draw_seed()
+    for n in NOISE_SIZES[:1] if quick else NOISE_SIZES:
+        # A fresh tensor over glibc's mmap threshold (32 MB) is new memory on every call: both sides pay its page
+        # faults, timed alone as torch.empty(n).zero_() and reported next to the ratio.
+        touch = runner.median_seconds(lambda n=n: torch.empty(n, device=device).zero_(), 0.3)
+        out.append(
+            Case(
+                family="privacy",
+                op="gaussian_noise",
+                config=f"{n:.0e} float32, {threads} threads",
+                ours=lambda n=n: gaussian_noise((n,), 1.0, seed, device=device),
+                baseline=lambda n=n: torch.normal(0.0, 1.0, (n,), device=device),
+                baseline_name=f"torch.normal (first touch of the output: {touch * 1e3:.1f} ms)",
+                check=lambda n=n: (
+                    _check_normal(gaussian_noise((n,), 1.0, seed, device=device), 1.0),
+                    _check_normal(torch.normal(0.0, 1.0, (n,), device=device), 1.0),
+                ),
+                extra={"first_touch_ms": touch * 1e3},
+            )
+        )
+    if not quick:  # a model's noise: 10^7 values as ten 10^6-value parameters, offsets apart in one stream
+        n = NOISE_SIZES[-1] // 10
+        out.append(
+            Case(
+                family="privacy",
+                op="gaussian_noise",
+                config=f"10 x {n:.0e} float32, {threads} threads",
+                ours=lambda n=n: [gaussian_noise((n,), 1.0, seed, i * n, device=device) for i in range(10)],
+                baseline=lambda n=n: [torch.normal(0.0, 1.0, (n,), device=device) for _ in range(10)],
+                baseline_name="torch.normal",
+            )
+        )
+    for samples, d in NOISE_REDUCTIONS[:1] if quick else NOISE_REDUCTIONS:
+        g = torch.randn(samples, d, device=device)
+        f = torch.rand(samples, device=device)
+
+        def fused(g=g, f=f):
+            return clip_sum_noise(g, f, None, 1 / 256, noise_std=1.5, seed=seed)
+
+        def unfused(g=g, f=f):
+            return clip_sum_noise(g, f, torch.normal(0.0, 1.5, g.shape[1:], device=device), 1 / 256)
+
+        def check(g=g, f=f, fused=fused):
+            noise = gaussian_noise(g.shape[1:], 1.5, seed, device=device)
+            if not torch.equal(fused(), clip_sum_noise(g, f, noise, 1 / 256)):
+                raise AssertionError("fused noise differs from the same noise passed as a tensor")
+            _check_normal(clip_sum_noise(g[:0], f[:0], None, 1.0, noise_std=1.5, seed=seed), 1.5)
+
+        out.append(
+            Case(
+                family="privacy",
+                op="clip_sum_noise",
+                config=f"{samples}x{d} noise fused, {threads} thr",
+                ours=fused,
+                baseline=unfused,
+                baseline_name="torch.normal + clip_sum_noise(noise)",
+                check=check,
+            )
+        )
+    return out
+
+
 def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> list[Case]:
     try:
         import opacus  # noqa: F401
     except ImportError:
         opacus = None
-    out = []
+    out = noise_cases(device, quick)
     for name in ["mlp"] if quick else ["mlp", "cnn", "transformer"]:
         pairs = [("ours-ghost", "nonprivate", "non-private step")]
         if opacus is not None:

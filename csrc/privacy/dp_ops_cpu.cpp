@@ -1,16 +1,21 @@
 // CPU kernels of the DP-SGD ops. Both read the per-sample gradients exactly once; accumulation is in float (double
 // for double inputs), vectorised with `omp simd` for each instruction-set level (simd::dispatch) and split over
-// threads by sample and column blocks.
+// threads by sample and column blocks. Generated noise comes from gaussian_simd.h, block by block into the
+// accumulator, so it never exists as a tensor; gaussian_noise (the stream alone) is clip_sum_noise over no samples.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "deepseek_ext/checks.h"
 #include "deepseek_ext/dispatch.h"
 #include "deepseek_ext/privacy.h"
 #include "deepseek_ext/simd.h"
+#include "gaussian_simd.h"
 
 namespace deepseek_ext {
 namespace privacy {
@@ -69,29 +74,45 @@ at::Tensor per_sample_sq_norms_cpu(const at::Tensor& grads) {
 }
 
 at::Tensor clip_sum_noise_cpu(const at::Tensor& grads, const at::Tensor& factors, const std::optional<at::Tensor>& noise,
-                              double scale) {
-  check_clip_sum_noise(grads, factors, noise);
+                              double scale, double noise_std, const std::optional<at::Tensor>& seed, int64_t offset) {
+  const GeneratedNoise gen = check_clip_sum_noise(grads, factors, noise, noise_std, seed, offset);
   const int64_t n = grads.size(0);
   const at::Tensor g = grads.contiguous();
   const at::Tensor f = factors.contiguous();
   at::Tensor out = at::empty(grads.sizes().slice(1), grads.options());
   const int64_t d = out.numel();
   if (d == 0) return out;
-  const at::Tensor z = noise.has_value() ? noise->contiguous().to(at::kFloat) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "clip_sum_noise_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
+    const at::Tensor z = noise.has_value() ? noise->contiguous().to(c10::CppTypeToScalarType<A>::value) : at::Tensor();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const float* fp = f.const_data_ptr<float>();
-    const float* zp = z.defined() ? z.const_data_ptr<float>() : nullptr;
+    const A* zp = z.defined() ? z.const_data_ptr<A>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     // Column blocks small enough for the accumulator to stay in L1 while every sample's slice streams past once.
+    // Generated noise starts the accumulator: position offset + j of the stream depends on j alone, so the values do
+    // not depend on how the blocks are split over threads.
     constexpr int64_t kCols = 2048;
     at::parallel_for(0, (d + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
-      simd::dispatch([&](auto) DSX_LAMBDA_INLINE {
+      simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+        constexpr int Bytes = decltype(vb)::value;
         A acc[kCols];
         for (int64_t blk = begin; blk < end; ++blk) {
           const int64_t c0 = blk * kCols, len = std::min(kCols, d - c0);
-          for (int64_t j = 0; j < len; ++j) acc[j] = zp ? static_cast<A>(zp[c0 + j]) : A(0);
+          if (zp) {
+            for (int64_t j = 0; j < len; ++j) acc[j] = zp[c0 + j];
+          } else if (gen.on()) {
+            const uint64_t at = gen.offset + static_cast<uint64_t>(c0);
+            if constexpr (std::is_same_v<A, float>) {
+              gaussian_fill<Bytes>(acc, len, gen.seed, at, static_cast<float>(gen.std));
+            } else {
+              float unit[kCols];
+              gaussian_fill<Bytes>(unit, len, gen.seed, at, 1.0f);
+              for (int64_t j = 0; j < len; ++j) acc[j] = static_cast<A>(gen.std) * static_cast<A>(unit[j]);
+            }
+          } else {
+            for (int64_t j = 0; j < len; ++j) acc[j] = A(0);
+          }
           for (int64_t i = 0; i < n; ++i) add_scaled(acc, gp + i * d + c0, static_cast<A>(fp[i]), len);
           const A s = static_cast<A>(scale);
           for (int64_t j = 0; j < len; ++j) op[c0 + j] = static_cast<scalar_t>(acc[j] * s);
@@ -102,10 +123,41 @@ at::Tensor clip_sum_noise_cpu(const at::Tensor& grads, const at::Tensor& factors
   return out;
 }
 
+// The noise stream alone: clip_sum_noise over zero samples, so both share one generator and one set of checks.
+at::Tensor gaussian_noise(at::IntArrayRef size, double std, const at::Tensor& seed, int64_t offset,
+                          std::optional<at::ScalarType> dtype, std::optional<at::Device> device) {
+  constexpr const char* op = "gaussian_noise";
+  for (const int64_t s : size) {
+    TORCH_CHECK_VALUE(s >= 0, op, ": expected size with non-negative entries, but got ", size);
+  }
+  const at::ScalarType type = dtype.value_or(c10::get_default_dtype_as_scalartype());
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, op,
+                   ": expected dtype to be torch.float32, torch.float64, torch.float16 or torch.bfloat16, but got ",
+                   dtype_name(type));
+  TORCH_CHECK_VALUE(std::isfinite(std) && std >= 0.0, op, ": expected std to be finite and >= 0, but got ", std);
+  check_seed(op, seed);
+  check_offset(op, offset, c10::multiply_integers(size));
+  const at::TensorOptions options = at::TensorOptions().dtype(type).device(device.value_or(at::kCPU));
+  std::vector<int64_t> shape{0};
+  shape.insert(shape.end(), size.begin(), size.end());
+  static const auto clip_sum_noise =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("deepseek_ext::clip_sum_noise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double,
+                            const std::optional<at::Tensor>&, int64_t)>();
+  if (std == 0.0) return at::zeros(size, options);
+  return clip_sum_noise.call(at::empty(shape, options), at::empty({0}, options.dtype(at::kFloat)), std::nullopt, 1.0,
+                             std, seed, offset);
+}
+
 }  // namespace privacy
 }  // namespace deepseek_ext
 
 TORCH_LIBRARY_IMPL(deepseek_ext, CPU, m) {
   m.impl("per_sample_sq_norms", &deepseek_ext::privacy::per_sample_sq_norms_cpu);
   m.impl("clip_sum_noise", &deepseek_ext::privacy::clip_sum_noise_cpu);
+}
+
+TORCH_LIBRARY_IMPL(deepseek_ext, CompositeImplicitAutograd, m) {
+  m.impl("gaussian_noise", &deepseek_ext::privacy::gaussian_noise);
 }

@@ -9,8 +9,8 @@ output gradients) and works in two stages:
    ``c_i = min(1, bound / (norm_i + CLIP_EPS))`` of each parameter's group.
 
 ``clip()`` runs both. A new algorithm (a cheaper norm rule, a one-backward clipped sum) is a subclass registered
-with ``register_clipping``; the noise is drawn (``noise.draw(p)``) where each parameter's sum is formed, so it can
-be fused into the reduction.
+with ``register_clipping``; each parameter's noise is added where its sum is formed (``rng.noisy_clip_sum`` /
+``rng.with_noise``), generated inside the reduction.
 
 Example:
     >>> strategy = make_clipping("ghost", max_grad_norm=1.0)
@@ -28,10 +28,10 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from ..ops.privacy import clip_sum_noise, per_sample_sq_norms
+from ..ops.privacy import per_sample_sq_norms
 from . import grad_sample
 from .capture import Record, Unit
-from .rng import GaussianNoise
+from .rng import GaussianNoise, noisy_clip_sum, with_noise
 
 CLIP_EPS = 1e-6  # clip factor min(1, C / (||g_i|| + CLIP_EPS))
 ALL = "all"  # the clip group of a strategy with one norm per example over every parameter
@@ -132,7 +132,7 @@ class ClippingStrategy(ABC):
         ...         grads = batch.materialised(batch.units).values()
         ...         return {ALL: sum(per_sample_sq_norms(g) for g in grads).sqrt()}
         ...     def clipped_sum(self, batch, factors, noise, scale):
-        ...         return {p: clip_sum_noise(g, factors[ALL], noise.draw(p), scale)
+        ...         return {p: noisy_clip_sum(g, factors[ALL], noise, p, scale)
         ...                 for p, g in batch.materialised(batch.units).items()}
         >>> DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=1.0, clipping="materialised")
     """
@@ -154,16 +154,12 @@ class ClippingStrategy(ABC):
     def clipped_sum(
         self, batch: CapturedBatch, factors: dict[Hashable, torch.Tensor], noise: GaussianNoise | None, scale: float
     ) -> dict[nn.Parameter, torch.Tensor]:
-        """``{param: (sum_i factors[group(param)]_i * g_i + noise.draw(param)) * scale}``."""
+        """``{param: (sum_i factors[group(param)]_i * g_i + noise of param) * scale}``."""
 
     def clip(self, batch: CapturedBatch, noise: GaussianNoise | None = None, scale: float = 1.0) -> Clipped:
         norms = self.per_sample_norms(batch)
         factors = {g: clip_factors(n, self.bound(batch, g)) for g, n in norms.items()}
         return Clipped(self.clipped_sum(batch, factors, noise, scale), factors)
-
-
-def _draw(noise: GaussianNoise | None, p: nn.Parameter) -> torch.Tensor | None:
-    return None if noise is None else noise.draw(p)
 
 
 class FlatClipping(ClippingStrategy):
@@ -181,7 +177,7 @@ class FlatClipping(ClippingStrategy):
     def clipped_sum(self, batch, factors, noise, scale):
         f = factors[ALL]
         return {
-            p: clip_sum_noise(g, f.to(g.device), _draw(noise, p), scale)
+            p: noisy_clip_sum(g, f.to(g.device), noise, p, scale)
             for p, g in batch.materialised(batch.units).items()
         }
 
@@ -215,12 +211,11 @@ class GhostClipping(FlatClipping):
         ghosted, rest = self._split(batch)
         f = factors[ALL]
         materialised = batch.materialised(rest)
-        sums = {p: clip_sum_noise(g, f.to(g.device), _draw(noise, p), scale) for p, g in materialised.items()}
+        sums = {p: noisy_clip_sum(g, f.to(g.device), noise, p, scale) for p, g in materialised.items()}
         for u, (r,) in ghosted:
             device = u.params[0].device
             for p, s in grad_sample.ghost_sums(u.module, r.activations, tuple(r.grad_outputs), f.to(device)).items():
-                z = _draw(noise, p)
-                sums[p] = (s if z is None else s + z) * scale
+                sums[p] = with_noise(s, p, noise, scale)
         return sums
 
 
@@ -238,7 +233,7 @@ class PerLayerClipping(ClippingStrategy):
 
     def clipped_sum(self, batch, factors, noise, scale):
         return {
-            p: clip_sum_noise(g, factors[p].float(), _draw(noise, p), scale)
+            p: noisy_clip_sum(g, factors[p].float(), noise, p, scale)
             for p, g in batch.materialised(batch.units).items()
         }
 

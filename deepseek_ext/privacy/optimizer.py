@@ -12,7 +12,7 @@ from torch import nn
 
 from .capture import Capture
 from .clipping import ALL, CapturedBatch, ClippingStrategy
-from .rng import GaussianNoise
+from .rng import GaussianNoise, with_noise
 from .sampling import PoissonDataLoader
 
 
@@ -158,6 +158,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.hooks.before_step is not None:
             self.hooks.before_step()  # raises PrivacyBudgetExceeded before anything changes
         params = self.params
+        self.noise.start_step(params)
         if not self._summed and self._accumulated == 0:
             # One physical batch: clipping, sum, noise and averaging in one pass per parameter.
             batch = CapturedBatch.from_units(self.capture.units)
@@ -166,15 +167,11 @@ class DPOptimizer(torch.optim.Optimizer):
         else:
             self._accumulate()
             denominator = self.expected_batch_size or max(self._accumulated, 1)
-            grads = {}
-            for p, s in self._summed.items():
-                z = self.noise.draw(p)
-                grads[p] = (s if z is None else s + z) / denominator
+            grads = {p: with_noise(s, p, self.noise, 1.0 / denominator) for p, s in self._summed.items()}
         for p in params:
             g = grads.get(p)
             if g is None:  # no example reached this parameter: its gradient is the noise alone
-                z = self.noise.draw(p)
-                g = z / denominator if z is not None else torch.zeros_like(p)
+                g = with_noise(None, p, self.noise, 1.0 / denominator) if self.noise.std else torch.zeros_like(p)
             p.grad = g.to(p.dtype)
         self._summed.clear()
         self._accumulated = 0

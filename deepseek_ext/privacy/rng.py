@@ -7,6 +7,9 @@ import math
 import os
 
 import torch
+from torch import nn
+
+from ..ops.privacy import clip_sum_noise, draw_seed
 
 
 def secure_uniform(n: int) -> torch.Tensor:
@@ -28,17 +31,59 @@ def secure_normal(shape, std: float, device) -> torch.Tensor:
 class GaussianNoise:
     """The noise of a DP step: ``N(0, std^2)`` per coordinate, ``std = noise_multiplier * max_grad_norm``.
 
-    ``draw(p)`` gives a tensor of ``p``'s shape on its device, or None when ``std`` is 0 (no noise at all).
+    Generated inside ``clip_sum_noise`` (Philox, counter-based: the noise never exists as a tensor): each step draws
+    one seed from ``generator`` (PyTorch's default generator when None, so ``torch.manual_seed`` reproduces runs) and
+    each parameter reads its own range of that stream (whole tiles of 64 values), in the order ``start_step`` lists
+    them. With ``secure_rng`` the noise comes from the operating system's CSPRNG as a tensor instead (slower).
+    Strategies use it through :func:`noisy_clip_sum` and :func:`with_noise`.
     """
+
+    TILE = 64  # values of the stream per tile: each parameter starts on a tile of its own
 
     def __init__(self, std: float, generator: torch.Generator | None = None, secure_rng: bool = False):
         self.std = std
         self.generator = generator
         self.secure_rng = secure_rng
+        self._seed: torch.Tensor | None = None
+        self._offsets: dict[nn.Parameter, int] = {}
+        self._next = 0
 
-    def draw(self, p: torch.Tensor) -> torch.Tensor | None:
+    def start_step(self, params) -> None:
+        """A new step: a new seed, and the stream's ranges handed out to ``params`` in their order."""
+        self._seed, self._offsets, self._next = None, {}, 0
+        if self.std != 0 and not self.secure_rng:
+            self._seed = draw_seed(self.generator)
+        for p in params:
+            self._range(p)
+
+    def _range(self, p: torch.Tensor) -> int:
+        if p not in self._offsets:
+            self._offsets[p] = self._next
+            self._next += -(-p.numel() // self.TILE) * self.TILE
+        return self._offsets[p]
+
+    def op_args(self, p: torch.Tensor) -> dict:
+        """The ``clip_sum_noise`` keyword arguments that add ``p``'s noise of this step."""
         if self.std == 0:
-            return None
+            return {}
         if self.secure_rng:
-            return secure_normal(p.shape, self.std, p.device)
-        return torch.normal(0.0, self.std, p.shape, generator=self.generator).to(p.device)
+            return {"noise": secure_normal(p.shape, self.std, p.device)}
+        if self._seed is None:
+            self.start_step(())
+        return {"noise_std": self.std, "seed": self._seed, "offset": self._range(p)}
+
+
+def noisy_clip_sum(
+    grads: torch.Tensor, factors: torch.Tensor, noise: GaussianNoise | None, p: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``(sum_i factors_i * grads_i + noise of p) * scale`` in one ``clip_sum_noise`` call (``noise`` None: none)."""
+    return clip_sum_noise(grads, factors, scale=scale, **({} if noise is None else noise.op_args(p)))
+
+
+def with_noise(total: torch.Tensor | None, p: torch.Tensor, noise: GaussianNoise | None, scale: float) -> torch.Tensor:
+    """``(total + noise of p) * scale`` for a gradient already summed over the examples (``total`` None: no example
+    reached ``p``, so its gradient is the noise alone, or zeros without noise)."""
+    if total is None:
+        total = p.detach().new_zeros((0, *p.shape))
+        return noisy_clip_sum(total, torch.empty(0, device=total.device), noise, p, scale)
+    return noisy_clip_sum(total.unsqueeze(0), torch.ones(1, device=total.device), noise, p, scale)

@@ -2,7 +2,9 @@
 // grid (any number of samples), each writing its partial sum to its own slot; the chunks of a sample are then added
 // in order (the CPU's chunking and order), so results do not depend on scheduling. clip_sum_noise: one thread per
 // gradient element, walking the samples; consecutive threads read consecutive addresses of each sample's row; the
-// scale is applied in the accumulation type (float64 for float64 gradients), as on the CPU.
+// scale is applied in the accumulation type (float64 for float64 gradients), as on the CPU. With generated noise, one
+// thread per Philox block instead: it computes the block's four normals (deepseek_ext/gaussian.h, the CPU's stream)
+// and accumulates the four gradient elements they belong to, so the noise never exists as a tensor.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,6 +12,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
+#include "deepseek_ext/gaussian.h"
 #include "deepseek_ext/privacy.h"
 
 namespace deepseek_ext {
@@ -54,14 +59,42 @@ __global__ void sum_chunks_kernel(const A* __restrict__ partial, int64_t n, int6
 }
 
 template <typename T>
-__global__ void clip_sum_kernel(const T* __restrict__ g, const float* __restrict__ f, const float* __restrict__ z,
+__global__ void clip_sum_kernel(const T* __restrict__ g, const float* __restrict__ f,
+                                const at::opmath_type<T>* __restrict__ z,
                                 int64_t n, int64_t d, double scale, T* __restrict__ out) {
   using A = at::opmath_type<T>;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    A acc = z ? static_cast<A>(z[j]) : A(0);
+    A acc = z ? z[j] : A(0);
     for (int64_t i = 0; i < n; ++i) acc += static_cast<A>(f[i]) * static_cast<A>(g[i * d + j]);
     out[j] = static_cast<T>(acc * static_cast<A>(scale));
+  }
+}
+
+// Element j of the output takes the normal at stream position offset + j; thread w handles Philox block
+// first_block + w, whose four positions lie 16 apart within a 64-position tile.
+template <typename T>
+__global__ void clip_sum_gaussian_kernel(const T* __restrict__ g, const float* __restrict__ f, int64_t n, int64_t d,
+                                         double scale, uint64_t seed, uint64_t offset, double noise_std,
+                                         uint64_t first_block, int64_t blocks, T* __restrict__ out) {
+  using A = at::opmath_type<T>;
+  for (int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; w < blocks;
+       w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t block = first_block + static_cast<uint64_t>(w);
+    const uint64_t tile_start = block / rng::kGaussianTileBlocks * rng::kGaussianTile;
+    const int64_t i = static_cast<int64_t>(block % rng::kGaussianTileBlocks);
+    float z[4];
+    rng::gaussian_block<rng::ScalarLanes>(seed, static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), z);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint64_t position = tile_start + static_cast<uint64_t>(rng::gaussian_position(i, k));
+      if (position < offset || position - offset >= static_cast<uint64_t>(d)) continue;
+      const int64_t j = static_cast<int64_t>(position - offset);
+      A acc = std::is_same_v<A, float> ? static_cast<A>(static_cast<float>(noise_std) * z[k])
+                                       : static_cast<A>(noise_std) * static_cast<A>(z[k]);
+      for (int64_t s = 0; s < n; ++s) acc += static_cast<A>(f[s]) * static_cast<A>(g[s * d + j]);
+      out[j] = static_cast<T>(acc * static_cast<A>(scale));
+    }
   }
 }
 
@@ -95,19 +128,37 @@ at::Tensor per_sample_sq_norms_cuda(const at::Tensor& grads) {
 }
 
 at::Tensor clip_sum_noise_cuda(const at::Tensor& grads, const at::Tensor& factors,
-                               const std::optional<at::Tensor>& noise, double scale) {
-  check_clip_sum_noise(grads, factors, noise);
+                               const std::optional<at::Tensor>& noise, double scale, double noise_std,
+                               const std::optional<at::Tensor>& seed, int64_t offset) {
+  const GeneratedNoise gen = check_clip_sum_noise(grads, factors, noise, noise_std, seed, offset);
   const c10::cuda::CUDAGuard guard(grads.device());
   const at::Tensor g = grads.contiguous();
   const at::Tensor f = factors.contiguous();
   at::Tensor out = at::empty(grads.sizes().slice(1), grads.options());
   const int64_t d = out.numel();
   if (d == 0) return out;
-  const at::Tensor z = noise.has_value() ? noise->contiguous().to(at::kFloat) : at::Tensor();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (gen.on()) {
+    // The Philox blocks covering positions [offset, offset + d).
+    const uint64_t first = gen.offset / rng::kGaussianTile * rng::kGaussianTileBlocks;
+    const uint64_t last = (gen.offset + static_cast<uint64_t>(d) - 1) / rng::kGaussianTile * rng::kGaussianTileBlocks +
+                          rng::kGaussianTileBlocks;
+    const int64_t blocks = static_cast<int64_t>(last - first);
+    const int64_t grid = std::min<int64_t>((blocks + kThreads - 1) / kThreads, 65535);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "clip_sum_noise_cuda", [&] {
+      clip_sum_gaussian_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), f.const_data_ptr<float>(), grads.size(0), d, scale, gen.seed, gen.offset,
+          gen.std, first, blocks, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return out;
+  }
   const int64_t blocks = std::min<int64_t>((d + kThreads - 1) / kThreads, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "clip_sum_noise_cuda", [&] {
-    clip_sum_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.const_data_ptr<scalar_t>(), f.const_data_ptr<float>(), z.defined() ? z.const_data_ptr<float>() : nullptr,
+    using A = at::opmath_type<scalar_t>;
+    const at::Tensor z = noise.has_value() ? noise->contiguous().to(c10::CppTypeToScalarType<A>::value) : at::Tensor();
+    clip_sum_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), f.const_data_ptr<float>(), z.defined() ? z.const_data_ptr<A>() : nullptr,
         grads.size(0), d, scale, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from deepseek_ext.ops import draw_seed, gaussian_noise
 from deepseek_ext.privacy import (
     DifferentialPrivacy,
     PoissonDataLoader,
@@ -104,7 +105,10 @@ def test_dp_step_adds_gaussian_noise_and_divides_by_the_expected_batch_size():
     dp = DifferentialPrivacy(epsilon=50.0, delta=1e-5, noise_multiplier=0.8, max_grad_norm=0.5, generator=gen)
     opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0), model=model, sample_rate=0.1, dataset_size=200)
     state = gen.get_state()
-    expected_noise = [torch.normal(0.0, 0.8 * 0.5, p.shape, generator=gen) for p in model.parameters()]
+    seed, offset, expected_noise = draw_seed(gen), 0, []
+    for p in model.parameters():  # one seed per step, each parameter its own whole tiles of the stream
+        expected_noise.append(gaussian_noise(p.shape, 0.8 * 0.5, seed, offset))
+        offset += -(-p.numel() // 64) * 64
     gen.set_state(state)
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
@@ -133,6 +137,32 @@ def test_empirical_noise_std_matches_sigma_c():
     # The sample std of n Gaussians is within 5 standard errors (expected / sqrt(2n)) of the truth.
     assert abs(z.std().item() - expected) < 5 * expected / math.sqrt(2 * n)
     assert abs(z.mean().item()) < 5 * expected / math.sqrt(n)
+
+
+def test_noise_is_reproducible_under_manual_seed_and_the_generator():
+    def run(**kwargs):
+        model = nn.Linear(30, 20)
+        with torch.no_grad():
+            model.weight.zero_()
+            model.bias.zero_()
+        dp = DifferentialPrivacy(epsilon=1e6, delta=1e-5, noise_multiplier=1.0, **kwargs)
+        opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0), model=model, sample_rate=0.1, dataset_size=100)
+        for _ in range(2):
+            opt.zero_grad()
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.manual_seed(3)
+    a = run()
+    torch.manual_seed(3)
+    b = run()
+    torch.manual_seed(4)
+    c = run()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g1, g2 = run(generator=torch.Generator().manual_seed(5)), run(generator=torch.Generator().manual_seed(5))
+    assert torch.equal(g1, g2) and not torch.equal(g1, a)
+    # weight and bias draw disjoint ranges of the step's stream: no value repeats between them
+    assert torch.unique(a).numel() == a.numel()
 
 
 class DictData(Dataset):

@@ -20,18 +20,32 @@ DSX_HOST_DEVICE void mulhilo32(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* l
   *lo = static_cast<uint32_t>(p);
 }
 
-// Ten rounds of Philox4x32 on counter (c0..c3) with key (k0, k1).
-DSX_HOST_DEVICE Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                       uint32_t k1) {
+// One 32-bit word per counter position, as both backends use it; the CPU's vectorised noise generator
+// (deepseek_ext/gaussian_simd.h) runs the same rounds on vectors of counters with its own Words.
+struct ScalarWords {
+  using U = uint32_t;
+  DSX_HOST_DEVICE static void mulhilo(uint32_t m, U c, U* hi, U* lo) { mulhilo32(m, c, hi, lo); }
+};
+
+// Ten rounds of Philox4x32 on counter (c0..c3) with key (k0, k1), in place. Words::U is a 32-bit word or a vector
+// of them (lanes are independent counters under one key); Words::mulhilo(m, c, &hi, &lo) splits m * c.
+template <typename Words>
+DSX_HOST_DEVICE_INLINE void philox4x32_10_rounds(typename Words::U& c0, typename Words::U& c1, typename Words::U& c2,
+                                          typename Words::U& c3, uint32_t k0, uint32_t k1) {
+  using U = typename Words::U;
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // multipliers
   constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // Weyl key increments
+#if defined(__CUDACC__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
+#endif
   for (int r = 0; r < 10; ++r) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(kM0, c0, &hi0, &lo0);
-    mulhilo32(kM1, c2, &hi1, &lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    U hi0, lo0, hi1, lo1;
+    Words::mulhilo(kM0, c0, &hi0, &lo0);
+    Words::mulhilo(kM1, c2, &hi1, &lo1);
+    const U n0 = hi1 ^ c1 ^ k0;
+    const U n2 = hi0 ^ c3 ^ k1;
     c0 = n0;
     c1 = lo1;
     c2 = n2;
@@ -39,6 +53,12 @@ DSX_HOST_DEVICE Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c
     k0 += kW0;
     k1 += kW1;
   }
+}
+
+// Ten rounds of Philox4x32 on counter (c0..c3) with key (k0, k1).
+DSX_HOST_DEVICE Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                       uint32_t k1) {
+  philox4x32_10_rounds<ScalarWords>(c0, c1, c2, c3, k0, k1);
   return {{c0, c1, c2, c3}};
 }
 

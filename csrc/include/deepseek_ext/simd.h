@@ -11,6 +11,10 @@
 
 #include "deepseek_ext/cpu.h"
 
+#ifdef DSX_X86
+#include <immintrin.h>
+#endif
+
 namespace deepseek_ext {
 namespace simd {
 
@@ -121,6 +125,37 @@ template <int Bytes>
 DSX_INLINE Vec<uint32_t, Bytes> byte_shifts() {
   return detail::byte_shifts<Bytes>(std::make_integer_sequence<int, Bytes / 4>{});
 }
+
+// Lanes with no portable spelling in GCC's vector extensions: one instruction per width, each under the target of
+// the level that uses that width (the generic code would otherwise call libm or emulate a 64-bit product). Plain
+// `inline`, not always_inline: GCC refuses to force a targeted function into the untargeted templates that call
+// it, and inlines it once those templates sit inside the level's wrapper.
+#ifdef DSX_X86
+inline Vec<float, 16> sqrt(Vec<float, 16> x) { return (Vec<float, 16>)_mm_sqrt_ps((__m128)x); }
+DSX_TARGET_AVX2 inline Vec<float, 32> sqrt(Vec<float, 32> x) { return (Vec<float, 32>)_mm256_sqrt_ps((__m256)x); }
+DSX_TARGET_AVX512 inline Vec<float, 64> sqrt(Vec<float, 64> x) { return (Vec<float, 64>)_mm512_sqrt_ps((__m512)x); }
+// The full 64-bit products of the low 32 bits of each 64-bit lane (pmuludq).
+inline Vec<uint64_t, 16> mul_even_u32(Vec<uint64_t, 16> a, Vec<uint64_t, 16> b) {
+  return (Vec<uint64_t, 16>)_mm_mul_epu32((__m128i)a, (__m128i)b);
+}
+DSX_TARGET_AVX2 inline Vec<uint64_t, 32> mul_even_u32(Vec<uint64_t, 32> a, Vec<uint64_t, 32> b) {
+  return (Vec<uint64_t, 32>)_mm256_mul_epu32((__m256i)a, (__m256i)b);
+}
+DSX_TARGET_AVX512 inline Vec<uint64_t, 64> mul_even_u32(Vec<uint64_t, 64> a, Vec<uint64_t, 64> b) {
+  return (Vec<uint64_t, 64>)_mm512_mul_epu32((__m512i)a, (__m512i)b);
+}
+#else
+template <typename VF>
+DSX_INLINE VF sqrt(VF x) {
+#pragma GCC unroll 16
+  for (int i = 0; i < static_cast<int>(sizeof(VF) / sizeof(float)); ++i) x[i] = __builtin_sqrtf(x[i]);
+  return x;
+}
+template <typename VU>
+DSX_INLINE VU mul_even_u32(VU a, VU b) {
+  return (a & 0xFFFFFFFFu) * (b & 0xFFFFFFFFu);
+}
+#endif
 
 // 2^t for float lanes, with arguments below -125 (and -inf) giving exactly 0. k = round(t) (to nearest even, by
 // adding and subtracting 1.5 * 2^23, whose bits then also hold k), f = t - k in [-1/2, 1/2]; 2^f by a degree-6
