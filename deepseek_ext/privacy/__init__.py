@@ -12,6 +12,7 @@ from .accountants import (
     register_accountant,
 )
 from .engine import DifferentialPrivacy, DPOptimizer, PoissonBatchSampler, PrivacyBudgetExceeded
+from .ghost import Lookup, OuterProduct, PerSample, register_ghost_rule
 from .grad_sample import register_grad_sampler
 
 __all__ = [
@@ -20,6 +21,10 @@ __all__ = [
     "PoissonBatchSampler",
     "PrivacyBudgetExceeded",
     "register_grad_sampler",
+    "register_ghost_rule",
+    "OuterProduct",
+    "Lookup",
+    "PerSample",
     "Accountant",
     "RDPAccountant",
     "PRVAccountant",

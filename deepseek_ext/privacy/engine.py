@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Sampler
 
 from ..ops.privacy import clip_sum_noise, per_sample_sq_norms
-from . import grad_sample
+from . import ghost, grad_sample
 from .accountants import get_noise_multiplier, make_accountant
 from .capture import Capture, Unit
 
@@ -258,38 +258,53 @@ class DPOptimizer(torch.optim.Optimizer):
                 clip(p, g)
             return sums
 
-        ghost = self.clipping == "ghost"
+        if self.clipping == "ghost":
+            return self._ghost_clipped_sums(noises, scale)
         sq = torch.zeros(self._batch_size(), dtype=torch.float32)
-        materialised, ghosted = {}, []
-        uses: dict[nn.Parameter, int] = {}
+        materialised = {}
         for u in units:
-            for p in u.params:
-                uses[p] = uses.get(p, 0) + 1
-        for u in units:
-            records = self._records(u)
-            if not records:
-                continue
-            alone = len(records) == 1 and all(uses[p] == 1 for p in u.params)
-            if ghost and alone and grad_sample.supports_ghost(u.module):
-                r = records[0]
-                for v in grad_sample.ghost_norms(u.module, r.activations, tuple(r.grad_outputs)).values():
-                    sq = sq + v.float().cpu()
-                ghosted.append(u)
-            else:  # reused or tied parameters need their summed per-sample gradient: materialise
-                for p, g in self._materialise(u).items():
-                    materialised[p] = g if p not in materialised else materialised[p] + g
+            for p, g in self._materialise(u).items():
+                materialised[p] = g if p not in materialised else materialised[p] + g
         for g in materialised.values():
             sq = sq + per_sample_sq_norms(g).float().cpu()
         factors = (self.max_grad_norm / (sq.sqrt() + CLIP_EPS)).clamp(max=1.0)
         self.last_clip_factors = factors
         # The fused op reads each per-sample gradient once: clip factors, sum, noise and scale together.
+        return {p: clip_sum_noise(g, factors.to(g.device), noises.get(p), scale) for p, g in materialised.items()}
+
+    def _ghost_clipped_sums(self, noises: dict, scale: float) -> dict:
+        """Ghost clipping: each unit with a rule gives one term per parameter (norms and clipped sums from its
+        activations and output gradients), the others are materialised; a parameter shared by several units has
+        its terms merged, so it is clipped once on its summed per-sample gradient."""
+        terms, materialised = {}, {}
+        for u in self.capture.units:
+            records = self._records(u)
+            if not records:
+                continue
+            unit_terms = ghost.terms_for_unit(u.module, records, u.name)
+            if unit_terms is None:
+                ghost.warn_materialised(u.module, u.name)
+                for p, g in self._materialise(u).items():
+                    materialised[p] = g if p not in materialised else materialised[p] + g
+                continue
+            for p, t in unit_terms.items():
+                terms[p] = t if p not in terms else terms[p].merge(t)
+        for p in [p for p in terms if p in materialised]:  # tied across a ghost unit and a materialised one
+            materialised[p] = materialised[p] + terms.pop(p).per_sample()
+        sq = torch.zeros(self._batch_size(), dtype=torch.float32)
+        for t in terms.values():
+            sq = sq + t.sq_norms().float().cpu()
+        for g in materialised.values():
+            sq = sq + per_sample_sq_norms(g).float().cpu()
+        factors = (self.max_grad_norm / (sq.sqrt() + CLIP_EPS)).clamp(max=1.0)
+        self.last_clip_factors = factors
         sums = {p: clip_sum_noise(g, factors.to(g.device), noises.get(p), scale) for p, g in materialised.items()}
-        for u in ghosted:
-            r = self._records(u)[0]
-            device = u.params[0].device
-            for p, s in grad_sample.ghost_sums(
-                u.module, r.activations, tuple(r.grad_outputs), factors.to(device)
-            ).items():
+        for p, t in terms.items():
+            held = t.held()
+            if held is not None:  # per-sample gradients already exist: the fused reduction
+                sums[p] = clip_sum_noise(held, factors.to(held.device), noises.get(p), scale)
+            else:
+                s = t.clipped_sum(factors.to(p.device))
                 sums[p] = (s + noises[p] if p in noises else s) * scale
         return sums
 
