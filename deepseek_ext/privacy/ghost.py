@@ -58,9 +58,9 @@ class OuterProduct:
     """``g_i = sum_t G[i, t]^T A[i, t]`` viewed as the parameter's shape.
 
     Args:
-        a: activations ``(batch, T, d_in)``, or ``(batch, K, T, d_in)`` for ``K`` independent blocks (convolution
+        a: activations ``(batch, d_in)``, ``(batch, T, d_in)``, or ``(batch, K, T, d_in)`` for ``K`` independent blocks (convolution
             groups, stacked projections) whose gradients are stacked along the output rows.
-        g: output gradients ``(batch, T, d_out)`` or ``(batch, K, T, d_out)``.
+        g: output gradients in the same layout, ``d_out`` wide.
         shape: the parameter's shape; the per-sample gradient ``(K * d_out, d_in)`` is reshaped to it.
         transpose: the parameter holds ``(d_in, d_out)`` (transformers' Conv1D).
         sum_fn: optional ``fn(factors) -> clipped sum`` replacing the default GEMM (a convolution's own weight
@@ -73,12 +73,12 @@ class OuterProduct:
     """
 
     def __init__(self, a, g, shape, transpose: bool = False, sum_fn=None):
-        if a.dim() not in (3, 4) or g.dim() != a.dim() or a.shape[:-1] != g.shape[:-1]:
+        if a.dim() not in (2, 3, 4) or g.dim() != a.dim() or a.shape[:-1] != g.shape[:-1]:
             raise ValueError(
-                "OuterProduct: expected a (batch, [K,] T, d_in) and g (batch, [K,] T, d_out) with equal batch, "
+                "OuterProduct: expected a (batch, [K,] [T,] d_in) and g (batch, [K,] [T,] d_out) with equal batch, "
                 f"K and T, but got {tuple(a.shape)} and {tuple(g.shape)}"
             )
-        if a.dim() == 3:
+        while a.dim() < 4:
             a, g = a.unsqueeze(1), g.unsqueeze(1)
         self.a, self.g, self.shape, self.transpose, self.sum_fn = a, g, tuple(shape), transpose, sum_fn
         self._grads = None
