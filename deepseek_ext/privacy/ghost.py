@@ -58,8 +58,8 @@ class OuterProduct:
     """``g_i = sum_t G[i, t]^T A[i, t]`` viewed as the parameter's shape.
 
     Args:
-        a: activations ``(batch, d_in)``, ``(batch, T, d_in)``, or ``(batch, K, T, d_in)`` for ``K`` independent blocks (convolution
-            groups, stacked projections) whose gradients are stacked along the output rows.
+        a: activations ``(batch, d_in)``, ``(batch, T, d_in)``, or ``(batch, K, T, d_in)`` for ``K`` independent
+            blocks (convolution groups, stacked projections) whose gradients are stacked along the output rows.
         g: output gradients in the same layout, ``d_out`` wide.
         shape: the parameter's shape; the per-sample gradient ``(K * d_out, d_in)`` is reshaped to it.
         transpose: the parameter holds ``(d_in, d_out)`` (transformers' Conv1D).
