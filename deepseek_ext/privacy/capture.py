@@ -33,6 +33,9 @@ class Record:
     kwargs: dict
     grad_outputs: list = field(default_factory=list)
     batch_size: int = 0
+    # The factor turning grad_outputs into gradients of the per-sample losses (the batch size under a mean loss),
+    # applied by the clipping code to norms and factors rather than to every recorded gradient.
+    scale: float = 1.0
 
 
 @dataclass
@@ -61,7 +64,8 @@ def find_units(model: nn.Module) -> list[Unit]:
 
 
 class Capture:
-    """Installs the hooks; ``loss_reduction='mean'`` rescales recorded output gradients to per-sample losses."""
+    """Installs the hooks; under ``loss_reduction='mean'`` each record's ``scale`` (the batch size) turns its output
+    gradients into those of the per-sample losses."""
 
     def __init__(self, model: nn.Module, loss_reduction: str = "mean"):
         if loss_reduction not in ("mean", "sum"):
@@ -190,13 +194,13 @@ class Capture:
                 activations = tuple(fold(a) for a in activations)
             record = Record(activations=activations, kwargs=dict(kwargs), batch_size=batch_size)
             record.grad_outputs = [None] * len(tensors)
-            scale = record.batch_size if self.loss_reduction == "mean" else 1
+            record.scale = float(record.batch_size) if self.loss_reduction == "mean" else 1.0
 
             for i, o in enumerate(tensors):
                 if o.requires_grad:
 
                     def keep(g, i=i):
-                        g = g.detach() * scale
+                        g = g.detach()
                         record.grad_outputs[i] = g if fold is None else fold(g)
 
                     o.register_hook(keep)

@@ -229,6 +229,19 @@ class DPOptimizer(torch.optim.Optimizer):
                 total[p] = g if p not in total else total[p] + g
         return total
 
+    def _grad_scale(self) -> float:
+        """The factor that turns the recorded output gradients into those of the per-sample losses: per-sample
+        gradients are linear in them, so it scales norms and clip factors instead of every gradient. Records of
+        different scales (forwards of different batch sizes in one step) are rescaled to 1 first."""
+        records = [r for u in self.capture.units for r in self._records(u)]
+        scales = {r.scale for r in records}
+        if len(scales) <= 1:
+            return scales.pop() if scales else 1.0
+        for r in records:
+            r.grad_outputs = [None if g is None else g * r.scale for g in r.grad_outputs]
+            r.scale = 1.0
+        return 1.0
+
     def _batch_size(self) -> int:
         return max((r.batch_size for u in self.capture.units for r in self._records(u)), default=0)
 
@@ -236,6 +249,7 @@ class DPOptimizer(torch.optim.Optimizer):
         """{param: (sum_i c_i g_i + noise) * scale} for this physical batch (noise only where given)."""
         units = self.capture.units
         noises = noises or {}
+        gs = self._grad_scale()
         if self.clipping == "per_layer":
             sums, tied = {}, {}
             uses: dict[nn.Parameter, int] = {}
@@ -245,8 +259,8 @@ class DPOptimizer(torch.optim.Optimizer):
             bound = self.max_grad_norm / math.sqrt(max(len(uses), 1))
 
             def clip(p, g):
-                f = (bound / (per_sample_sq_norms(g).sqrt() + CLIP_EPS)).clamp(max=1.0).float()
-                sums[p] = clip_sum_noise(g, f, noises.get(p), scale)
+                f = (bound / (per_sample_sq_norms(g).sqrt() * gs + CLIP_EPS)).clamp(max=1.0).float()
+                sums[p] = clip_sum_noise(g, f * gs, noises.get(p), scale)
 
             for u in units:
                 for p, g in self._materialise(u).items():
@@ -259,7 +273,7 @@ class DPOptimizer(torch.optim.Optimizer):
             return sums
 
         if self.clipping == "ghost":
-            return self._ghost_clipped_sums(noises, scale)
+            return self._ghost_clipped_sums(noises, scale, gs)
         sq = torch.zeros(self._batch_size(), dtype=torch.float32)
         materialised = {}
         for u in units:
@@ -267,12 +281,13 @@ class DPOptimizer(torch.optim.Optimizer):
                 materialised[p] = g if p not in materialised else materialised[p] + g
         for g in materialised.values():
             sq = sq + per_sample_sq_norms(g).float().cpu()
-        factors = (self.max_grad_norm / (sq.sqrt() + CLIP_EPS)).clamp(max=1.0)
+        factors = (self.max_grad_norm / (sq.sqrt() * gs + CLIP_EPS)).clamp(max=1.0)
         self.last_clip_factors = factors
+        f = factors * gs
         # The fused op reads each per-sample gradient once: clip factors, sum, noise and scale together.
-        return {p: clip_sum_noise(g, factors.to(g.device), noises.get(p), scale) for p, g in materialised.items()}
+        return {p: clip_sum_noise(g, f.to(g.device), noises.get(p), scale) for p, g in materialised.items()}
 
-    def _ghost_clipped_sums(self, noises: dict, scale: float) -> dict:
+    def _ghost_clipped_sums(self, noises: dict, scale: float, gs: float) -> dict:
         """Ghost clipping: each unit with a rule gives one term per parameter (norms and clipped sums from its
         activations and output gradients), the others are materialised; a parameter shared by several units has
         its terms merged, so it is clipped once on its summed per-sample gradient."""
@@ -296,15 +311,16 @@ class DPOptimizer(torch.optim.Optimizer):
             sq = sq + t.sq_norms().float().cpu()
         for g in materialised.values():
             sq = sq + per_sample_sq_norms(g).float().cpu()
-        factors = (self.max_grad_norm / (sq.sqrt() + CLIP_EPS)).clamp(max=1.0)
+        factors = (self.max_grad_norm / (sq.sqrt() * gs + CLIP_EPS)).clamp(max=1.0)
         self.last_clip_factors = factors
-        sums = {p: clip_sum_noise(g, factors.to(g.device), noises.get(p), scale) for p, g in materialised.items()}
+        f = factors * gs
+        sums = {p: clip_sum_noise(g, f.to(g.device), noises.get(p), scale) for p, g in materialised.items()}
         for p, t in terms.items():
             held = t.held()
             if held is not None:  # per-sample gradients already exist: the fused reduction
-                sums[p] = clip_sum_noise(held, factors.to(held.device), noises.get(p), scale)
+                sums[p] = clip_sum_noise(held, f.to(held.device), noises.get(p), scale)
             else:
-                s = t.clipped_sum(factors.to(p.device))
+                s = t.clipped_sum(f.to(p.device))
                 sums[p] = (s + noises[p] if p in noises else s) * scale
         return sums
 

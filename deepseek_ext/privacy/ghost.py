@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import _transformers
+from ..ops.privacy import per_sample_sq_norms
 
 # rule(module, activations, grad_outputs, kwargs) -> {param: term}, or None when this use is not covered
 GhostRule = Callable[[nn.Module, tuple, tuple, dict], "dict | None"]
@@ -42,7 +43,7 @@ class PerSample:
         self.grads = grads
 
     def sq_norms(self) -> torch.Tensor:
-        return self.grads.flatten(1).pow(2).sum(1)
+        return per_sample_sq_norms(self.grads)
 
     def per_sample(self) -> torch.Tensor:
         return self.grads
@@ -52,6 +53,12 @@ class PerSample:
 
     def merge(self, other: PerSample) -> PerSample:
         return PerSample(self.grads + other.per_sample())
+
+
+def materialises(tokens: int, d_in: int, d_out: int) -> bool:
+    """Whether an outer-product gradient is best held per sample: when it is no larger than the activations it
+    comes from (then squaring it is also cheaper than the Gram matrices, and the clipped sum is a reduction)."""
+    return tokens > 1 and d_in * d_out <= tokens * (d_in + d_out)
 
 
 class OuterProduct:
@@ -84,11 +91,7 @@ class OuterProduct:
         self._grads = None
 
     def _materialise(self) -> bool:
-        """Per-sample gradients when they are no larger than the activations they come from (then they are also
-        cheaper to square than the Gram matrices)."""
-        _, k, t, din = self.a.shape
-        dout = self.g.shape[-1]
-        return t > 1 and din * dout <= t * (din + dout)
+        return materialises(self.a.shape[2], self.a.shape[3], self.g.shape[3])
 
     def per_sample(self) -> torch.Tensor:
         if self._grads is None:
@@ -102,7 +105,7 @@ class OuterProduct:
         if a.shape[2] == 1:  # ||g a^T||^2 = ||a||^2 ||g||^2
             norms = (a.pow(2).sum(-1) * g.pow(2).sum(-1)).sum((1, 2))
         elif self._materialise():
-            norms = self.per_sample().flatten(1).pow(2).sum(1)
+            norms = per_sample_sq_norms(self.per_sample())
         else:
             norms = (torch.matmul(a, a.transpose(-1, -2)) * torch.matmul(g, g.transpose(-1, -2))).sum((1, 2, 3))
         if self._grads is not None or self.sum_fn is not None:  # the factors are no longer needed: free them
@@ -305,28 +308,38 @@ def _conv(module, activations, grad_outputs, kwargs):
     batch, groups = x.shape[0], module.groups
     out = {}
     gy2 = gy.reshape(batch, groups, module.out_channels // groups, -1)  # (B, G, Cout/G, L)
-    if _wants(module.weight):
-        if nd == 1:  # as a Conv2d of height 1
-            x2, lead = x.unsqueeze(2), (1,)
-        else:
-            x2, lead = x, ()
-        cols = F.unfold(  # (B, Cin*k, L)
-            x2,
-            lead + tuple(module.kernel_size),
-            dilation=lead + tuple(module.dilation),
-            padding=(0,) * len(lead) + pad,
-            stride=lead + tuple(module.stride),
-        )
-        cols = cols.reshape(batch, groups, cols.shape[1] // groups, cols.shape[-1])
-        weight = module.weight
-
-        def conv_weight_grad(factors):  # the convolution's own weight-gradient kernel on the scaled gradient
-            gc = gy * factors.to(gy.dtype).view(-1, *([1] * (gy.dim() - 1)))
+    weight = module.weight
+    if _wants(weight):
+        din, dout = math.prod(weight.shape[1:]), weight.shape[0] // groups
+        # per-sample weight gradients: the convolution's weight-gradient kernel with the batch folded into the
+        # groups (no unfolded copy of the input)
+        if materialises(gy2.shape[-1], din, dout):
             mask = (False, True, False)
-            args = (module.stride, pad, module.dilation, False, (0,) * nd, groups, mask)
-            return torch.ops.aten.convolution_backward(gc, x, weight, None, *args)[1]
+            args = (module.stride, pad, module.dilation, False, (0,) * nd, batch * groups, mask)
+            shape = (batch * weight.shape[0], *weight.shape[1:])  # read for its shape only
+            w = torch.empty((), dtype=weight.dtype, device=weight.device).expand(shape)
+            g = torch.ops.aten.convolution_backward(
+                gy.reshape(1, -1, *gy.shape[2:]), x.reshape(1, -1, *x.shape[2:]), w, None, *args
+            )[1]
+            out[weight] = PerSample(g.view(batch, *weight.shape))
+        else:  # the Gram identity over the unfolded input
+            lead = (1,) if nd == 1 else ()  # Conv1d as a Conv2d of height 1
+            cols = F.unfold(  # (B, Cin*k, L)
+                x.unsqueeze(2) if nd == 1 else x,
+                lead + tuple(module.kernel_size),
+                dilation=lead + tuple(module.dilation),
+                padding=(0,) * len(lead) + pad,
+                stride=lead + tuple(module.stride),
+            )
+            cols = cols.reshape(batch, groups, cols.shape[1] // groups, cols.shape[-1])
 
-        out[weight] = OuterProduct(cols.transpose(2, 3), gy2.transpose(2, 3), weight.shape, sum_fn=conv_weight_grad)
+            def conv_weight_grad(factors):  # the convolution's own weight-gradient kernel on the scaled gradient
+                gc = gy * factors.to(gy.dtype).view(-1, *([1] * (gy.dim() - 1)))
+                args = (module.stride, pad, module.dilation, False, (0,) * nd, groups, (False, True, False))
+                return torch.ops.aten.convolution_backward(gc, x, weight, None, *args)[1]
+
+            term = OuterProduct(cols.transpose(2, 3), gy2.transpose(2, 3), weight.shape, sum_fn=conv_weight_grad)
+            out[weight] = term
     if _wants(module.bias):
         out[module.bias] = PerSample(gy2.sum(-1).reshape(batch, -1))
     return out
