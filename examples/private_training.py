@@ -53,6 +53,7 @@ def train(members, epochs: int, private: bool, seed: int):
             generator=torch.Generator().manual_seed(seed),
         )
         optimizer = dp.wrap(optimizer, model=model, data_loader=loader)
+        loader = dp.data_loader  # the Poisson-sampled loader built from ours
     for _ in progress(range(epochs), desc="DP-SGD" if private else "non-private"):
         for x, y in loader:
             optimizer.zero_grad()

@@ -309,68 +309,112 @@ void int8_linear(const float* x, const QLinearPlan& p, const at::Tensor& codes, 
   }
 }
 
-// Weight-only kernels, one source for every instruction set (simd::dispatch): L codes starting at k (a multiple of
-// L, L <= 16) as float lanes. 4-bit: code k sits in 16-byte run k / 32, byte k % 16, low nibble when k % 32 < 16.
+// Weight-only kernels, one source for every instruction set (simd::dispatch). Codes are read in runs of 32 (a
+// multiple of 32 divides every group and the padded K): 8-bit, 32 consecutive bytes; 4-bit, one 16-byte run whose low
+// nibbles are codes 0-15 and high nibbles codes 16-31. Vector j of a run (L lanes) minus the group's zero point, as
+// float lanes: exact small integers.
 template <int Bits, int VB>
-DSX_INLINE simd::Vec<float, VB> codes_as_float(const uint8_t* row, int64_t k) {
+DSX_INLINE simd::Vec<float, VB> run_codes(const uint8_t* run, int j, int32_t zero, const uint8_t* end) {
   constexpr int L = static_cast<int>(simd::kLanes<float, VB>);
-  using VB8 = simd::Vec<uint8_t, L>;
-  using VF = simd::Vec<float, VB>;
-  if constexpr (Bits == 8) {  // via int32 (widen4): direct byte -> float conversions are not vectorised
-    using VS8 = simd::Vec<int8_t, L>;
-    return __builtin_convertvector(simd::widen4<int32_t>(simd::load<VS8>(row + k)), VF);
+  using VI = simd::Vec<int32_t, VB>;
+  using VU = simd::Vec<uint32_t, VB>;
+  VI c;
+  if constexpr (Bits == 8) {  // signed bytes: each moved to the top of its lane, then shifted down with its sign
+    const VU w = simd::spread_words<VB>(run + j * L, end);
+    c = VI(w << (VU{} + 24 - simd::byte_shifts<VB>())) >> 24;
   } else {
-    const VB8 b = simd::load<VB8>(row + 16 * (k / 32) + k % 16);
-    const VB8 c = k % 32 < 16 ? VB8(b & 0x0F) : VB8(b >> 4);
-    return __builtin_convertvector(simd::widen4<int32_t>(c), VF);
+    const VU w = simd::spread_words<VB>(run + (j * L) % 16, end);
+    c = VI((w >> (simd::byte_shifts<VB>() + (j * L < 16 ? 0 : 4))) & 0x0F);
   }
+  return __builtin_convertvector(c - zero, simd::Vec<float, VB>);
 }
 
-// out[r * ldo] = sum_k x[r][k] * scale_g * (code[k] - zero_g) for R rows of x (padded to Kp with zeros) and one
-// weight row: the weights are dequantised in registers once and met by every row.
-template <int Bits, int VB, int R>
-DSX_INLINE void weight_only_rows(const float* x, int64_t ldx, const uint8_t* w, const QLinearPlan& p, const float* sw,
-                                 const int32_t* zw, float* out, int64_t ldo) {
+// out[r * ldo + c] = sum_g scale[c][g] * sum_{k in g} x[r][k] * (code[c][k] - zero[c][g]) for R rows of x (padded
+// to Kp with zeros) and NR weight rows: each weight vector is decoded once and met by every row of x, each x vector
+// by every weight row, and the R * NR sums are independent chains (one row of x alone takes four weight rows, so
+// the FMAs do not wait on each other). The group's scale is applied once per group.
+template <int Bits, int VB, int R, int NR>
+DSX_INLINE void weight_only_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t row_bytes, const uint8_t* end,
+                                 const QLinearPlan& p, const float* sw, const int32_t* zw, float* out, int64_t ldo) {
   using VF = simd::Vec<float, VB>;
-  constexpr int64_t L = simd::kLanes<float, VB>;
-  VF acc[R] = {};
+  constexpr int L = static_cast<int>(simd::kLanes<float, VB>);
+  constexpr int kRunBytes = Bits == 8 ? 32 : 16;
+  VF acc[R][NR] = {};
   for (int64_t g = 0; g < p.groups; ++g) {
-    const float s = sw[g], off = -s * static_cast<float>(zw[g]);
-    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += L) {
-      const VF wv = codes_as_float<Bits, VB>(w, k) * s + off;
+    VF dot[R][NR] = {};
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 32) {
+      const uint8_t* run = w + k / 32 * kRunBytes;
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r] += simd::load<VF>(x + r * ldx + k) * wv;
+      for (int j = 0; j < 32 / L; ++j) {
+        VF wv[NR];
+#pragma GCC unroll 4
+        for (int c = 0; c < NR; ++c) wv[c] = run_codes<Bits, VB>(run + c * row_bytes, j, zw[c * p.groups + g], end);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const VF xv = simd::load<VF>(x + r * ldx + k + j * L);
+#pragma GCC unroll 4
+          for (int c = 0; c < NR; ++c) dot[r][c] += xv * wv[c];
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < NR; ++c) acc[r][c] += dot[r][c] * sw[c * p.groups + g];
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) out[r * ldo] = simd::reduce_add<float, VB>(acc[r]);
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < NR; ++c) out[r * ldo + c] = simd::reduce_add<float, VB>(acc[r][c]);
+  }
+}
+
+// Weight rows [n0, n1) against R rows of x: NR weight rows at a time (four for one row of x, two for two, one for
+// more), the rest one by one.
+template <int Bits, int VB, int R>
+DSX_INLINE void weight_only_rows(const float* x, const Weights& w, const QLinearPlan& p, int64_t n0, int64_t n1,
+                                 float* out) {
+  constexpr int NR = R == 1 ? 4 : R == 2 ? 2 : 1;
+  const uint8_t* end = w.codes + p.n * w.row_bytes;  // where the codes end: no vector load reads past it
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    weight_only_tile<Bits, VB, R, NR>(x, p.kp, w.codes + n * w.row_bytes, w.row_bytes, end, p, w.scale + n * p.groups,
+                                      w.zero + n * p.groups, out + n, p.n);
+  }
+  for (; n < n1; ++n) {
+    weight_only_tile<Bits, VB, R, 1>(x, p.kp, w.codes + n * w.row_bytes, w.row_bytes, end, p, w.scale + n * p.groups,
+                                     w.zero + n * p.groups, out + n, p.n);
+  }
 }
 
 template <int Bits, int VB>
-DSX_INLINE void weight_only_block(const float* x, int64_t rows, const uint8_t* w, const QLinearPlan& p, const float* sw,
-                                  const int32_t* zw, float* out, int64_t ldo) {
+DSX_INLINE void weight_only_block(const float* x, int64_t rows, const Weights& w, const QLinearPlan& p, int64_t n0,
+                                  int64_t n1, float* out) {
   constexpr int kR = 6;
   int64_t r = 0;
-  for (; r + kR <= rows; r += kR) weight_only_rows<Bits, VB, kR>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo);
+  for (; r + kR <= rows; r += kR) weight_only_rows<Bits, VB, kR>(x + r * p.kp, w, p, n0, n1, out + r * p.n);
   switch (rows - r) {
-    case 5: weight_only_rows<Bits, VB, 5>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
-    case 4: weight_only_rows<Bits, VB, 4>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
-    case 3: weight_only_rows<Bits, VB, 3>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
-    case 2: weight_only_rows<Bits, VB, 2>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
-    case 1: weight_only_rows<Bits, VB, 1>(x + r * p.kp, p.kp, w, p, sw, zw, out + r * ldo, ldo); break;
+    case 5: weight_only_rows<Bits, VB, 5>(x + r * p.kp, w, p, n0, n1, out + r * p.n); break;
+    case 4: weight_only_rows<Bits, VB, 4>(x + r * p.kp, w, p, n0, n1, out + r * p.n); break;
+    case 3: weight_only_rows<Bits, VB, 3>(x + r * p.kp, w, p, n0, n1, out + r * p.n); break;
+    case 2: weight_only_rows<Bits, VB, 2>(x + r * p.kp, w, p, n0, n1, out + r * p.n); break;
+    case 1: weight_only_rows<Bits, VB, 1>(x + r * p.kp, w, p, n0, n1, out + r * p.n); break;
     default: break;
   }
 }
 
-// One weight row dequantised to float: out[k] = scale[g] * (code[k] - zero[g]) for k < kp.
+// One weight row dequantised to float: out[k] = scale[g] * (code[k] - zero[g]) for k < kp (`end`: where the codes
+// end).
 template <int Bits, int VB>
-DSX_INLINE void decode_row(const uint8_t* w, const QLinearPlan& p, const float* scale, const int32_t* zero,
-                           float* out) {
-  constexpr int64_t L = simd::kLanes<float, VB>;
+DSX_INLINE void decode_row(const uint8_t* w, const uint8_t* end, const QLinearPlan& p, const float* scale,
+                           const int32_t* zero, float* out) {
+  constexpr int L = static_cast<int>(simd::kLanes<float, VB>);
   for (int64_t g = 0; g < p.groups; ++g) {
-    const float s = scale[g], off = -s * static_cast<float>(zero[g]);
-    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += L) {
-      simd::store(out + k, codes_as_float<Bits, VB>(w, k) * s + off);
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 32) {
+      const uint8_t* run = w + k / 32 * (Bits == 8 ? 32 : 16);
+#pragma GCC unroll 8
+      for (int j = 0; j < 32 / L; ++j) simd::store(out + k + j * L, run_codes<Bits, VB>(run, j, zero[g], end) * scale[g]);
     }
   }
 }
@@ -385,19 +429,15 @@ void weight_only_linear(const float* x, const QLinearPlan& p, const Weights& w, 
     at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
       simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
         constexpr int VB = decltype(vb)::value;
-        for (int64_t n = begin; n < end; ++n) {
-          const uint8_t* row = w.codes + n * w.row_bytes;
-          p.bits == 8 ? weight_only_block<8, VB>(xpad.data(), p.m, row, p, w.scale + n * p.groups, w.zero + n * p.groups,
-                                                 out + n, p.n)
-                      : weight_only_block<4, VB>(xpad.data(), p.m, row, p, w.scale + n * p.groups, w.zero + n * p.groups,
-                                                 out + n, p.n);
-        }
+        p.bits == 8 ? weight_only_block<8, VB>(xpad.data(), p.m, w, p, begin, end, out)
+                    : weight_only_block<4, VB>(xpad.data(), p.m, w, p, begin, end, out);
       });
     });
     return;
   }
   // Larger batches: dequantise 256-row weight tiles to float and multiply with the BLAS.
   constexpr int64_t kRows = 256;
+  const uint8_t* codes_end = w.codes + p.n * w.row_bytes;
   at::Tensor o = at::from_blob(out, {p.m, p.n}, at::kFloat);
   at::parallel_for(0, (p.n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -408,8 +448,8 @@ void weight_only_linear(const float* x, const QLinearPlan& p, const Weights& w, 
         constexpr int VB = decltype(vb)::value;
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t n = n0 + r;
-          p.bits == 8 ? decode_row<8, VB>(w.codes + n * w.row_bytes, p, w.scale + n * p.groups, w.zero + n * p.groups, tp + r * p.kp)
-                      : decode_row<4, VB>(w.codes + n * w.row_bytes, p, w.scale + n * p.groups, w.zero + n * p.groups, tp + r * p.kp);
+          p.bits == 8 ? decode_row<8, VB>(w.codes + n * w.row_bytes, codes_end, p, w.scale + n * p.groups, w.zero + n * p.groups, tp + r * p.kp)
+                      : decode_row<4, VB>(w.codes + n * w.row_bytes, codes_end, p, w.scale + n * p.groups, w.zero + n * p.groups, tp + r * p.kp);
         }
       });
       o.narrow(1, n0, nr).copy_(at::mm(xf, tile.narrow(1, 0, p.k).t()));

@@ -84,7 +84,11 @@ def _kernel_layout(q, k, v, attn_mask, enable_gqa):
     head dimension is an expanded view, and key/value heads that divide the query's (one head, as in multi-query
     attention, always does) run on the kernels' grouped-query path instead of being copied. Autograd sums the
     gradients of expanded views over the broadcast dimensions, as SDPA's are. Raises ValueError where SDPA raises
-    (shapes that do not broadcast)."""
+    (shapes that do not broadcast). ``out_shape`` is None when the inputs already have the kernels' layout."""
+    if q.dim() == k.dim() == v.dim() == 4 and q.size(0) == k.size(0) == v.size(0):  # the common case, quickly
+        hq, hk, hv = q.size(1), k.size(1), v.size(1)
+        if hk == hv and (hk == hq or (enable_gqa and hk and hq % hk == 0)):
+            return q, k, v, attn_mask, None
     given = [tuple(x.shape) for x in (q, k, v)]
     if min(q.dim(), k.dim(), v.dim()) < 2:
         raise _shape_error(given, "expected query, key and value with at least 2 dimensions (seq, head_dim)")
@@ -187,7 +191,7 @@ def fused_attention(
     sc = _default_scale(q4) if scale is None else float(scale)
     args = (q4, k4, v4, mask, float(dropout_p), bool(is_causal), sc, _draw_seed(dropout_p))
     out, _ = _call_forward(torch.ops.deepseek_ext.fused_attention_fwd.default, args, (q4, k4, v4))
-    return out.reshape(out_shape) if out.shape != out_shape else out
+    return out if out_shape is None or out.shape == out_shape else out.reshape(out_shape)
 
 
 def fused_attention_varlen(

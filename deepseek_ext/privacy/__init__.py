@@ -11,16 +11,25 @@ from .accountants import (
     make_accountant,
     register_accountant,
 )
-from .engine import DifferentialPrivacy, DPOptimizer, PoissonBatchSampler, PrivacyBudgetExceeded
+from .clipping import ClippingStrategy, make_clipping, register_clipping
+from .engine import DifferentialPrivacy, PrivacyBudgetExceeded
 from .ghost import Lookup, OuterProduct, PerSample, register_ghost_rule
-from .grad_sample import register_grad_sampler
+from .grad_sample import register_grad_sampler, register_norm_sampler
+from .optimizer import DPOptimizer, StepHooks
+from .sampling import PoissonBatchSampler, PoissonDataLoader
 
 __all__ = [
     "DifferentialPrivacy",
     "DPOptimizer",
     "PoissonBatchSampler",
+    "PoissonDataLoader",
     "PrivacyBudgetExceeded",
+    "StepHooks",
+    "ClippingStrategy",
+    "make_clipping",
+    "register_clipping",
     "register_grad_sampler",
+    "register_norm_sampler",
     "register_ghost_rule",
     "OuterProduct",
     "Lookup",

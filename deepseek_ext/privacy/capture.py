@@ -13,6 +13,7 @@ error naming the unit: its gradient cannot be split by example.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,9 @@ class Capture:
         self.batch_size: int | None = None
         self.seq_len: int | None = None
         self._depth = 0
+        # True while per-sample gradients are computed (``paused()``): re-running a module (the torch.func
+        # fallback) must not record anything.
+        self._paused = False
         # The model's hooks enclose the units' (hooks run in registration order; the model may be a unit itself).
         self._handles = [model.register_forward_pre_hook(self._model_pre_hook(model), with_kwargs=True)]
         for u in self.units:
@@ -93,7 +97,7 @@ class Capture:
 
         def pre(module, args, kwargs):
             self._depth += 1
-            if self._depth == 1 and not grad_sample.computing:
+            if self._depth == 1 and not self._paused:
                 first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
                 batched = first is not None and first.dim() > bd
                 self.batch_size = first.shape[bd] if batched else None
@@ -136,7 +140,7 @@ class Capture:
         arrives. Units with integer inputs (Embedding) are left alone."""
 
         def pre(module, args, kwargs):
-            if grad_sample.computing or not (module.training and torch.is_grad_enabled()):
+            if self._paused or not (module.training and torch.is_grad_enabled()):
                 return None
             floats = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
             if not floats:
@@ -158,7 +162,7 @@ class Capture:
             for p in unit.frozen:  # runs even when the forward raised (always_call)
                 p.requires_grad_(True)
             unit.frozen = []
-            if grad_sample.computing or not (module.training and torch.is_grad_enabled()):
+            if self._paused or not (module.training and torch.is_grad_enabled()):
                 return None
             bd = batch_dim(module)
             outs = output if isinstance(output, tuple) else (output,)
@@ -208,6 +212,15 @@ class Capture:
             return replaced
 
         return hook
+
+    @contextmanager
+    def paused(self):
+        """Within this block the hooks record nothing (per-sample gradient rules may re-run the modules)."""
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
 
     def clear(self) -> None:
         for u in self.units:

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from .. import _transformers
 from ..ops.privacy import per_sample_sq_norms
+from . import grad_sample
 
 # rule(module, activations, grad_outputs, kwargs) -> {param: term}, or None when this use is not covered
 GhostRule = Callable[[nn.Module, tuple, tuple, dict], "dict | None"]
@@ -185,6 +186,39 @@ class Lookup:
         return PerSample(self.per_sample() + other.per_sample())
 
 
+class Sampled:
+    """A norm sampler's result (``register_norm_sampler``): the norms as given, the clipped sum from its
+    ``clipped_sum`` (called once for all of the module's parameters). It cannot merge with another use."""
+
+    def __init__(self, norms: torch.Tensor, param: nn.Parameter, sums: Callable[[torch.Tensor], dict]):
+        self.norms, self.param, self.sums = norms, param, sums
+
+    def sq_norms(self) -> torch.Tensor:
+        return self.norms
+
+    def held(self) -> None:
+        return None
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        return self.sums(factors)[self.param]
+
+
+def _from_norm_sampler(sampler) -> GhostRule:
+    norm_fn, sum_fn = sampler
+
+    def rule(module, activations, grad_outputs, kwargs):
+        cache: dict = {}
+
+        def sums(factors):
+            if "sums" not in cache:
+                cache["sums"] = sum_fn(module, activations, grad_outputs, factors)
+            return cache["sums"]
+
+        return {p: Sampled(v, p, sums) for p, v in norm_fn(module, activations, grad_outputs).items()}
+
+    return rule
+
+
 def register_ghost_rule(*module_types: type):
     """Decorator: ``fn(module, activations, grad_outputs, kwargs) -> {param: term}`` for these module types, where a
     term is an :class:`OuterProduct`, a :class:`Lookup` or a :class:`PerSample`. ``activations`` are the module's
@@ -208,21 +242,21 @@ def register_ghost_rule(*module_types: type):
     return register
 
 
-def rule_for(module: nn.Module) -> GhostRule | None:
-    """The module type's rule; a subclass that keeps its base's ``forward`` (NonDynamicallyQuantizableLinear)
-    inherits the base's rule."""
+def rule_for(module: nn.Module, alone: bool = True) -> GhostRule | None:
+    """The module type's rule: a ghost rule, else a norm sampler (``register_norm_sampler``; only for a unit that
+    ran once and holds no tied parameter, ``alone``); a subclass that keeps its base's ``forward``
+    (NonDynamicallyQuantizableLinear) inherits the base's ghost rule."""
     _register_transformers_layers()
     cls = type(module)
     if cls in _RULES:
         return _RULES[cls]
+    sampler = grad_sample.norm_sampler(module)
+    if sampler is not None:
+        return _from_norm_sampler(sampler) if alone else None
     for base in cls.__mro__[1:]:
         if base in _RULES and cls.forward is base.forward:
             return _RULES[base]
     return None
-
-
-def supports_ghost(module: nn.Module) -> bool:
-    return rule_for(module) is not None
 
 
 def warn_materialised(module: nn.Module, name: str) -> None:
@@ -465,10 +499,10 @@ def _mha_mask(attn_mask, key_padding_mask, b, h, t, s, dtype):
 
 
 # ------------------------------------------------------------------------------------------------- one step
-def terms_for_unit(module: nn.Module, records, name: str):
+def terms_for_unit(module: nn.Module, records, alone: bool = True):
     """{param: term} for all of a unit's uses in the step, or None when a use has no rule (then the unit is
-    materialised)."""
-    rule = rule_for(module)
+    materialised); ``alone``: the unit ran once and holds no tied parameter."""
+    rule = rule_for(module, alone)
     if rule is None:
         return None
     merged: dict = {}

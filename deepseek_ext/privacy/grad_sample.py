@@ -2,13 +2,13 @@
 
 A forward hook keeps each hooked module's input, a backward hook its output gradient. From the pair, a *grad
 sampler* computes per-sample gradients ``{parameter: (batch, *parameter.shape)}`` (flat and per-layer clipping, and
-ghost clipping's layers without a ghost rule; the ghost rules are in ``ghost.py``).
+the layers of ghost clipping without a ghost rule; the built-in ghost rules are in ``ghost.py``).
 
 Samplers exist for Linear, Conv1d/Conv2d, Embedding, LayerNorm, GroupNorm and transformers' Conv1D (GPT-2's
-transposed Linear) and FalconLinear. Any other module with parameters
-falls back to ``torch.func`` (``vmap`` over ``vjp`` of the module on one sample), which also covers
-``nn.MultiheadAttention``. BatchNorm is refused: it mixes the examples of a batch. ``register_grad_sampler`` adds a
-layer type.
+transposed Linear) and FalconLinear. Any other module with parameters falls back to ``torch.func`` (``vmap`` over
+``vjp`` of the module on one sample), which also covers ``nn.MultiheadAttention``. BatchNorm is refused: it mixes the
+examples of a batch. ``register_grad_sampler`` adds a layer type, ``register_norm_sampler`` a ghost rule given as
+norms and clipped sums (``ghost.register_ghost_rule`` gives one as per-parameter terms).
 """
 
 from __future__ import annotations
@@ -22,17 +22,23 @@ from torch.nn import functional as F
 
 from .. import _transformers
 
-# sampler(module, activation, grad_output) -> {param: per-sample grad (B, *param.shape)}
+# sampler(module, activations, grad_outputs) -> {param: per-sample grad (B, *param.shape)}
 GradSampler = Callable[[nn.Module, tuple, tuple], dict]
+# norm_sampler(module, activations, grad_outputs) -> {param: per-sample squared norm (B,)}
+NormSampler = Callable[[nn.Module, tuple, tuple], dict]
+# clipped_sum(module, activations, grad_outputs, factors) -> {param: sum_i factors_i * g_i}
+ClippedSum = Callable[[nn.Module, tuple, tuple, torch.Tensor], dict]
 _SAMPLERS: dict[type, GradSampler] = {}
+_NORM_SAMPLERS: dict[type, tuple[NormSampler, ClippedSum]] = {}
 
 
 def register_grad_sampler(*module_types: type):
     """Decorator: ``fn(module, activations, grad_outputs) -> {param: (B, *param.shape)}`` for these module types.
 
     ``activations`` is the tuple of the module's positional inputs, ``grad_outputs`` the tuple of gradients of its
-    outputs, both with the batch as first dimension (as seen by the module). The gradients must be those of the
-    per-sample losses (the caller has already undone a mean reduction).
+    outputs, both with the batch as first dimension (as seen by the module). The gradients are those of the
+    per-sample losses up to one positive factor common to the batch (a mean reduction's), which the caller applies
+    to the results: a sampler must be linear in ``grad_outputs``, as every per-sample gradient is.
 
     Example:
         >>> @register_grad_sampler(MyScale)
@@ -44,6 +50,32 @@ def register_grad_sampler(*module_types: type):
     def register(fn: GradSampler) -> GradSampler:
         for t in module_types:
             _SAMPLERS[t] = fn
+        return fn
+
+    return register
+
+
+def register_norm_sampler(*module_types: type, clipped_sum: ClippedSum):
+    """Decorator: a *ghost* rule for these module types, used by ``clipping='ghost'``.
+
+    The decorated ``fn(module, activations, grad_outputs) -> {param: (B,)}`` gives each example's squared gradient
+    norm per parameter, and ``clipped_sum(module, activations, grad_outputs, factors) -> {param: param.shape}`` the
+    clipped sum ``sum_i factors[i] * g_i``, both without materialising the per-sample gradients ``g_i``. Inputs are
+    as for ``register_grad_sampler``; ``factors`` is a ``(B,)`` float32 tensor on the parameters' device.
+
+    Example:
+        >>> def scale_sum(module, activations, grad_outputs, factors):
+        ...     (x,), (g,) = activations, grad_outputs
+        ...     return {module.weight: (factors.view(-1, 1) * x * g).sum(0)}
+        >>> @register_norm_sampler(MyScale, clipped_sum=scale_sum)
+        ... def _(module, activations, grad_outputs):
+        ...     (x,), (g,) = activations, grad_outputs
+        ...     return {module.weight: (x * g).pow(2).sum(1)}
+    """
+
+    def register(fn: NormSampler) -> NormSampler:
+        for t in module_types:
+            _NORM_SAMPLERS[t] = (fn, clipped_sum)
         return fn
 
     return register
@@ -236,18 +268,15 @@ def _functional(module: nn.Module, activations, grad_outputs, kwargs=None, batch
     return {by_name[n]: g for n, g in grads.items()}
 
 
-# Set while per-sample gradients are being computed: re-running a module (the torch.func fallback) must not
-# trigger the capture hooks.
-computing = False
-
-
 def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None, batch_size: int | None = None) -> dict:
-    global computing
+    """``{param: (B, *param.shape)}`` from the module's grad sampler, or the ``torch.func`` fallback (which re-runs
+    the module: call it inside ``Capture.paused()`` while capture hooks are installed)."""
     sampler = _SAMPLERS.get(type(module))
-    computing = True
-    try:
-        if sampler is None:
-            return _functional(module, activations, grad_outputs, kwargs, batch_size)
-        return sampler(module, activations, grad_outputs)
-    finally:
-        computing = False
+    if sampler is None:
+        return _functional(module, activations, grad_outputs, kwargs, batch_size)
+    return sampler(module, activations, grad_outputs)
+
+
+def norm_sampler(module: nn.Module) -> tuple[NormSampler, ClippedSum] | None:
+    """The ``(norm sampler, clipped sum)`` registered for the module's type, if any."""
+    return _NORM_SAMPLERS.get(type(module))

@@ -1,4 +1,5 @@
-"""DifferentialPrivacy.wrap and the DP optimizer (deepseek_ext/privacy/engine.py)."""
+"""DifferentialPrivacy.wrap, the Poisson loader and the DP optimizer (deepseek_ext/privacy/engine.py, sampling.py,
+optimizer.py, clipping.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from deepseek_ext.privacy import DifferentialPrivacy, PrivacyBudgetExceeded
+from deepseek_ext.privacy import (
+    DifferentialPrivacy,
+    PoissonDataLoader,
+    PrivacyBudgetExceeded,
+    register_clipping,
+    register_norm_sampler,
+)
+from deepseek_ext.privacy.clipping import FlatClipping
 
 
 def small_model():
@@ -89,13 +97,12 @@ def test_gradient_accumulation_with_virtual_steps():
 
 def test_dp_step_adds_gaussian_noise_and_divides_by_the_expected_batch_size():
     data = TensorDataset(torch.randn(200, 6), torch.randint(0, 3, (200,)))
-    loader = DataLoader(data, batch_size=20)
     model = small_model()
     x, y = data.tensors[0][:13], data.tensors[1][:13]
     clean = reference_clipped_mean(model, x, y, C=0.5)
     gen = torch.Generator().manual_seed(7)
     dp = DifferentialPrivacy(epsilon=50.0, delta=1e-5, noise_multiplier=0.8, max_grad_norm=0.5, generator=gen)
-    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0), model=model, data_loader=loader)
+    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0), model=model, sample_rate=0.1, dataset_size=200)
     state = gen.get_state()
     expected_noise = [torch.normal(0.0, 0.8 * 0.5, p.shape, generator=gen) for p in model.parameters()]
     gen.set_state(state)
@@ -148,7 +155,7 @@ def test_poisson_loader_varies_batches_and_empty_batches_flow_through():
     opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, data_loader=loader)
     sizes = []
     for _ in range(3):
-        for batch in loader:  # the caller's own loader object, now Poisson-sampled
+        for batch in dp.data_loader:  # Poisson-sampled, built from the caller's loader
             sizes.append(len(batch["label"]))
             opt.zero_grad()
             out = model(batch["x"])
@@ -159,6 +166,107 @@ def test_poisson_loader_varies_batches_and_empty_batches_flow_through():
     assert dp.steps == 90 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_wrap_builds_a_poisson_loader_and_leaves_the_callers_loader_alone():
+    data = DictData()
+
+    def collate(batch):
+        return {"x": torch.stack([b["x"] for b in batch]), "label": torch.tensor([b["label"] for b in batch])}
+
+    loader = DataLoader(data, batch_size=6, shuffle=True, collate_fn=collate, pin_memory=False)
+    model = small_model()
+    dp = DifferentialPrivacy(epsilon=1e4, delta=1e-5, noise_multiplier=1.0, generator=torch.Generator().manual_seed(1))
+    opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, data_loader=loader)
+    assert loader.batch_size == 6 and type(loader.batch_sampler).__name__ == "BatchSampler"  # untouched
+    assert isinstance(dp.data_loader, PoissonDataLoader) and dp.data_loader.dataset is data
+    assert dp.data_loader.collate_fn.collate_fn is collate and dp.data_loader.num_workers == loader.num_workers
+    assert dp.sample_rate == 0.1 and len(dp.data_loader) == 10
+    batch = next(iter(dp.data_loader))
+    nn.functional.cross_entropy(model(batch["x"]), batch["label"]).backward()
+    opt.step()
+    # A batch from the caller's own loader (not Poisson-sampled) is refused before anything changes.
+    batch = next(iter(loader))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(batch["x"]), batch["label"]).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"DPOptimizer.step\(\): no batch was drawn .* iterate dp.data_loader"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters())) and dp.steps == 1
+
+
+def test_the_poisson_loader_refuses_an_iterable_dataset():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from range(4)
+
+    with pytest.raises(ValueError, match=r"PoissonDataLoader: expected a loader over a map-style dataset"):
+        PoissonDataLoader(DataLoader(Stream(), batch_size=2), 0.5)
+
+
+def test_clipping_names_are_checked_in_one_place():
+    model = small_model()
+    with pytest.raises(ValueError, match=r"DifferentialPrivacy: clipping must be 'flat', 'ghost' or 'per_layer', got"):
+        DifferentialPrivacy(epsilon=1.0, delta=1e-5, noise_multiplier=1.0, clipping="x")
+    with pytest.raises(ValueError, match=r"clip_only: clipping must be 'flat', 'ghost' or 'per_layer', got 'x'"):
+        DifferentialPrivacy.clip_only(torch.optim.SGD(model.parameters(), lr=0.1), model, clipping="x")
+
+
+def test_a_registered_norm_sampler_drives_ghost_clipping():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+
+        def forward(self, x):
+            return x * self.weight
+
+    calls = []
+
+    def scale_sum(module, activations, grad_outputs, factors):
+        calls.append("sum")
+        (x,), (g,) = activations, grad_outputs
+        return {module.weight: (factors.view(-1, 1) * x * g).sum(0)}
+
+    @register_norm_sampler(Scale, clipped_sum=scale_sum)
+    def _(module, activations, grad_outputs):
+        calls.append("norm")
+        (x,), (g,) = activations, grad_outputs
+        return {module.weight: (x * g).pow(2).sum(1)}
+
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    steps = {}
+    for clipping in ("flat", "ghost"):
+        torch.manual_seed(0)
+        model = nn.Sequential(Scale(), nn.Linear(6, 3))
+        opt = DifferentialPrivacy.clip_only(torch.optim.SGD(model.parameters(), lr=1.0), model, 0.1, clipping=clipping)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        steps[clipping] = [p.detach().clone() for p in model.parameters()]
+    assert calls == ["norm", "sum"]  # flat materialised (torch.func); ghost used the rule
+    for a, b in zip(steps["flat"], steps["ghost"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_registered_clipping_strategy_is_chosen_by_name():
+    @register_clipping
+    class Unbounded(FlatClipping):  # clip factors all 1: the plain mean gradient
+        name = "unbounded-test"
+
+        def bound(self, batch, group):
+            return math.inf
+
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    model = small_model()
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    opt = DifferentialPrivacy.clip_only(torch.optim.SGD(model.parameters(), lr=0.1), model, clipping="unbounded-test")
+    assert isinstance(opt.clipping, Unbounded)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+
+
 def test_refuses_to_step_past_the_budget_and_leaves_the_model_alone():
     data = TensorDataset(torch.randn(1000, 6), torch.randint(0, 3, (1000,)))
     loader = DataLoader(data, batch_size=10)
@@ -167,7 +275,7 @@ def test_refuses_to_step_past_the_budget_and_leaves_the_model_alone():
     opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, data_loader=loader)
     with pytest.raises(PrivacyBudgetExceeded, match=r"would exceed epsilon=1.0 .*the model was left unchanged"):
         for _ in range(1000):
-            for x, y in loader:
+            for x, y in dp.data_loader:
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
                 before = [p.detach().clone() for p in model.parameters()]
@@ -185,7 +293,7 @@ def test_noise_multiplier_from_epochs_meets_the_budget(accountant):
     opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model=model, data_loader=loader)
     assert dp.noise_multiplier > 0
     for _ in range(3):
-        for x, y in loader:
+        for x, y in dp.data_loader:
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()

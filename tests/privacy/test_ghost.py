@@ -112,7 +112,7 @@ def test_ghost_norms_and_clipped_sums_match_per_example_gradients(name, call):
     capture = Capture(module, loss_reduction="sum")
     (call(module, inputs) * w).sum().backward()
     (unit,) = capture.units
-    terms = ghost.terms_for_unit(module, unit.records, name)
+    terms = ghost.terms_for_unit(module, unit.records)
     by_name = dict(module.named_parameters())
     assert terms is not None and set(terms) == set(by_name.values()), name
     factors = torch.rand(inputs[0].shape[batch_dim(module)], dtype=torch.float64)
@@ -139,7 +139,7 @@ def test_reused_layer_is_ghost_clipped_on_its_summed_gradient():
     capture = Capture(lin, loss_reduction="sum")
     lin(torch.tanh(lin(x))).sum().backward()
     (unit,) = capture.units
-    terms = ghost.terms_for_unit(lin, unit.records, "lin")
+    terms = ghost.terms_for_unit(lin, unit.records, alone=False)
     assert isinstance(terms[lin.weight], OuterProduct) and terms[lin.weight].a.shape[2] == 6  # tokens of both uses
     torch.testing.assert_close(terms[lin.weight].sq_norms(), ref["weight"].flatten(1).pow(2).sum(1))
 

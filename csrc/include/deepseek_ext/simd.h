@@ -89,6 +89,39 @@ DSX_INLINE auto narrow4(V v) {
   return __builtin_convertvector(__builtin_convertvector(v, Vec<Mid, Bytes / 2>), Vec<To, Bytes / 4>);
 }
 
+namespace detail {
+template <int Bytes, int... I>
+DSX_INLINE Vec<uint32_t, Bytes> repeat_words(Vec<uint32_t, Bytes> w, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(w, w, (I / 4)...);
+}
+template <int Bytes, int... I>
+DSX_INLINE Vec<uint32_t, Bytes> byte_shifts(std::integer_sequence<int, I...>) {
+  return Vec<uint32_t, Bytes>{static_cast<uint32_t>(I % 4 * 8)...};
+}
+}  // namespace detail
+
+// Bytes to 32-bit lanes without a converting widen (GCC 12 lowers widen4 piece by piece on 64-byte vectors): the
+// Bytes / 4 bytes at p as 4-byte words, word i / 4 in lane i, so that shifting lane i right by byte_shifts()[i]
+// brings byte i to its bottom. One load and one permute. Reads a whole vector at p when that stays before `end`,
+// otherwise only the Bytes / 4 bytes it uses.
+template <int Bytes>
+DSX_INLINE Vec<uint32_t, Bytes> spread_words(const uint8_t* p, const uint8_t* end) {
+  using VU = Vec<uint32_t, Bytes>;
+  VU w{};
+  if (end - p >= Bytes) {
+    w = load<VU>(p);
+  } else {
+    std::memcpy(&w, p, Bytes / 4);
+  }
+  return detail::repeat_words<Bytes>(w, std::make_integer_sequence<int, Bytes / 4>{});
+}
+
+// {0, 8, 16, 24, 0, 8, ...}: the shift that brings byte i of spread_words' result to the bottom of lane i.
+template <int Bytes>
+DSX_INLINE Vec<uint32_t, Bytes> byte_shifts() {
+  return detail::byte_shifts<Bytes>(std::make_integer_sequence<int, Bytes / 4>{});
+}
+
 // 2^t for float lanes, with arguments below -125 (and -inf) giving exactly 0. k = round(t) (to nearest even, by
 // adding and subtracting 1.5 * 2^23, whose bits then also hold k), f = t - k in [-1/2, 1/2]; 2^f by a degree-6
 // polynomial (relative error < 2e-7), 2^k added to the exponent bits.
