@@ -37,6 +37,9 @@ class Record:
     # The factor turning grad_outputs into gradients of the per-sample losses (the batch size under a mean loss),
     # applied by the clipping code to norms and factors rather than to every recorded gradient.
     scale: float = 1.0
+    # What the clipping strategy computed from this record as its gradients arrived (per-sample gradients, or ghost
+    # terms); activations and grad_outputs are then dropped, so the backward frees them as it goes.
+    ready: dict | None = None
 
 
 @dataclass
@@ -74,6 +77,8 @@ class Capture:
         self.loss_reduction = loss_reduction
         grad_sample.register_transformers_layers()
         self.units = find_units(model)
+        # Called as on_gradients(unit, record) once every output gradient of a record has arrived (in the backward).
+        self.on_gradients = None
         # The batch size of the model's forward in progress and, for an input of shape (batch, seq, ...), its
         # sequence length; None outside a forward of the model (units called on their own keep the batch
         # dimension of their first input).
@@ -200,12 +205,17 @@ class Capture:
             record.grad_outputs = [None] * len(tensors)
             record.scale = float(record.batch_size) if self.loss_reduction == "mean" else 1.0
 
+            pending = [sum(o.requires_grad for o in tensors)]
             for i, o in enumerate(tensors):
                 if o.requires_grad:
 
                     def keep(g, i=i):
                         g = g.detach()
                         record.grad_outputs[i] = g if fold is None else fold(g)
+                        pending[0] -= 1
+                        if pending[0] == 0 and self.on_gradients is not None:
+                            with self.paused():
+                                self.on_gradients(unit, record)
 
                     o.register_hook(keep)
             unit.records.append(record)

@@ -62,12 +62,14 @@ class CapturedBatch:
         for u in units:
             for p in u.params:
                 uses[p] = uses.get(p, 0) + 1
-        live = [(u, rs) for u in units if (rs := [r for r in u.records if any(g is not None for g in r.grad_outputs)])]
+        live = [(u, rs) for u in units if (rs := [r for r in u.records if _arrived(r)])]
         records = [r for _, rs in live for r in rs]
         scales = {r.scale for r in records}
         if len(scales) > 1:  # forwards of different batch sizes under a mean loss: rescale them to one scale
             for r in records:
                 r.grad_outputs = [None if g is None else g * r.scale for g in r.grad_outputs]
+                if r.ready is not None:
+                    r.ready = {p: _per_sample(v) * r.scale for p, v in r.ready.items()}
                 r.scale = 1.0
             scales = {1.0}
         scale = scales.pop() if scales else 1.0
@@ -84,6 +86,9 @@ class CapturedBatch:
             return self._per_sample[id(unit)]
         total: dict = {}
         for r in records:
+            if r.ready is not None:  # computed in the backward
+                _add_into(total, {p: _per_sample(v) for p, v in r.ready.items()})
+                continue
             try:
                 grads = grad_sample.per_sample_grads(
                     unit.module, r.activations, tuple(r.grad_outputs), r.kwargs, r.batch_size
@@ -105,6 +110,23 @@ class CapturedBatch:
         for u, rs in units:
             _add_into(total, self.per_sample_grads(u, rs))
         return total
+
+
+def _arrived(r: Record) -> bool:
+    return r.ready is not None or any(g is not None for g in r.grad_outputs)
+
+
+def _per_sample(v) -> torch.Tensor:
+    """A per-sample gradient, or a ghost term's."""
+    return v if isinstance(v, torch.Tensor) else v.per_sample()
+
+
+def materialise_early(unit: Unit, record: Record) -> None:
+    """Per-sample gradients of a record as soon as its gradients arrive (units with a grad sampler; the torch.func
+    fallback waits for the step), so the backward can free its activations and output gradients."""
+    if grad_sample.has_sampler(unit.module) and all(g is not None for g in record.grad_outputs[:1]):
+        record.ready = grad_sample.per_sample_grads(unit.module, record.activations, tuple(record.grad_outputs))
+        record.activations, record.grad_outputs = (), []
 
 
 def _add_into(total: dict, grads: dict) -> None:
@@ -170,6 +192,11 @@ class ClippingStrategy(ABC):
         """``{param: (sum_i factors[group(param)]_i * g_i + noise.draw(param)) * scale}`` over the gradients as
         recorded (``clip`` passes factors multiplied by ``batch.grad_scale``)."""
 
+    def on_gradients(self, unit: Unit, record: Record) -> None:
+        """Called in the backward once a record's output gradients have arrived: work that needs no other record
+        (and may drop the record's activations) goes here. Nothing by default."""
+        return None
+
     def clip(self, batch: CapturedBatch, noise: GaussianNoise | None = None, scale: float = 1.0) -> Clipped:
         gs = batch.grad_scale
         norms = {g: n * gs for g, n in self.per_sample_norms(batch).items()}
@@ -188,6 +215,9 @@ class FlatClipping(ClippingStrategy):
     clip/sum/noise op per parameter (it reads each per-sample gradient once)."""
 
     name = "flat"
+
+    def on_gradients(self, unit, record):
+        materialise_early(unit, record)
 
     def per_sample_norms(self, batch):
         sq = torch.zeros(batch.batch_size, dtype=torch.float32)
@@ -218,6 +248,14 @@ class GhostClipping(FlatClipping):
         self._batch: CapturedBatch | None = None
         self._terms: dict = {}
         self._rest: list = []
+
+    def on_gradients(self, unit, record):
+        """A record's terms as its gradients arrive; those that hold per-sample gradients (no larger than the
+        activations) compute them now, so the record's activations and output gradients can go."""
+        terms = ghost.record_terms(unit.module, record)
+        if terms is not None:
+            record.ready = terms
+            record.activations, record.grad_outputs = (), []
 
     def _split(self, batch: CapturedBatch):
         """``({param: term}, units to materialise)``, computed once per batch."""
@@ -274,6 +312,9 @@ class PerLayerClipping(ClippingStrategy):
     per-sample gradient summed over its units)."""
 
     name = "per_layer"
+
+    def on_gradients(self, unit, record):
+        materialise_early(unit, record)
 
     def per_sample_norms(self, batch):
         return {p: per_sample_sq_norms(g).sqrt() for p, g in batch.materialised(batch.units).items()}

@@ -103,7 +103,9 @@ class OuterProduct:
 
     def sq_norms(self) -> torch.Tensor:
         a, g = self.a, self.g
-        if a.shape[2] == 1:  # ||g a^T||^2 = ||a||^2 ||g||^2
+        if self._grads is not None:  # held since the backward
+            norms = per_sample_sq_norms(self._grads)
+        elif a.shape[2] == 1:  # ||g a^T||^2 = ||a||^2 ||g||^2
             norms = (a.pow(2).sum(-1) * g.pow(2).sum(-1)).sum((1, 2))
         elif self._materialise():
             norms = per_sample_sq_norms(self.per_sample())
@@ -133,6 +135,8 @@ class OuterProduct:
     def merge(self, other) -> OuterProduct | PerSample:
         if (
             isinstance(other, OuterProduct)
+            and self._grads is None
+            and other._grads is None
             and self.sum_fn is None
             and other.sum_fn is None
             and self.transpose == other.transpose
@@ -507,11 +511,30 @@ def terms_for_unit(module: nn.Module, records, alone: bool = True):
         return None
     merged: dict = {}
     for r in records:
-        if r.grad_outputs[0] is None:
+        if r.ready is not None:  # computed in the backward (record_terms)
+            terms = r.ready
+        elif r.grad_outputs[0] is None:
             return None
-        terms = rule(module, r.activations, tuple(r.grad_outputs), r.kwargs)
+        else:
+            terms = rule(module, r.activations, tuple(r.grad_outputs), r.kwargs)
         if terms is None:
             return None
         for p, term in terms.items():
             merged[p] = term if p not in merged else merged[p].merge(term)
     return merged
+
+
+def record_terms(module: nn.Module, record) -> dict | None:
+    """One record's terms (ghost rules only, not norm samplers), as soon as its gradients have arrived; outer
+    products whose per-sample gradients are no larger than their activations compute them now."""
+    rule = _RULES.get(type(module)) or (rule_for(module) if grad_sample.norm_sampler(module) is None else None)
+    if rule is None or record.grad_outputs[0] is None:
+        return None
+    terms = rule(module, record.activations, tuple(record.grad_outputs), record.kwargs)
+    if terms is None:
+        return None
+    for t in terms.values():
+        if isinstance(t, OuterProduct) and t.a.shape[2] > 1 and t._materialise():
+            t.per_sample()
+            t.a = t.g = t.sum_fn = None
+    return terms

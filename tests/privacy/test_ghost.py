@@ -269,3 +269,20 @@ def test_ghost_clipped_sums_equal_opacus():
     assert (f < 1).any()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "ghost", "per_layer"])
+def test_backward_turns_records_into_per_sample_results_and_drops_activations(clipping):
+    """Book-keeping in the backward: per-sample gradients (flat, per-layer) or ghost terms are formed as each
+    layer's gradients arrive, so the recorded activations and output gradients are released before the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = DifferentialPrivacy.clip_only(torch.optim.SGD(model.parameters(), lr=1.0), model, 0.05, clipping=clipping)
+    x = torch.randn(5, 4, 6)
+    model(x).sum().backward()
+    for u in opt.capture.units:
+        (r,) = u.records
+        assert r.ready is not None and r.activations == () and r.grad_outputs == [], u.name
+        if clipping == "ghost":  # 4 tokens: per-sample gradients no larger than the activations, held
+            assert r.ready[u.module.weight].held() is not None
+    opt.step()
