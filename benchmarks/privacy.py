@@ -210,6 +210,7 @@ def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> 
             )
     return out
 
+
 if __name__ == "__main__":  # worker for peak_rss_mb
     model_name, run_mode = sys.argv[1], sys.argv[2]
     fn = make_step(model_name, run_mode)
