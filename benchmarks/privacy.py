@@ -1,10 +1,12 @@
 """DP-SGD step time and peak memory: ours against Opacus (same clipping mode) and against non-private training, on
-an MLP, a small CNN (CIFAR-sized inputs) and a 2-layer transformer encoder (seq 128), batch 256. And the noise:
-``gaussian_noise`` against ``torch.normal``, and ``clip_sum_noise`` with the noise generated inside against
-``torch.normal`` followed by ``clip_sum_noise`` with that tensor.
+an MLP, a small CNN (CIFAR-sized inputs) and a 2-layer 128-wide transformer encoder (seq 128), batch 256, and on
+two bigger models, batch 32: a 6-layer 512-wide transformer encoder (seq 128) and a ResNet-18-style CNN with
+GroupNorm (CIFAR-sized inputs). And the noise: ``gaussian_noise`` against ``torch.normal``, and ``clip_sum_noise``
+with the noise generated inside against ``torch.normal`` followed by ``clip_sum_noise`` with that tensor.
 
 Peak memory is each configuration's peak resident set size, measured in a fresh subprocess
-(``python -m benchmarks.privacy MODEL MODE``), so the modes do not share an allocator's high-water mark.
+(``python -m benchmarks.privacy MODEL MODE``), so the modes do not share an allocator's high-water mark; the
+memory a mode adds to non-private training is also given per example (bytes).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from benchmarks import runner
 from benchmarks.runner import Case
 from deepseek_ext.ops import clip_sum_noise, draw_seed, gaussian_noise
 
-BATCH = 256
-DATASET = BATCH * 100
+MODELS = ["mlp", "cnn", "transformer", "transformer6", "resnet18"]
+BATCH = {"mlp": 256, "cnn": 256, "transformer": 256, "transformer6": 32, "resnet18": 32}
+SAMPLE_RATE = 0.01
 
 
 class Attention(nn.Module):
@@ -42,7 +45,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, d: int):
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, 4)
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, max(4, d // 64))
         self.ln2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
     def forward(self, x):
@@ -61,23 +64,54 @@ class Encoder(nn.Module):
         return self.head(self.blocks(self.embed(ids)).mean(1))
 
 
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with a skip connection, GroupNorm in place of BatchNorm."""
+
+    def __init__(self, i: int, o: int, stride: int):
+        super().__init__()
+        self.conv1, self.gn1 = nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.GroupNorm(32, o)
+        self.conv2, self.gn2 = nn.Conv2d(o, o, 3, 1, 1, bias=False), nn.GroupNorm(32, o)
+        self.skip = nn.Sequential()
+        if stride != 1 or i != o:
+            self.skip = nn.Sequential(nn.Conv2d(i, o, 1, stride, bias=False), nn.GroupNorm(32, o))
+
+    def forward(self, x):
+        y = F.relu(self.gn1(self.conv1(x)))
+        return F.relu(self.gn2(self.conv2(y)) + self.skip(x))
+
+
+def resnet18(classes: int = 10) -> nn.Module:
+    layers = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.GroupNorm(32, 64), nn.ReLU()]
+    width = 64
+    for o, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [BasicBlock(width, o, stride), BasicBlock(o, o, 1)]
+        width = o
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
+
+
 def build(name: str):
     torch.manual_seed(0)
+    batch = BATCH[name]
     if name == "mlp":
         model = nn.Sequential(
             nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)
         )
-        x, y = torch.randn(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
+        x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     elif name == "cnn":
 
         def conv(i, o):
             return [nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.ReLU(), nn.MaxPool2d(2)]
 
         model = nn.Sequential(*conv(3, 32), *conv(32, 64), *conv(64, 128), nn.Flatten(), nn.Linear(128 * 16, 10))
-        x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    elif name == "resnet18":
+        model = resnet18()
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    elif name in ("transformer", "transformer6"):
+        model = Encoder() if name == "transformer" else Encoder(d=512, layers=6)
+        x, y = torch.randint(0, 1000, (batch, 128)), torch.randint(0, 2, (batch,))
     else:
-        model = Encoder()
-        x, y = torch.randint(0, 1000, (BATCH, 128)), torch.randint(0, 2, (BATCH,))
+        raise ValueError(f"benchmarks.privacy: unknown model {name!r}; expected one of {MODELS}")
     return model, x, y
 
 
@@ -92,7 +126,7 @@ def make_step(name: str, mode: str):
         dp = DifferentialPrivacy(
             epsilon=1e9, delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0, clipping=mode.split("-")[1]
         )
-        opt = dp.wrap(opt, model=model, sample_rate=BATCH / DATASET, dataset_size=DATASET)
+        opt = dp.wrap(opt, model=model, sample_rate=SAMPLE_RATE, dataset_size=round(len(x) / SAMPLE_RATE))
     elif mode.startswith("opacus"):
         import warnings
 
@@ -100,7 +134,7 @@ def make_step(name: str, mode: str):
 
         warnings.filterwarnings("ignore")
         data = torch.utils.data.TensorDataset(x.repeat(2, *([1] * (x.dim() - 1))), y.repeat(2))
-        loader = torch.utils.data.DataLoader(data, batch_size=BATCH)
+        loader = torch.utils.data.DataLoader(data, batch_size=len(x))
         engine = PrivacyEngine()
         out = engine.make_private(
             module=model,
@@ -217,23 +251,36 @@ def cases(device: str, quick: bool = False, compiled_baselines: bool = True) -> 
     except ImportError:
         opacus = None
     out = noise_cases(device, quick)
-    for name in ["mlp"] if quick else ["mlp", "cnn", "transformer"]:
+    for name in ["mlp"] if quick else MODELS:
+        batch = BATCH[name]
         pairs = [("ours-ghost", "nonprivate", "non-private step")]
         if opacus is not None:
             pairs = [
                 ("ours-flat", "opacus-flat", "Opacus hooks (flat)"),
                 ("ours-ghost", "opacus-ghost", "Opacus ghost"),
             ] + pairs
+        plain = None if quick else peak_rss_mb(name, "nonprivate")
         for ours, peer, label in pairs:
             extra = {}
             if not quick:
-                extra = {"ours_peak_rss_mb": peak_rss_mb(name, ours), "peer_peak_rss_mb": peak_rss_mb(name, peer)}
-                label = f"{label}; peak RSS {extra['ours_peak_rss_mb']:.0f} vs {extra['peer_peak_rss_mb']:.0f} MB"
+                mine, theirs = peak_rss_mb(name, ours), peak_rss_mb(name, peer)
+                extra = {
+                    "ours_peak_rss_mb": mine,
+                    "peer_peak_rss_mb": theirs,
+                    # memory added to non-private training, per example
+                    "ours_bytes_per_example": (mine - plain) * 2**20 / batch,
+                    "peer_bytes_per_example": (theirs - plain) * 2**20 / batch,
+                }
+                label = (
+                    f"{label}; peak RSS {mine:.0f} vs {theirs:.0f} MB, "
+                    f"+{extra['ours_bytes_per_example'] / 1024:.0f} vs +{extra['peer_bytes_per_example'] / 1024:.0f} "
+                    "KiB/example over non-private"
+                )
             out.append(
                 Case(
                     family="privacy",
                     op="DP-SGD step",
-                    config=f"{name} b{BATCH} {ours.split('-')[1]}",
+                    config=f"{name} b{batch} {ours.split('-')[1]}",
                     ours=make_step(name, ours),
                     baseline=make_step(name, peer),
                     baseline_name=label,

@@ -13,6 +13,7 @@ from .accountants import (
 )
 from .clipping import ClippingStrategy, make_clipping, register_clipping
 from .engine import DifferentialPrivacy, PrivacyBudgetExceeded
+from .ghost import Lookup, OuterProduct, PerSample, register_ghost_rule
 from .grad_sample import register_grad_sampler, register_norm_sampler
 from .optimizer import DPOptimizer, StepHooks
 from .sampling import PoissonBatchSampler, PoissonDataLoader
@@ -29,6 +30,10 @@ __all__ = [
     "register_clipping",
     "register_grad_sampler",
     "register_norm_sampler",
+    "register_ghost_rule",
+    "OuterProduct",
+    "Lookup",
+    "PerSample",
     "Accountant",
     "RDPAccountant",
     "PRVAccountant",

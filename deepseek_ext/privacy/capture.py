@@ -34,6 +34,12 @@ class Record:
     kwargs: dict
     grad_outputs: list = field(default_factory=list)
     batch_size: int = 0
+    # The factor turning grad_outputs into gradients of the per-sample losses (the batch size under a mean loss),
+    # applied by the clipping code to norms and factors rather than to every recorded gradient.
+    scale: float = 1.0
+    # What the clipping strategy computed from this record as its gradients arrived (per-sample gradients, or ghost
+    # terms); activations and grad_outputs are then dropped, so the backward frees them as it goes.
+    ready: dict | None = None
 
 
 @dataclass
@@ -62,7 +68,8 @@ def find_units(model: nn.Module) -> list[Unit]:
 
 
 class Capture:
-    """Installs the hooks; ``loss_reduction='mean'`` rescales recorded output gradients to per-sample losses."""
+    """Installs the hooks; under ``loss_reduction='mean'`` each record's ``scale`` (the batch size) turns its output
+    gradients into those of the per-sample losses."""
 
     def __init__(self, model: nn.Module, loss_reduction: str = "mean"):
         if loss_reduction not in ("mean", "sum"):
@@ -70,6 +77,8 @@ class Capture:
         self.loss_reduction = loss_reduction
         grad_sample.register_transformers_layers()
         self.units = find_units(model)
+        # Called as on_gradients(unit, record) once every output gradient of a record has arrived (in the backward).
+        self.on_gradients = None
         # The batch size of the model's forward in progress and, for an input of shape (batch, seq, ...), its
         # sequence length; None outside a forward of the model (units called on their own keep the batch
         # dimension of their first input).
@@ -194,14 +203,19 @@ class Capture:
                 activations = tuple(fold(a) for a in activations)
             record = Record(activations=activations, kwargs=dict(kwargs), batch_size=batch_size)
             record.grad_outputs = [None] * len(tensors)
-            scale = record.batch_size if self.loss_reduction == "mean" else 1
+            record.scale = float(record.batch_size) if self.loss_reduction == "mean" else 1.0
 
+            pending = [sum(o.requires_grad for o in tensors)]
             for i, o in enumerate(tensors):
                 if o.requires_grad:
 
                     def keep(g, i=i):
-                        g = g.detach() * scale
+                        g = g.detach()
                         record.grad_outputs[i] = g if fold is None else fold(g)
+                        pending[0] -= 1
+                        if pending[0] == 0 and self.on_gradients is not None:
+                            with self.paused():
+                                self.on_gradients(unit, record)
 
                     o.register_hook(keep)
             unit.records.append(record)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..ops.privacy import per_sample_sq_norms
-from . import grad_sample
+from . import ghost, grad_sample
 from .capture import Record, Unit
 from .rng import GaussianNoise, noisy_clip_sum, with_noise
 
@@ -45,11 +45,15 @@ class CapturedBatch:
         units: ``(unit, records)`` for every unit with at least one record whose output gradient arrived.
         uses: how many units hold each trainable parameter (more than one: a tied parameter).
         batch_size: the number of examples.
+        grad_scale: the factor that turns the recorded output gradients into those of the per-sample losses (the
+            batch size under a mean loss). Per-sample gradients are linear in the output gradients, so strategies
+            apply it to norms (``* grad_scale``) and clip factors (``* grad_scale``) instead of to every gradient.
     """
 
     units: list[tuple[Unit, list[Record]]]
     uses: dict[nn.Parameter, int]
     batch_size: int
+    grad_scale: float = 1.0
     _per_sample: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -58,8 +62,18 @@ class CapturedBatch:
         for u in units:
             for p in u.params:
                 uses[p] = uses.get(p, 0) + 1
-        live = [(u, rs) for u in units if (rs := [r for r in u.records if any(g is not None for g in r.grad_outputs)])]
-        return cls(live, uses, max((r.batch_size for _, rs in live for r in rs), default=0))
+        live = [(u, rs) for u in units if (rs := [r for r in u.records if _arrived(r)])]
+        records = [r for _, rs in live for r in rs]
+        scales = {r.scale for r in records}
+        if len(scales) > 1:  # forwards of different batch sizes under a mean loss: rescale them to one scale
+            for r in records:
+                r.grad_outputs = [None if g is None else g * r.scale for g in r.grad_outputs]
+                if r.ready is not None:
+                    r.ready = {p: _per_sample(v) * r.scale for p, v in r.ready.items()}
+                r.scale = 1.0
+            scales = {1.0}
+        scale = scales.pop() if scales else 1.0
+        return cls(live, uses, max((r.batch_size for r in records), default=0), scale)
 
     def alone(self, unit: Unit, records: list[Record]) -> bool:
         """The unit ran once and holds no tied parameter: its gradient needs no other unit's."""
@@ -72,6 +86,9 @@ class CapturedBatch:
             return self._per_sample[id(unit)]
         total: dict = {}
         for r in records:
+            if r.ready is not None:  # computed in the backward
+                _add_into(total, {p: _per_sample(v) for p, v in r.ready.items()})
+                continue
             try:
                 grads = grad_sample.per_sample_grads(
                     unit.module, r.activations, tuple(r.grad_outputs), r.kwargs, r.batch_size
@@ -93,6 +110,23 @@ class CapturedBatch:
         for u, rs in units:
             _add_into(total, self.per_sample_grads(u, rs))
         return total
+
+
+def _arrived(r: Record) -> bool:
+    return r.ready is not None or any(g is not None for g in r.grad_outputs)
+
+
+def _per_sample(v) -> torch.Tensor:
+    """A per-sample gradient, or a ghost term's."""
+    return v if isinstance(v, torch.Tensor) else v.per_sample()
+
+
+def materialise_early(unit: Unit, record: Record) -> None:
+    """Per-sample gradients of a record as soon as its gradients arrive (units with a grad sampler; the torch.func
+    fallback waits for the step), so the backward can free its activations and output gradients."""
+    if grad_sample.has_sampler(unit.module) and all(g is not None for g in record.grad_outputs[:1]):
+        record.ready = grad_sample.per_sample_grads(unit.module, record.activations, tuple(record.grad_outputs))
+        record.activations, record.grad_outputs = (), []
 
 
 def _add_into(total: dict, grads: dict) -> None:
@@ -144,7 +178,8 @@ class ClippingStrategy(ABC):
 
     @abstractmethod
     def per_sample_norms(self, batch: CapturedBatch) -> dict[Hashable, torch.Tensor]:
-        """``{group: (B,) per-sample L2 norms}``, one entry per clip group."""
+        """``{group: (B,) per-sample L2 norms}``, one entry per clip group, of the gradients as recorded (``clip``
+        multiplies them by ``batch.grad_scale``)."""
 
     def bound(self, batch: CapturedBatch, group: Hashable) -> float:
         """The clipping bound of ``group`` (``max_grad_norm`` unless a strategy splits it)."""
@@ -154,12 +189,21 @@ class ClippingStrategy(ABC):
     def clipped_sum(
         self, batch: CapturedBatch, factors: dict[Hashable, torch.Tensor], noise: GaussianNoise | None, scale: float
     ) -> dict[nn.Parameter, torch.Tensor]:
-        """``{param: (sum_i factors[group(param)]_i * g_i + noise of param) * scale}``."""
+        """``{param: (sum_i factors[group(param)]_i * g_i + noise of param) * scale}`` over the gradients as
+        recorded (``clip`` passes factors multiplied by ``batch.grad_scale``)."""
+
+    def on_gradients(self, unit: Unit, record: Record) -> None:
+        """Called in the backward once a record's output gradients have arrived: work that needs no other record
+        (and may drop the record's activations) goes here. Nothing by default."""
+        return None
 
     def clip(self, batch: CapturedBatch, noise: GaussianNoise | None = None, scale: float = 1.0) -> Clipped:
-        norms = self.per_sample_norms(batch)
+        gs = batch.grad_scale
+        norms = {g: n * gs for g, n in self.per_sample_norms(batch).items()}
         factors = {g: clip_factors(n, self.bound(batch, g)) for g, n in norms.items()}
-        return Clipped(self.clipped_sum(batch, factors, noise, scale), factors)
+        # the sums see the recorded (unscaled) gradients: the factors carry the scale
+        sums = self.clipped_sum(batch, {g: f * gs for g, f in factors.items()}, noise, scale)
+        return Clipped(sums, factors)
 
 
 class FlatClipping(ClippingStrategy):
@@ -167,6 +211,9 @@ class FlatClipping(ClippingStrategy):
     clip/sum/noise op per parameter (it reads each per-sample gradient once)."""
 
     name = "flat"
+
+    def on_gradients(self, unit, record):
+        materialise_early(unit, record)
 
     def per_sample_norms(self, batch):
         sq = torch.zeros(batch.batch_size, dtype=torch.float32)
@@ -183,39 +230,72 @@ class FlatClipping(ClippingStrategy):
 
 
 class GhostClipping(FlatClipping):
-    """As ``FlatClipping``, but a unit with a norm sampler (``register_norm_sampler``) that ran once and holds no tied
-    parameter gets its per-sample norms and clipped sum from its inputs and output gradients, without per-sample
-    gradients ("ghost clipping"); the other units are materialised. Same result as 'flat'."""
+    """As ``FlatClipping`` (same result), but every unit with a ghost rule (``ghost.py``: Linear, convolutions,
+    Embedding, LayerNorm/GroupNorm, nn.MultiheadAttention, transformers' Conv1D, ``register_ghost_rule``,
+    ``register_norm_sampler``) gets its per-sample norms and clipped sum from its inputs and output gradients; its
+    per-sample gradients are held only where they are no larger than those (then the clipped sum is the fused
+    reduction). Reused layers and tied parameters merge their terms; units without a rule are materialised, named
+    in a one-time warning."""
 
     name = "ghost"
 
-    @staticmethod
-    def _split(batch: CapturedBatch):
-        ghosted, rest = [], []
+    def __init__(self, max_grad_norm: float):
+        super().__init__(max_grad_norm)
+        self._batch: CapturedBatch | None = None
+        self._terms: dict = {}
+        self._rest: list = []
+
+    def on_gradients(self, unit, record):
+        """A record's terms as its gradients arrive; those that hold per-sample gradients (no larger than the
+        activations) compute them now, so the record's activations and output gradients can go."""
+        terms = ghost.record_terms(unit.module, record)
+        if terms is not None:
+            record.ready = terms
+            record.activations, record.grad_outputs = (), []
+
+    def _split(self, batch: CapturedBatch):
+        """``({param: term}, units to materialise)``, computed once per batch."""
+        if self._batch is batch:
+            return self._terms, self._rest
+        terms, rest = {}, []
         for u, rs in batch.units:
-            ok = batch.alone(u, rs) and grad_sample.supports_ghost(u.module)
-            (ghosted if ok else rest).append((u, rs))
-        return ghosted, rest
+            unit_terms = ghost.terms_for_unit(u.module, rs, batch.alone(u, rs))
+            if unit_terms is None:
+                ghost.warn_materialised(u.module, u.name)
+                rest.append((u, rs))
+                continue
+            for p, t in unit_terms.items():
+                terms[p] = t if p not in terms else terms[p].merge(t)
+        # a parameter shared with a materialised unit: materialise the ghost units holding it too (until none is)
+        while tied := {p for p in batch.materialised(rest) if p in terms}:
+            for u, rs in batch.units:
+                if all(u is not v for v, _ in rest) and any(p in tied for p in u.params):
+                    rest.append((u, rs))
+                    for p in u.params:
+                        terms.pop(p, None)
+        self._batch, self._terms, self._rest = batch, terms, rest
+        return terms, rest
 
     def per_sample_norms(self, batch):
-        ghosted, rest = self._split(batch)
+        terms, rest = self._split(batch)
         sq = torch.zeros(batch.batch_size, dtype=torch.float32)
-        for u, (r,) in ghosted:
-            for v in grad_sample.ghost_norms(u.module, r.activations, tuple(r.grad_outputs)).values():
-                sq = sq + v.float().cpu()
+        for t in terms.values():
+            sq = sq + t.sq_norms().float().cpu()
         for g in batch.materialised(rest).values():
             sq = sq + per_sample_sq_norms(g).float().cpu()
         return {ALL: sq.sqrt()}
 
     def clipped_sum(self, batch, factors, noise, scale):
-        ghosted, rest = self._split(batch)
+        terms, rest = self._split(batch)
+        self._batch, self._terms, self._rest = None, {}, []  # nothing of the batch outlives its step
         f = factors[ALL]
-        materialised = batch.materialised(rest)
-        sums = {p: noisy_clip_sum(g, f.to(g.device), noise, p, scale) for p, g in materialised.items()}
-        for u, (r,) in ghosted:
-            device = u.params[0].device
-            for p, s in grad_sample.ghost_sums(u.module, r.activations, tuple(r.grad_outputs), f.to(device)).items():
-                sums[p] = with_noise(s, p, noise, scale)
+        sums = {p: noisy_clip_sum(g, f.to(g.device), noise, p, scale) for p, g in batch.materialised(rest).items()}
+        for p, t in terms.items():
+            held = t.held()
+            if held is not None:  # per-sample gradients already exist: the fused reduction
+                sums[p] = noisy_clip_sum(held, f.to(held.device), noise, p, scale)
+            else:
+                sums[p] = with_noise(t.clipped_sum(f.to(p.device)), p, noise, scale)
         return sums
 
 
@@ -224,6 +304,9 @@ class PerLayerClipping(ClippingStrategy):
     per-sample gradient summed over its units)."""
 
     name = "per_layer"
+
+    def on_gradients(self, unit, record):
+        materialise_early(unit, record)
 
     def per_sample_norms(self, batch):
         return {p: per_sample_sq_norms(g).sqrt() for p, g in batch.materialised(batch.units).items()}

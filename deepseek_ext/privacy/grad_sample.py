@@ -1,14 +1,14 @@
 """Per-sample gradients from module hooks.
 
 A forward hook keeps each hooked module's input, a backward hook its output gradient. From the pair, a *grad
-sampler* computes per-sample gradients ``{parameter: (batch, *parameter.shape)}``; for Linear and Embedding a
-*ghost norm* gives per-sample squared gradient norms without materialising them, and a *ghost sum* the clipped,
-summed gradient ``sum_i c_i g_i`` straight from activations and output gradients (Li et al. 2022, Bu et al. 2023).
+sampler* computes per-sample gradients ``{parameter: (batch, *parameter.shape)}`` (flat and per-layer clipping, and
+the layers of ghost clipping without a ghost rule; the built-in ghost rules are in ``ghost.py``).
 
 Samplers exist for Linear, Conv1d/Conv2d, Embedding, LayerNorm, GroupNorm and transformers' Conv1D (GPT-2's
 transposed Linear) and FalconLinear. Any other module with parameters falls back to ``torch.func`` (``vmap`` over
 ``vjp`` of the module on one sample), which also covers ``nn.MultiheadAttention``. BatchNorm is refused: it mixes the
-examples of a batch. ``register_grad_sampler`` adds a layer type, ``register_norm_sampler`` a ghost rule.
+examples of a batch. ``register_grad_sampler`` adds a layer type, ``register_norm_sampler`` a ghost rule given as
+norms and clipped sums (``ghost.register_ghost_rule`` gives one as per-parameter terms).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def register_grad_sampler(*module_types: type):
     """Decorator: ``fn(module, activations, grad_outputs) -> {param: (B, *param.shape)}`` for these module types.
 
     ``activations`` is the tuple of the module's positional inputs, ``grad_outputs`` the tuple of gradients of its
-    outputs, both with the batch as first dimension (as seen by the module). The gradients must be those of the
-    per-sample losses (the caller has already undone a mean reduction).
+    outputs, both with the batch as first dimension (as seen by the module). The gradients are those of the
+    per-sample losses up to one positive factor common to the batch (a mean reduction's), which the caller applies
+    to the results: a sampler must be linear in ``grad_outputs``, as every per-sample gradient is.
 
     Example:
         >>> @register_grad_sampler(MyScale)
@@ -95,10 +96,6 @@ def has_sampler(module: nn.Module) -> bool:
     return type(module) in _SAMPLERS
 
 
-def supports_ghost(module: nn.Module) -> bool:
-    return type(module) in _NORM_SAMPLERS
-
-
 def refuse_batch_norm(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -126,36 +123,6 @@ def _linear(module: nn.Linear, activations, grad_outputs):
     return out
 
 
-def _linear_ghost_norm(module: nn.Linear, activations, grad_outputs):
-    a, b = _flat(activations[0]), _flat(grad_outputs[0])
-    out = {}
-    if module.weight.requires_grad:
-        t, din, dout = a.shape[1], a.shape[2], b.shape[2]
-        if t == 1:  # ||b a^T||^2 = ||a||^2 ||b||^2
-            out[module.weight] = a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2))
-        elif t * t <= din * dout:  # ||sum_t b_t a_t^T||^2 = <A A^T, B B^T>: cheaper than the gradient itself
-            out[module.weight] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
-        else:
-            out[module.weight] = torch.einsum("bto,bti->boi", b, a).pow(2).sum((1, 2))
-    if module.bias is not None and module.bias.requires_grad:
-        out[module.bias] = b.sum(1).pow(2).sum(1)
-    return out
-
-
-def _linear_ghost_sum(module: nn.Linear, activations, grad_outputs, factors):
-    a, b = _flat(activations[0]), _flat(grad_outputs[0])
-    bc = b * factors.to(b.dtype).view(-1, 1, 1)
-    out = {}
-    if module.weight.requires_grad:  # one GEMM over all tokens of all samples: (B*T, out)^T @ (B*T, in)
-        out[module.weight] = bc.reshape(-1, bc.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
-    if module.bias is not None and module.bias.requires_grad:
-        out[module.bias] = bc.sum((0, 1))
-    return out
-
-
-register_norm_sampler(nn.Linear, clipped_sum=_linear_ghost_sum)(_linear_ghost_norm)
-
-
 # transformers' Conv1D (GPT-2): y = x @ weight + bias with weight (in, out), the Linear of weight.t()
 def _conv1d(module, activations, grad_outputs):
     return {
@@ -163,22 +130,15 @@ def _conv1d(module, activations, grad_outputs):
     }
 
 
-def _conv1d_ghost_sum(module, activations, grad_outputs, factors):
-    sums = _linear_ghost_sum(module, activations, grad_outputs, factors)
-    return {p: s.t() if p is module.weight else s for p, s in sums.items()}
-
-
 def register_transformers_layers() -> None:
     """Registers the samplers of transformers' layers that are loaded: Conv1D as the transposed Linear and
-    FalconLinear as a Linear, ghost norms included."""
+    FalconLinear as a Linear."""
     conv1d = _transformers.conv1d()
     if conv1d is not None and conv1d not in _SAMPLERS:
         register_grad_sampler(conv1d)(_conv1d)
-        register_norm_sampler(conv1d, clipped_sum=_conv1d_ghost_sum)(_linear_ghost_norm)
     for linear in _transformers.linear_likes():
         if linear not in _SAMPLERS:
             register_grad_sampler(linear)(_linear)
-            register_norm_sampler(linear, clipped_sum=_linear_ghost_sum)(_linear_ghost_norm)
 
 
 # --------------------------------------------------------------------------------------------------- Embedding
@@ -195,35 +155,6 @@ def _embedding(module: nn.Embedding, activations, grad_outputs):
     if module.padding_idx is not None:
         g[:, module.padding_idx] = 0
     return {module.weight: g}
-
-
-def _embedding_ghost_norm(module: nn.Embedding, activations, grad_outputs):
-    if not module.weight.requires_grad:
-        return {}
-    idx, b = activations[0], grad_outputs[0]
-    batch = idx.shape[0]
-    flat_idx = idx.reshape(batch, math.prod(idx.shape[1:]))
-    flat_b = b.reshape(batch, flat_idx.shape[1], b.shape[-1])
-    if module.padding_idx is not None:
-        flat_b = flat_b * (flat_idx != module.padding_idx).unsqueeze(-1).to(flat_b.dtype)
-    # ||g_i||^2 = sum over token pairs with the same index of b_t . b_s
-    same = (flat_idx.unsqueeze(2) == flat_idx.unsqueeze(1)).to(flat_b.dtype)
-    return {module.weight: (torch.bmm(flat_b, flat_b.transpose(1, 2)) * same).sum((1, 2))}
-
-
-def _embedding_ghost_sum(module: nn.Embedding, activations, grad_outputs, factors):
-    if not module.weight.requires_grad:
-        return {}
-    idx, b = activations[0], grad_outputs[0]
-    flat_b = (b * factors.to(b.dtype).view(-1, *([1] * (b.dim() - 1)))).reshape(-1, b.shape[-1])
-    g = torch.zeros_like(module.weight, dtype=b.dtype)
-    g.index_add_(0, idx.reshape(-1), flat_b)
-    if module.padding_idx is not None:
-        g[module.padding_idx] = 0
-    return {module.weight: g}
-
-
-register_norm_sampler(nn.Embedding, clipped_sum=_embedding_ghost_sum)(_embedding_ghost_norm)
 
 
 # ------------------------------------------------------------------------------------------------------ Conv
@@ -357,11 +288,6 @@ def per_sample_grads(module: nn.Module, activations, grad_outputs, kwargs=None, 
     return sampler(module, activations, grad_outputs)
 
 
-def ghost_norms(module: nn.Module, activations, grad_outputs) -> dict:
-    """``{param: (B,) squared per-sample norms}`` from the module's norm sampler."""
-    return _NORM_SAMPLERS[type(module)].norms(module, activations, grad_outputs)
-
-
-def ghost_sums(module: nn.Module, activations, grad_outputs, factors) -> dict:
-    """``{param: sum_i factors_i g_i}`` from the module's norm sampler's clipped sum."""
-    return _NORM_SAMPLERS[type(module)].clipped_sum(module, activations, grad_outputs, factors)
+def norm_sampler(module: nn.Module) -> NormRule | None:
+    """The rule (norm sampler and clipped sum) registered for the module's type, if any."""
+    return _NORM_SAMPLERS.get(type(module))

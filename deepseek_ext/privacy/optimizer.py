@@ -72,6 +72,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._optimizer_step_post_hooks = {}
         self.capture = capture
         self.clipping = clipping
+        capture.on_gradients = clipping.on_gradients  # per-record work done in the backward, as gradients arrive
         self.noise = noise
         self.expected_batch_size = expected_batch_size
         self.hooks = hooks

@@ -91,15 +91,6 @@ def test_per_sample_grads_match_torch_func(name, module, x):
     assert set(got) == set(by_name.values())
     for n, p in by_name.items():
         torch.testing.assert_close(got[p], expected[n], rtol=1e-9, atol=1e-10, msg=f"{name}: {n}")
-    if grad_sample.supports_ghost(module):
-        norms = grad_sample.ghost_norms(module, record.activations, tuple(record.grad_outputs))
-        for p, v in norms.items():
-            torch.testing.assert_close(v, got[p].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-10)
-        factors = torch.rand(x.shape[grad_sample.batch_dim(module)], dtype=torch.float32)
-        sums = grad_sample.ghost_sums(module, record.activations, tuple(record.grad_outputs), factors)
-        for p, s in sums.items():
-            ref = (got[p] * factors.double().view(-1, *([1] * p.dim()))).sum(0)
-            torch.testing.assert_close(s, ref, rtol=1e-6, atol=1e-8)
 
 
 def test_batch_norm_is_refused_with_a_pointer_to_group_norm():
