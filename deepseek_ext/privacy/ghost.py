@@ -399,30 +399,30 @@ def _conv(module, activations, grad_outputs, kwargs):
 
 
 # ------------------------------------------------------------------------------------------------ norm layers
-@register_ghost_rule(nn.LayerNorm)
-def _layer_norm(module, activations, grad_outputs, kwargs):
-    x, gy = activations[0], grad_outputs[0]
-    dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
+def _affine_terms(module, gy, dims, normalised) -> dict:
+    """The terms of a normalisation layer's affine parameters: ``weight`` gets ``gy * x_hat`` and ``bias`` ``gy``,
+    each summed over ``dims`` (``normalised()`` computes ``x_hat`` only when the weight needs it)."""
     out = {}
     if _wants(module.weight):
-        x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        x_hat = normalised()
         out[module.weight] = PerSample((gy * x_hat).sum(dims) if dims else gy * x_hat)
     if _wants(module.bias):
         out[module.bias] = PerSample(gy.sum(dims) if dims else gy)
     return out
+
+
+@register_ghost_rule(nn.LayerNorm)
+def _layer_norm(module, activations, grad_outputs, kwargs):
+    x, gy = activations[0], grad_outputs[0]
+    dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
+    return _affine_terms(module, gy, dims, lambda: F.layer_norm(x, module.normalized_shape, eps=module.eps))
 
 
 @register_ghost_rule(nn.GroupNorm)
 def _group_norm(module, activations, grad_outputs, kwargs):
     x, gy = activations[0], grad_outputs[0]
     dims = tuple(range(2, x.dim()))
-    out = {}
-    if _wants(module.weight):
-        x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
-        out[module.weight] = PerSample((gy * x_hat).sum(dims) if dims else gy * x_hat)
-    if _wants(module.bias):
-        out[module.bias] = PerSample(gy.sum(dims) if dims else gy)
-    return out
+    return _affine_terms(module, gy, dims, lambda: F.group_norm(x, module.num_groups, eps=module.eps))
 
 
 # --------------------------------------------------------------------------------------- nn.MultiheadAttention
