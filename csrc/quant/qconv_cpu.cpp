@@ -57,6 +57,20 @@ std::pair<int64_t, int64_t> pair_of(const char* op, const char* name, at::IntArr
   return {v[0], v[1]};
 }
 
+// A convolution window's kernel, stride, padding and dilation (two values each), checked.
+struct Window {
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+Window window_of(const char* op, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                 at::IntArrayRef dilation) {
+  const auto [kh, kw] = pair_of(op, "kernel", kernel, 1);
+  const auto [sh, sw] = pair_of(op, "stride", stride, 1);
+  const auto [ph, pw] = pair_of(op, "padding", padding, 0);
+  const auto [dh, dw] = pair_of(op, "dilation", dilation, 1);
+  return {kh, kw, sh, sw, ph, pw, dh, dw};
+}
+
 }  // namespace
 
 // x (N, C, H, W) or (N, C) float -> codes (N, H, W, Cp) or (N, Cp).
@@ -126,10 +140,7 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
                                 bool output_float) {
   constexpr const char* op = "quantized_conv2d";
   check_codes_tensor(op, "x", x, 4);
-  const auto [kh, kw] = pair_of(op, "kernel", kernel, 1);
-  const auto [sh, sw] = pair_of(op, "stride", stride, 1);
-  const auto [ph, pw] = pair_of(op, "padding", padding, 0);
-  const auto [dh, dw] = pair_of(op, "dilation", dilation, 1);
+  const auto [kh, kw, sh, sw, ph, pw, dh, dw] = window_of(op, kernel, stride, padding, dilation);
   check_scale_zero(op, "in", in_scale, in_zero);
   if (!output_float) check_scale_zero(op, "out", out_scale, out_zero);
   TORCH_CHECK_VALUE(bits == 8 || bits == 4, op, ": expected bits to be 8 or 4, but got ", bits);
@@ -262,10 +273,7 @@ at::Tensor quantized_depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor&
                                           int64_t out_zero, bool relu, bool output_float) {
   constexpr const char* op = "quantized_depthwise_conv2d";
   check_codes_tensor(op, "x", x, 4);
-  const auto [kh, kw] = pair_of(op, "kernel", kernel, 1);
-  const auto [sh, sw] = pair_of(op, "stride", stride, 1);
-  const auto [ph, pw] = pair_of(op, "padding", padding, 0);
-  const auto [dh, dw] = pair_of(op, "dilation", dilation, 1);
+  const auto [kh, kw, sh, sw, ph, pw, dh, dw] = window_of(op, kernel, stride, padding, dilation);
   check_scale_zero(op, "in", in_scale, in_zero);
   if (!output_float) check_scale_zero(op, "out", out_scale, out_zero);
   const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cp = x.size(3), taps = kh * kw;
@@ -364,10 +372,7 @@ at::Tensor quantized_im2col_cpu(const at::Tensor& x, at::IntArrayRef kernel, at:
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t channels, int64_t zero) {
   constexpr const char* op = "quantized_im2col";
   check_codes_tensor(op, "x", x, 4);
-  const auto [kh, kw] = pair_of(op, "kernel", kernel, 1);
-  const auto [sh, sw] = pair_of(op, "stride", stride, 1);
-  const auto [ph, pw] = pair_of(op, "padding", padding, 0);
-  const auto [dh, dw] = pair_of(op, "dilation", dilation, 1);
+  const auto [kh, kw, sh, sw, ph, pw, dh, dw] = window_of(op, kernel, stride, padding, dilation);
   const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cp = x.size(3);
   TORCH_CHECK_VALUE(channels > 0 && channels <= cp, op, ": expected 0 < channels <= ", cp, ", but got ", channels);
   TORCH_CHECK_VALUE(zero >= 0 && zero <= 127, op, ": expected zero in [0, 127], but got ", zero);

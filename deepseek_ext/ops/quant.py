@@ -340,30 +340,30 @@ if NATIVE_AVAILABLE:
             return codes.new_empty((n, h, w, channels), dtype=torch.float32).permute(0, 3, 1, 2)
         return codes.new_empty((codes.shape[0], channels), dtype=torch.float32)
 
+    def _conv_fake_output(x, kernel, stride, padding, dilation, channels, code_channels, output_float):
+        """A convolution's output on channels-last codes ``x``: float NCHW (a channels-last view) or uint8 codes
+        with ``code_channels`` channels."""
+        n, h, w, _ = x.shape
+        ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
+        wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
+        if output_float:
+            return x.new_empty((n, ho, wo, channels), dtype=torch.float32).permute(0, 3, 1, 2)
+        return x.new_empty((n, ho, wo, code_channels), dtype=torch.uint8)
+
     @torch.library.register_fake("deepseek_ext::quantized_conv2d")
     def _quantized_conv2d_fake(
         x, packed, w_scale, w_sum, w_zero, bias, kernel, stride, padding, dilation, groups, out_channels, bits,
         in_scale, in_zero, out_scale, out_zero, relu=False, residual=None, res_scale=1.0, res_zero=0,
         output_float=False,
     ):  # fmt: skip
-        n, h, w, _ = x.shape
-        ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
-        wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
-        if output_float:
-            return x.new_empty((n, ho, wo, out_channels), dtype=torch.float32).permute(0, 3, 1, 2)
-        return x.new_empty((n, ho, wo, _pad8(out_channels)), dtype=torch.uint8)
+        return _conv_fake_output(x, kernel, stride, padding, dilation, out_channels, _pad8(out_channels), output_float)
 
     @torch.library.register_fake("deepseek_ext::quantized_depthwise_conv2d")
     def _quantized_depthwise_conv2d_fake(
         x, weight, w_scale, bias, kernel, stride, padding, dilation, channels, in_scale, in_zero, out_scale, out_zero,
         relu=False, output_float=False,
     ):  # fmt: skip
-        n, h, w, cp = x.shape
-        ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
-        wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
-        if output_float:
-            return x.new_empty((n, ho, wo, channels), dtype=torch.float32).permute(0, 3, 1, 2)
-        return x.new_empty((n, ho, wo, cp))
+        return _conv_fake_output(x, kernel, stride, padding, dilation, channels, x.shape[3], output_float)
 
     @torch.library.register_fake("deepseek_ext::quantized_im2col")
     def _quantized_im2col_fake(x, kernel, stride, padding, dilation, channels, zero):
