@@ -48,6 +48,15 @@ struct Ops {
   static inline V band(V a, V b) { return a & b; }
   static inline V shr4(V v) { return V(simd::Vec<uint32_t, 16>(v) >> 4); }
   static inline V codes4(const uint8_t*) { return V{}; }  // the stored-layout GEMV is not used at this level
+  static inline V load_bytes4(const uint8_t* p, int n) {
+    simd::Vec<uint8_t, 4> b{};
+    std::memcpy(&b, p, static_cast<size_t>(n));
+    return simd::widen4<int32_t>(b);
+  }
+  static inline void store_bytes4(uint8_t* p, V v, int n) {
+    const auto b = simd::narrow4<uint8_t>(v);
+    std::memcpy(p, &b, static_cast<size_t>(n));
+  }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
     for (int i = 0; i < 4; ++i) acc[i] = std::fmaf(s[i], static_cast<float>(d[i] - (z[i] * xs + 64 * ws[i])), acc[i]);
@@ -83,6 +92,12 @@ struct Ops {
     const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
     const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // 128-bit lanes lo0 lo1 hi0 hi1
     return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));              // lo0 hi0 lo1 hi1: codes in order
+  }
+  static inline V load_bytes4(const uint8_t* p, int n) {
+    return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), p));
+  }
+  static inline void store_bytes4(uint8_t* p, V v, int n) {
+    _mm512_mask_cvtepi32_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1), v);
   }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
@@ -123,6 +138,12 @@ struct Ops {
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
     return _mm256_set_m128i(hi, lo);
   }
+  static inline V load_bytes4(const uint8_t* p, int n) {
+    return _mm256_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), p));
+  }
+  static inline void store_bytes4(uint8_t* p, V v, int n) {
+    _mm256_mask_cvtepi32_storeu_epi8(p, static_cast<__mmask8>((1u << n) - 1), v);
+  }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
     const __m256i corr = _mm256_add_epi32(_mm256_mullo_epi32(load(z), _mm256_set1_epi32(xs)), _mm256_slli_epi32(load(ws), 6));
@@ -156,6 +177,8 @@ struct Ops {
   static inline V band(V a, V b) { return _mm512_and_si512(a, b); }
   static inline V shr4(V v) { return _mm512_srli_epi16(v, 4); }
   static inline V codes4(const uint8_t* p) { return vnni512::Ops::codes4(p); }
+  static inline V load_bytes4(const uint8_t* p, int n) { return vnni512::Ops::load_bytes4(p, n); }
+  static inline void store_bytes4(uint8_t* p, V v, int n) { vnni512::Ops::store_bytes4(p, v, n); }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
     vnni512::Ops::epilogue(d, s, z, ws, xs, acc);
@@ -197,6 +220,25 @@ struct Ops {
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
     return _mm256_set_m128i(hi, lo);
   }
+  static inline V load_bytes4(const uint8_t* p, int n) {
+    int64_t b = 0;
+    if (n == 8) {
+      std::memcpy(&b, p, 8);
+    } else {
+      std::memcpy(&b, p, static_cast<size_t>(n));
+    }
+    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b));
+  }
+  static inline void store_bytes4(uint8_t* p, V v, int n) {  // byte 0 of each lane: bytes 0-3 and 16-19, joined
+    const __m256i b = _mm256_shuffle_epi8(v, _mm256_set1_epi32(0x0C080400));
+    const int64_t lo = _mm256_extract_epi32(b, 0), hi = _mm256_extract_epi32(b, 4);
+    const int64_t both = (lo & 0xFFFFFFFF) | (hi << 32);
+    if (n == 8) {
+      std::memcpy(p, &both, 8);
+    } else {
+      std::memcpy(p, &both, static_cast<size_t>(n));
+    }
+  }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
     const __m256i corr = _mm256_add_epi32(_mm256_mullo_epi32(load(z), _mm256_set1_epi32(xs)), _mm256_slli_epi32(load(ws), 6));
@@ -214,7 +256,7 @@ namespace {
 template <typename K>
 constexpr IntKernels kernels_of(const char* name) {
   return {name,           K::kMR,           K::kMR4,          K::kChunk,      &K::dot_rows, &K::gemm_rows,
-          &K::widen_block, &K::accumulate_group, &K::conv_rows, &K::requant};
+          &K::widen_block, &K::accumulate_group, &K::conv_rows};
 }
 
 constexpr IntKernels kPortable = kernels_of<portable::Kernels>("scalar");

@@ -30,23 +30,32 @@ inline void set_code(uint8_t* row, int64_t k, int64_t bits, int64_t code) {
 // Row pointers per tap in conv_rows: rows[t * kConvRowStride + r].
 constexpr int kConvRowStride = 8;
 
-// Requantisation of a tile of int32 dot products to the next layer's codes (quantized_conv2d's epilogue):
-//   y = float(dot - x_zero * wsum[c] - w_zero[c] * xsum[r]) * scale[c] + bias[c]
-//       (+ res_scale * (res[r][c] - res_zero)), then max(y, 0) when relu;
-//   codes: clamp(round(y * inv_out) + out_zero, 0, 127) (round to nearest even); or y itself as float.
+// The requantising epilogue of quantized_conv2d, applied to each tile's int32 accumulators in registers. Per
+// column c of the 64-column block and row r of the tile:
+//   d = dot - zc[c] (- wzero[c] * xsum[r] when wzero is set)
+//   v = float(d) * mul[c] + add[c] (+ res_mul * res[r][c])
+//   codes: clamp(v, lo, hi) rounded to nearest even, plus the output zero point; floats: v (max(v, 0) when relu).
+// The driver folds the scales, bias, residual zero point and 1 / out_scale into mul, add and res_mul, and the
+// ReLU and the code range into lo / hi, so the epilogue is a handful of vector operations per 16 outputs.
 struct Requant {
-  const float* scale;    // per column: input scale * weight scale
-  const float* bias;     // per column (zeros when the layer has none)
-  const int32_t* wsum;   // per column: sum of the weight codes
-  const int32_t* wzero;  // per column: weight zero point
-  int32_t x_zero;
-  const int32_t* xsum;   // per row: sum of the activation codes the row met (only read when some wzero != 0)
-  const uint8_t* const* res;  // per row: the residual's codes for columns [c0, c0 + 64), or null
-  float res_scale;
-  int32_t res_zero;
-  bool relu;
-  float inv_out;
-  int32_t out_zero;
+  const int32_t* zc;     // per column: input zero point * sum of the column's weight codes
+  const int32_t* wzero;  // per column weight zero point, or null when the weights are centred (zero points 0)
+  const float* mul;      // per column
+  const float* add;      // per column
+  float res_mul;
+  float lo, hi;          // codes: the range of v (relu: 0, else -out_zero; 127 - out_zero)
+  int32_t out_zero;      // codes
+  bool relu;             // float outputs
+  int64_t cols;          // valid columns of the block
+};
+
+// The rows of one tile: per row, the input pixel each kernel tap lands on and where the results go.
+struct TileRows {
+  const uint8_t* const* taps;   // taps[t * kConvRowStride + r]
+  const int32_t* xsum;          // per row: sum of the codes the row meets minus their zero points (with wzero)
+  const uint8_t* const* res;    // per row: the residual codes at the block's first column, or null
+  uint8_t* const* out_codes;    // per row: the output codes at the block's first column, or null
+  float* const* out_float;      // per row: the float outputs at the block's first column, or null
 };
 
 // One instruction set's integer kernels.
@@ -59,18 +68,16 @@ struct IntKernels {
   // GEMM on a packed block (64 columns) for k in [k0, k1): out[r][c], rows of x ldx bytes apart.
   void (*gemm_rows)(int bits, int rows, const uint8_t* x, int64_t ldx, const uint8_t* wp, int64_t k0, int64_t k1,
                     int32_t* out);
-  // A packed 4-bit block rewritten in the 8-bit layout.
-  void (*widen_block)(const uint8_t* wp, int64_t kp, uint8_t* out);
+  // A packed 4-bit block rewritten in the 8-bit layout; with `zero` (64 column zero points), the codes centred:
+  // code - zero[c] (signed bytes), so that the 8-bit kernels need no zero-point correction.
+  void (*widen_block)(const uint8_t* wp, int64_t kp, uint8_t* out, const uint8_t* zero);
   // acc[r][c] = fma(scale[c], float(dots - zero[c] * xsum[r] - 64 * wsum[c]), acc) for a tile (quantized_linear).
   void (*accumulate_group)(int rows, const int32_t* dots, const float* scale, const int32_t* zero, const int32_t* wsum,
                            const int32_t* xsum, int64_t xsum_stride, float* acc);
-  // Implicit GEMM of a convolution on a packed block: out[r][c] = sum over taps t of sum over k < cin of
-  // rows[t * kConvRowStride + r][k] * code[c][t * cin + k] (cin a multiple of 8).
-  void (*conv_rows)(int bits, int rows, const uint8_t* const* rows_by_tap, int64_t taps, int64_t cin,
-                    const uint8_t* wp, int32_t* out);
-  // The requantising epilogue of `rows` x 64 columns (cols valid): codes (out_codes[r] + column) or floats.
-  void (*requant)(int rows, int64_t cols, const int32_t* dots, const Requant& q, uint8_t* const* out_codes,
-                  float* const* out_float);
+  // Implicit GEMM of a convolution on a packed 8-bit block, requantised: dot[r][c] = sum over taps t of sum over
+  // k < cin of rows.taps[t * kConvRowStride + r][k] * code[c][t * cin + k] (cin a multiple of 8), then q's epilogue.
+  void (*conv_rows)(int rows, int64_t taps, int64_t cin, const uint8_t* wp, const TileRows& rows_of_tile,
+                    const Requant& q);
 };
 
 // The GEMM kernels for this CPU and the current cap, or null (scalar code).

@@ -181,11 +181,20 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const uint8_t* xp = xc.const_data_ptr<uint8_t>();
   const auto* wp = reinterpret_cast<const uint8_t*>(pk.const_data_ptr());
   const int32_t* wzp = wz.const_data_ptr<int32_t>();
-  const bool any_wzero = std::any_of(wzp, wzp + cout, [](int32_t z) { return z != 0; });
+  // 4-bit weights are widened to the 8-bit layout per block and centred on their zero points (code - zero, exact
+  // in a signed byte); 8-bit weights with zero points keep them and the per-row code sums correct the products.
+  const bool centred = bits == 4;
+  if (centred) {
+    for (int64_t c = 0; c < cout; ++c) {
+      TORCH_CHECK_VALUE(wzp[c] >= 0 && wzp[c] <= 15, op, ": expected 4-bit weight zero points in [0, 15], but got ",
+                        wzp[c], " for output channel ", c);
+    }
+  }
+  const bool row_sums = !centred && std::any_of(wzp, wzp + cout, [](int32_t z) { return z != 0; });
 
   // Per input pixel: the sum of its codes minus the zero point (for weights with a zero point).
   std::vector<int32_t> pixel_q;
-  if (any_wzero) {
+  if (row_sums) {
     pixel_q.resize(static_cast<size_t>(n * h * w));
     at::parallel_for(0, n * h * w, 1024, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) {
@@ -197,65 +206,91 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
   }
   const std::vector<uint8_t> zero_row(static_cast<size_t>(cp), static_cast<uint8_t>(in_zero));
   const IntKernels& k = *int8_gemm_kernels();
-  const int64_t mr = bits == 8 ? k.mr8 : k.mr4;
-  const int64_t rows = n * ho * wo, blocks = want[0];
+  const int64_t mr = k.mr8;
+  const int64_t rows = n * ho * wo, blocks = want[0], kp = padded_k(taps * cp, 0);
   const int64_t block_bytes = pk.numel() / blocks;
   const int64_t threads = at::get_num_threads();
-  const int64_t chunks = std::clamp<int64_t>((4 * threads + blocks - 1) / blocks, 1, (rows + mr - 1) / mr);
-  const int64_t per_chunk = (rows + chunks - 1) / chunks;
-  const float in_s = static_cast<float>(in_scale);
+  const int64_t tiles = (rows + mr - 1) / mr;
+  const int64_t chunks = std::clamp<int64_t>((4 * threads + blocks - 1) / blocks, 1, tiles);
+  const int64_t per_chunk = (tiles + chunks - 1) / chunks * mr;  // whole tiles per chunk
+  // The epilogue's constants (see Requant): scales, bias, residual zero point and 1 / out_scale folded per column.
+  const float inv_out = output_float ? 1.0f : static_cast<float>(1.0 / out_scale);
+  const float res_s = residual.has_value() ? static_cast<float>(res_scale) : 0.0f;
+  const float res_add = residual.has_value() ? res_s * static_cast<float>(res_zero) : 0.0f;
+  const float* wsp = ws.const_data_ptr<float>();
+  const float* bp = bf.const_data_ptr<float>();
+  const int32_t* wsump = wsum.const_data_ptr<int32_t>();
+  const uint8_t* resp = residual.has_value() ? rc.const_data_ptr<uint8_t>() : nullptr;
+  float* out_f = output_float ? out.data_ptr<float>() : nullptr;
+  uint8_t* out_c = output_float ? nullptr : out.data_ptr<uint8_t>();
 
   at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<const uint8_t*> by_tap(static_cast<size_t>(taps * kConvRowStride));
-    std::vector<int32_t> dots(static_cast<size_t>(mr * kPackN)), xsum(static_cast<size_t>(mr));
-    std::vector<float> scale(kPackN), biasv(kPackN);
-    std::vector<int32_t> wsumv(kPackN), wzv(kPackN);
+    std::vector<uint8_t> wide(centred ? static_cast<size_t>(kp * kPackN) : 0);
+    std::vector<int32_t> xsum(static_cast<size_t>(mr));
+    alignas(64) float mul[kPackN], add[kPackN];
+    alignas(64) int32_t zc[kPackN], wzv[kPackN];
+    uint8_t zero_bytes[kPackN];
     std::vector<const uint8_t*> res_rows(static_cast<size_t>(mr));
     std::vector<uint8_t*> out_codes(static_cast<size_t>(mr));
     std::vector<float*> out_float(static_cast<size_t>(mr));
+    const TileRows tile{by_tap.data(), xsum.data(), residual.has_value() ? res_rows.data() : nullptr,
+                        output_float ? nullptr : out_codes.data(), output_float ? out_float.data() : nullptr};
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t / chunks, ch = t % chunks;
       const int64_t c0 = blk * kPackN, cols = std::min(kPackN, cout - c0);
       for (int64_t c = 0; c < kPackN; ++c) {
         const int64_t oc = std::min(c0 + c, cout - 1);
-        scale[c] = in_s * ws.const_data_ptr<float>()[oc];
-        biasv[c] = c0 + c < cout ? bf.const_data_ptr<float>()[oc] : 0.0f;
-        wsumv[c] = wsum.const_data_ptr<int32_t>()[oc];
-        wzv[c] = wzp[oc];
+        const int32_t z = c0 + c < cout ? wzp[oc] : 0;
+        mul[c] = static_cast<float>(in_scale) * wsp[oc] * inv_out;
+        add[c] = (bp[oc] - res_add) * inv_out;
+        // Sum of the codes the products meet: the stored codes, or the centred ones.
+        const int32_t sum = centred ? wsump[oc] - z * static_cast<int32_t>(taps * cp) : wsump[oc];
+        zc[c] = static_cast<int32_t>(in_zero) * sum;
+        wzv[c] = z;
+        zero_bytes[c] = static_cast<uint8_t>(z);
       }
-      Requant q{scale.data(), biasv.data(), wsumv.data(), wzv.data(), static_cast<int32_t>(in_zero),
-                any_wzero ? xsum.data() : nullptr, residual.has_value() ? res_rows.data() : nullptr,
-                static_cast<float>(res_scale), static_cast<int32_t>(res_zero), relu,
-                output_float ? 1.0f : static_cast<float>(1.0 / out_scale), static_cast<int32_t>(out_zero)};
+      const uint8_t* wblk = wp + blk * block_bytes;
+      if (centred) {
+        k.widen_block(wblk, kp, wide.data(), zero_bytes);
+        wblk = wide.data();
+      }
+      const Requant q{zc, row_sums ? wzv : nullptr, mul, add, res_s * inv_out,
+                      relu ? 0.0f : -static_cast<float>(out_zero), 127.0f - static_cast<float>(out_zero),
+                      static_cast<int32_t>(out_zero), relu, cols};
       const int64_t r_end = std::min(rows, (ch + 1) * per_chunk);
       for (int64_t r0 = ch * per_chunk; r0 < r_end; r0 += mr) {
         const int nr = static_cast<int>(std::min<int64_t>(mr, r_end - r0));
+        int64_t b = r0 / (ho * wo), oy = r0 / wo % ho, ox = r0 % wo;  // the tile's first output pixel, then stepped
         for (int r = 0; r < nr; ++r) {
-          const int64_t m = r0 + r, b = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+          const int64_t m = r0 + r;
           int32_t qs = 0;
           for (int64_t ty = 0; ty < kh; ++ty) {
+            const int64_t iy = oy * sh - ph + ty * dh;
             for (int64_t tx = 0; tx < kw; ++tx) {
-              const int64_t iy = oy * sh - ph + ty * dh, ix = ox * sw - pw + tx * dw;
+              const int64_t ix = ox * sw - pw + tx * dw;
               const bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
               const int64_t pix = (b * h + iy) * w + ix;
               by_tap[(ty * kw + tx) * kConvRowStride + r] = inside ? xp + pix * cp : zero_row.data();
-              if (any_wzero && inside) qs += pixel_q[pix];
+              if (row_sums && inside) qs += pixel_q[pix];
             }
           }
           xsum[r] = qs;
-          if (residual.has_value()) res_rows[r] = rc.const_data_ptr<uint8_t>() + m * coutp + c0;
+          if (resp != nullptr) res_rows[r] = resp + m * coutp + c0;
           if (output_float) {
-            out_float[r] = out.data_ptr<float>() + m * cout + c0;
+            out_float[r] = out_f + m * cout + c0;
           } else {
-            out_codes[r] = out.data_ptr<uint8_t>() + m * coutp + c0;
+            out_codes[r] = out_c + m * coutp + c0;
+          }
+          if (++ox == wo) {
+            ox = 0;
+            if (++oy == ho) {
+              oy = 0;
+              ++b;
+            }
           }
         }
-        for (int r = nr; r < mr; ++r) {  // unused rows of a partial tile point at a valid row
-          for (int64_t tp = 0; tp < taps; ++tp) by_tap[tp * kConvRowStride + r] = zero_row.data();
-        }
-        k.conv_rows(static_cast<int>(bits), nr, by_tap.data(), taps, cp, wp + blk * block_bytes, dots.data());
-        k.requant(nr, cols, dots.data(), q, output_float ? nullptr : out_codes.data(),
-                  output_float ? out_float.data() : nullptr);
+        k.conv_rows(nr, taps, cp, wblk, tile, q);
       }
     }
   });

@@ -228,7 +228,7 @@ void int8_gemm(const QLinearPlan& p, const Weights& w, const Activations& a, con
       if (blk != current) {
         wp = w.codes + blk * block_bytes;
         if (widen) {
-          k.widen_block(wp, p.kp, wide.data());
+          k.widen_block(wp, p.kp, wide.data(), nullptr);
           wp = wide.data();
         }
         for (int64_t g = 0; g < p.groups; ++g) {

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import deepseek_ext
 from deepseek_ext.ops import quant as ops
 from deepseek_ext.quant import QuantConfig, Quantizer
 from deepseek_ext.quant.graph import StaticQuantizedModel, fuse
 from deepseek_ext.reference import quant as ref
+from tests.ops.conftest import LEVELS
 
 
 def _codes(n, h, w, c, zero, gen):
@@ -47,14 +49,23 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, True), (8, False), (4, False)], ids=str)
 @pytest.mark.parametrize("epilogue", ["plain", "relu", "residual", "float"])
-def test_quantized_conv2d_matches_the_integer_reference(case, bits, epilogue):
+def test_quantized_conv2d_matches_the_integer_reference(case, bits, symmetric, epilogue, level):
+    """At every CPU level this machine has (each has its own integer kernels and epilogue primitives); asymmetric
+    weights take the per-row code sums (8 bits) or are centred on their zero points (4 bits)."""
+    with deepseek_ext.capped_cpu_isa(level):
+        _check_conv_against_reference(case, bits, symmetric, epilogue)
+
+
+def _check_conv_against_reference(case, bits, symmetric, epilogue):
     n, h, w, cin, cout, kernel, stride, padding, dilation = case
     gen = torch.Generator().manual_seed(sum(case[:5]) + bits)
     x = _codes(n, h, w, cin, 64, gen)
-    codes, packed, ws, wsum, wz = _packed_conv(cout, cin, *kernel, bits, gen)
+    codes, packed, ws, wsum, wz = _packed_conv(cout, cin, *kernel, bits, gen, symmetric)
+    assert symmetric or bool((wz != 0).any())
     bias = torch.randn(cout, generator=gen)
     ho = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
