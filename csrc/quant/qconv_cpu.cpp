@@ -71,6 +71,25 @@ Window window_of(const char* op, at::IntArrayRef kernel, at::IntArrayRef stride,
   return {kh, kw, sh, sw, ph, pw, dh, dw};
 }
 
+// n <= 32 bytes copied without a library call: overlapping 16- or 8-byte moves (never past src + n or dst + n).
+inline void copy_small(uint8_t* dst, const uint8_t* src, int64_t n) {
+  if (n >= 16) {
+    uint8_t a[16], b[16];
+    std::memcpy(a, src, 16);
+    std::memcpy(b, src + n - 16, 16);
+    std::memcpy(dst, a, 16);
+    std::memcpy(dst + n - 16, b, 16);
+  } else if (n >= 8) {
+    uint64_t a, b;
+    std::memcpy(&a, src, 8);
+    std::memcpy(&b, src + n - 8, 8);
+    std::memcpy(dst, &a, 8);
+    std::memcpy(dst + n - 8, &b, 8);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
+}
+
 }  // namespace
 
 // x (N, C, H, W) or (N, C) float -> codes (N, H, W, Cp) or (N, Cp).
@@ -80,28 +99,60 @@ at::Tensor quantize_activation_cpu(const at::Tensor& x, double scale, int64_t ze
   TORCH_CHECK_VALUE(x.dim() == 4 || x.dim() == 2, op, ": expected x of shape (N, C, H, W) or (N, C), but got ",
                     x.sizes());
   check_scale_zero(op, "x", scale, zero_point);
+  // Per (image, channel): a contiguous plane of `plane` floats (NCHW; 1 for (N, C)), quantised with vectors and
+  // scattered to the channels-last codes.
   const bool image = x.dim() == 4;
-  const at::Tensor xl = (image ? x.permute({0, 2, 3, 1}) : x).to(at::kFloat).contiguous();  // channels last
-  const int64_t c = xl.size(-1), cp = round8(c), pixels = xl.numel() / std::max<int64_t>(c, 1);
-  std::vector<int64_t> sizes(xl.sizes().begin(), xl.sizes().end());
-  sizes.back() = cp;
-  at::Tensor out = at::empty(sizes, x.options().dtype(at::kByte));
-  const float* src = xl.const_data_ptr<float>();
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t nb = x.size(0), c = x.size(1), cp = round8(c), plane = image ? x.size(2) * x.size(3) : 1;
+  at::Tensor out = image ? at::empty({nb, x.size(2), x.size(3), cp}, x.options().dtype(at::kByte))
+                         : at::empty({nb, cp}, x.options().dtype(at::kByte));
+  const float* src = xf.const_data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   const float inv = static_cast<float>(1.0 / scale);
+  const int32_t zero = static_cast<int32_t>(zero_point);
+  if (cp > c) out.narrow(-1, c, cp - c).fill_(static_cast<uint8_t>(zero));
   std::atomic<bool> bad{false};
-  at::parallel_for(0, pixels, 256, [&](int64_t b, int64_t e) {
-    bool local_bad = false;
-    for (int64_t p = b; p < e; ++p) {
-      const float* s = src + p * c;
-      uint8_t* d = dst + p * cp;
-      for (int64_t i = 0; i < c; ++i) {
-        local_bad |= !std::isfinite(s[i]);
-        d[i] = quantize_value(s[i], inv, static_cast<int32_t>(zero_point));
+  // Work items: (image, pixel block of 256); every channel of a block per item.
+  constexpr int64_t kBlock = 256;
+  const int64_t blocks_per_image = (plane + kBlock - 1) / kBlock;
+  at::parallel_for(0, nb * blocks_per_image, image ? 1 : 64, [&](int64_t begin, int64_t end) {
+    simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+      constexpr int VB = decltype(vb)::value;
+      using VF = simd::Vec<float, VB>;
+      using VI = simd::Vec<int32_t, VB>;
+      constexpr int64_t L = simd::kLanes<float, VB>;
+      bool local_bad = false;
+      VI nonfinite{};
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t img = item / blocks_per_image, p0 = item % blocks_per_image * kBlock;
+        const int64_t p1 = std::min(plane, p0 + kBlock);
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float* s = src + (img * c + ch) * plane;
+          uint8_t* d = dst + img * plane * cp + ch;
+          int64_t p = p0;
+          for (; p + L <= p1; p += L) {
+            const VF v = simd::load<VF>(s + p);
+            VI bits;
+            std::memcpy(&bits, &v, sizeof(bits));
+            nonfinite |= VI((bits & 0x7F800000) == 0x7F800000);
+            VF y = v * inv;
+            y = y > -256.0f ? y : VF{} - 256.0f;
+            y = y < 256.0f ? y : VF{} + 256.0f;
+            VI code = __builtin_convertvector((y + 12582912.0f) - 12582912.0f, VI) + zero;
+            code = code > 0 ? code : VI{};
+            code = code < 127 ? code : VI{} + 127;
+#pragma GCC unroll 16
+            for (int64_t i = 0; i < L; ++i) d[(p + i) * cp] = static_cast<uint8_t>(code[i]);
+          }
+          for (; p < p1; ++p) {
+            local_bad |= !std::isfinite(s[p]);
+            d[p * cp] = quantize_value(s[p], inv, zero);
+          }
+        }
       }
-      std::fill(d + c, d + cp, static_cast<uint8_t>(zero_point));
-    }
-    if (local_bad) bad = true;
+      for (int64_t i = 0; i < L; ++i) local_bad |= nonfinite[i] != 0;
+      if (local_bad) bad = true;
+    });
   });
   TORCH_CHECK_VALUE(!bad, op, ": x has non-finite values (inf or nan); a static int8 model takes finite inputs");
   return out;
@@ -418,18 +469,34 @@ at::Tensor quantized_im2col_cpu(const at::Tensor& x, at::IntArrayRef kernel, at:
   at::Tensor out = at::empty({n, ho, wo, kp}, x.options());
   const uint8_t* xp = xc.const_data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
+  // A kernel row's taps over consecutive input pixels (dilation 1, inside the image) are one run of kw * channels
+  // bytes of the input with its channel padding dropped: one short copy instead of kw.
+  const bool runs = dw == 1 && kw * channels <= 32;
+  const at::Tensor dense = runs && cp != channels ? xc.narrow(3, 0, channels).contiguous() : xc;
+  const uint8_t* dp = dense.const_data_ptr<uint8_t>();
+  const int64_t dc = dense.size(3);
   at::parallel_for(0, n * ho * wo, 64, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const int64_t bi = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
       uint8_t* row = dst + m * kp;
       for (int64_t ty = 0; ty < kh; ++ty) {
-        for (int64_t tx = 0; tx < kw; ++tx) {
-          const int64_t iy = oy * sh - ph + ty * dh, ix = ox * sw - pw + tx * dw;
-          uint8_t* d = row + (ty * kw + tx) * channels;
-          if (iy < 0 || iy >= h || ix < 0 || ix >= w) {
+        const int64_t iy = oy * sh - ph + ty * dh, ix0 = ox * sw - pw;
+        uint8_t* d = row + ty * kw * channels;
+        if (iy < 0 || iy >= h) {
+          std::memset(d, static_cast<int>(zero), static_cast<size_t>(kw * channels));
+          continue;
+        }
+        if (runs && ix0 >= 0 && ix0 + kw <= w) {
+          copy_small(d, dp + ((bi * h + iy) * w + ix0) * dc, kw * channels);
+          continue;
+        }
+        for (int64_t tx = 0; tx < kw; ++tx, d += channels) {
+          const int64_t ix = ix0 + tx * dw;
+          if (ix < 0 || ix >= w) {
             std::memset(d, static_cast<int>(zero), static_cast<size_t>(channels));
           } else {
-            std::memcpy(d, xp + ((bi * h + iy) * w + ix) * cp, static_cast<size_t>(channels));
+            copy_small(d, xp + ((bi * h + iy) * w + ix) * cp, std::min<int64_t>(channels, 32));
+            if (channels > 32) std::memcpy(d + 32, xp + ((bi * h + iy) * w + ix) * cp + 32, static_cast<size_t>(channels - 32));
           }
         }
       }
@@ -463,23 +530,39 @@ at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel,
   const uint8_t* xp = xc.const_data_ptr<uint8_t>();
   uint8_t* op_ = out.data_ptr<uint8_t>();
   at::parallel_for(0, n * ho * wo, 64, [&](int64_t b, int64_t e) {
-    std::vector<uint8_t> best(static_cast<size_t>(cp));
-    for (int64_t m = b; m < e; ++m) {
-      const int64_t bi = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
-      std::fill(best.begin(), best.end(), uint8_t{0});
-      for (int64_t ty = 0; ty < kh; ++ty) {
-        const int64_t iy = oy * sh - ph + ty * dh;
-        if (iy < 0 || iy >= h) continue;
-        for (int64_t tx = 0; tx < kw; ++tx) {
-          const int64_t ix = ox * sw - pw + tx * dw;
-          if (ix < 0 || ix >= w) continue;
-          const uint8_t* __restrict__ row = xp + ((bi * h + iy) * w + ix) * cp;
-          uint8_t* __restrict__ bp = best.data();
-          for (int64_t c = 0; c < cp; ++c) bp[c] = bp[c] > row[c] ? bp[c] : row[c];
+    simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+      constexpr int VB = decltype(vb)::value;
+      using VU = simd::Vec<uint8_t, VB>;
+      for (int64_t m = b; m < e; ++m) {
+        const int64_t bi = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+        uint8_t* dst = op_ + m * cp;
+        // Channel slices of one vector (the last one may overlap the previous: max is idempotent).
+        for (int64_t c0 = 0; c0 < cp; c0 += VB) {
+          const int64_t c = cp >= VB ? std::min(c0, cp - VB) : 0;
+          VU best{};
+          uint8_t tail[VB] = {};
+          for (int64_t ty = 0; ty < kh; ++ty) {
+            const int64_t iy = oy * sh - ph + ty * dh;
+            if (iy < 0 || iy >= h) continue;
+            for (int64_t tx = 0; tx < kw; ++tx) {
+              const int64_t ix = ox * sw - pw + tx * dw;
+              if (ix < 0 || ix >= w) continue;
+              const uint8_t* row = xp + ((bi * h + iy) * w + ix) * cp + c;
+              if (cp >= VB) {
+                best = simd::vmax(best, simd::load<VU>(row));
+              } else {
+                for (int64_t i = 0; i < cp; ++i) tail[i] = std::max(tail[i], row[i]);
+              }
+            }
+          }
+          if (cp >= VB) {
+            simd::store(dst + c, best);
+          } else {
+            std::memcpy(dst, tail, static_cast<size_t>(cp));
+          }
         }
       }
-      std::memcpy(op_ + m * cp, best.data(), static_cast<size_t>(cp));
-    }
+    });
   });
   return out;
 }

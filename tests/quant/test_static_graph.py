@@ -91,6 +91,45 @@ def _check_conv_against_reference(case, bits, symmetric, epilogue):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # float32 vs float64 rounding at ties only
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_code_ops_match_references_at_every_level(level):
+    """Max pooling (vector slices, overlapping tails), input quantisation (vectors straight from NCHW) and the
+    first-layer patches against plain PyTorch, at every CPU level: channel counts below, at and past a vector,
+    odd spatial sizes, padding, dilation, ceil_mode."""
+    gen = torch.Generator().manual_seed(1)
+    with deepseek_ext.capped_cpu_isa(level):
+        for c, kernel, stride, pad, ceil in [(72, 3, 2, 1, False), (136, 2, 1, 0, True), (8, 3, 2, 1, True),
+                                             (64, 3, 1, 1, False)]:  # fmt: skip
+            x = _codes(2, 9, 7, c, 0, gen)
+            xf = x.double().permute(0, 3, 1, 2)
+            got = ops.quantized_max_pool2d(x, (kernel, kernel), (stride, stride), (pad, pad), ceil_mode=ceil)
+            want = F.max_pool2d(xf, kernel, stride, pad, ceil_mode=ceil).permute(0, 2, 3, 1).to(torch.uint8)
+            assert torch.equal(got, want), (c, kernel, stride, pad, ceil)
+        for shape in [(2, 3, 7, 9), (1, 70, 5, 3), (3, 5), (2, 17, 1, 1)]:
+            f = torch.randn(shape, generator=gen) * 2
+            codes = ops.quantize_activation(f, 0.05, 64)
+            want = torch.round(f.double() / 0.05 + 64).clamp(0, 127)
+            want = want.permute(0, 2, 3, 1) if f.dim() == 4 else want
+            c = f.shape[1]
+            assert torch.equal(codes[..., :c], want.to(torch.uint8)), shape
+            assert (codes[..., c:] == 64).all()
+            bad = f.clone().flatten()
+            bad[bad.numel() // 2] = float("inf")
+            with pytest.raises(ValueError, match="non-finite"):
+                ops.quantize_activation(bad.view(shape), 0.05, 64)
+        for c, kernel, stride, pad, dil in [(3, 7, 2, 3, 1), (5, 3, 1, 2, 2), (8, 3, 2, 1, 1), (40, 2, 1, 1, 1),
+                                            (3, 5, 3, 0, 1)]:  # fmt: skip
+            x = _codes(2, 11, 10, c, 9, gen)
+            got = ops.quantized_im2col(x, (kernel, kernel), (stride, stride), (pad, pad), (dil, dil), c, 9)
+            xf = F.pad(x[..., :c].permute(0, 3, 1, 2).double(), (pad,) * 4, value=9)
+            cols = F.unfold(xf, kernel, dilation=dil, stride=stride)  # (N, C * taps, L), channel-major
+            n, ho, wo, _ = got.shape
+            want = cols.view(n, c, kernel * kernel, ho * wo).permute(0, 3, 2, 1).reshape(n, ho, wo, -1)
+            k = kernel * kernel * c
+            assert torch.equal(got[..., :k], want.to(torch.uint8)), (c, kernel, stride, pad, dil)
+            assert (got[..., k:] == 9).all()
+
+
 def test_code_ops_match_references():
     gen = torch.Generator().manual_seed(0)
     x = _codes(2, 9, 11, 24, 0, gen)
