@@ -30,8 +30,8 @@ inline void set_code(uint8_t* row, int64_t k, int64_t bits, int64_t code) {
 // Row pointers per tap in conv_rows: rows[t * kConvRowStride + r].
 constexpr int kConvRowStride = 8;
 
-// The requantising epilogue of quantized_conv2d, applied to each tile's int32 accumulators in registers. Per
-// column c of the 64-column block and row r of the tile:
+// The requantising epilogue of quantized_conv2d, applied to each tile's int32 accumulators. Per column c of the
+// 64-column block (the per-column arrays start at the block) and row r of the tile:
 //   d = dot - zc[c] (- wzero[c] * xsum[r] when wzero is set)
 //   v = float(d) * mul[c] + add[c] (+ res_mul * res[r][c])
 //   codes: clamp(v, lo, hi) rounded to nearest even, plus the output zero point; floats: v (max(v, 0) when relu).
@@ -47,15 +47,16 @@ struct Requant {
   int32_t out_zero;      // codes
   bool relu;             // float outputs
   int64_t cols;          // valid columns of the block
+  int64_t col0;          // the block's first column in an output (and residual) row
 };
 
 // The rows of one tile: per row, the input pixel each kernel tap lands on and where the results go.
 struct TileRows {
   const uint8_t* const* taps;   // taps[t * kConvRowStride + r]
   const int32_t* xsum;          // per row: sum of the codes the row meets minus their zero points (with wzero)
-  const uint8_t* const* res;    // per row: the residual codes at the block's first column, or null
-  uint8_t* const* out_codes;    // per row: the output codes at the block's first column, or null
-  float* const* out_float;      // per row: the float outputs at the block's first column, or null
+  const uint8_t* const* res;    // per row: the row of residual codes, or null
+  uint8_t* const* out_codes;    // per row: the row of output codes, or null
+  float* const* out_float;      // per row: the row of float outputs, or null
 };
 
 // One instruction set's integer kernels.

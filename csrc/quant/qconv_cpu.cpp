@@ -110,7 +110,6 @@ at::Tensor quantize_activation_cpu(const at::Tensor& x, double scale, int64_t ze
   uint8_t* dst = out.data_ptr<uint8_t>();
   const float inv = static_cast<float>(1.0 / scale);
   const int32_t zero = static_cast<int32_t>(zero_point);
-  if (cp > c) out.narrow(-1, c, cp - c).fill_(static_cast<uint8_t>(zero));
   std::atomic<bool> bad{false};
   // Work items: (image, pixel block of 256); every channel of a block per item.
   constexpr int64_t kBlock = 256;
@@ -126,6 +125,9 @@ at::Tensor quantize_activation_cpu(const at::Tensor& x, double scale, int64_t ze
       for (int64_t item = begin; item < end; ++item) {
         const int64_t img = item / blocks_per_image, p0 = item % blocks_per_image * kBlock;
         const int64_t p1 = std::min(plane, p0 + kBlock);
+        if (cp > c) {  // channel padding: zero-point codes
+          for (int64_t p = p0; p < p1; ++p) std::memset(dst + (img * plane + p) * cp + c, zero, static_cast<size_t>(cp - c));
+        }
         for (int64_t ch = 0; ch < c; ++ch) {
           const float* s = src + (img * c + ch) * plane;
           uint8_t* d = dst + img * plane * cp + ch;
@@ -259,10 +261,14 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const IntKernels& k = *int8_gemm_kernels();
   const int64_t mr = k.mr8;
   const int64_t rows = n * ho * wo, blocks = want[0], kp = padded_k(taps * cp, 0);
-  const int64_t block_bytes = pk.numel() / blocks;
+  const int64_t block_bytes = pk.numel() / blocks, wide_bytes = kp * kPackN;  // a block stored / in the 8-bit layout
+  // Work: (group of blocks, chunk of rows). A group's weights (at most ~256 KiB) stay in L2 while each tile of rows,
+  // set up once, meets every block of the group.
+  const int64_t per_group = std::clamp<int64_t>((int64_t{256} << 10) / wide_bytes, 1, blocks);
+  const int64_t block_groups = (blocks + per_group - 1) / per_group;
   const int64_t threads = at::get_num_threads();
   const int64_t tiles = (rows + mr - 1) / mr;
-  const int64_t chunks = std::clamp<int64_t>((4 * threads + blocks - 1) / blocks, 1, tiles);
+  const int64_t chunks = std::clamp<int64_t>((4 * threads + block_groups - 1) / block_groups, 1, tiles);
   const int64_t per_chunk = (tiles + chunks - 1) / chunks * mr;  // whole tiles per chunk
   // The epilogue's constants (see Requant): scales, bias, residual zero point and 1 / out_scale folded per column.
   const float inv_out = output_float ? 1.0f : static_cast<float>(1.0 / out_scale);
@@ -274,45 +280,58 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const uint8_t* resp = residual.has_value() ? rc.const_data_ptr<uint8_t>() : nullptr;
   float* out_f = output_float ? out.data_ptr<float>() : nullptr;
   uint8_t* out_c = output_float ? nullptr : out.data_ptr<uint8_t>();
+  const int64_t out_stride = output_float ? cout : coutp;
 
-  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, block_groups * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<const uint8_t*> by_tap(static_cast<size_t>(taps * kConvRowStride));
-    std::vector<uint8_t> wide(centred ? static_cast<size_t>(kp * kPackN) : 0);
+    std::vector<uint8_t> wide(centred ? static_cast<size_t>(per_group * wide_bytes) : 0);
     std::vector<int32_t> xsum(static_cast<size_t>(mr));
-    alignas(64) float mul[kPackN], add[kPackN];
-    alignas(64) int32_t zc[kPackN], wzv[kPackN];
-    uint8_t zero_bytes[kPackN];
+    const size_t consts = static_cast<size_t>(per_group * kPackN);
+    std::vector<float> mul(consts), add(consts);
+    std::vector<int32_t> zc(consts), wzv(consts);
+    std::vector<Requant> q(static_cast<size_t>(per_group));
+    std::vector<const uint8_t*> wblk(static_cast<size_t>(per_group));
     std::vector<const uint8_t*> res_rows(static_cast<size_t>(mr));
     std::vector<uint8_t*> out_codes(static_cast<size_t>(mr));
     std::vector<float*> out_float(static_cast<size_t>(mr));
     const TileRows tile{by_tap.data(), xsum.data(), residual.has_value() ? res_rows.data() : nullptr,
                         output_float ? nullptr : out_codes.data(), output_float ? out_float.data() : nullptr};
+    int64_t current = -1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t blk = t / chunks, ch = t % chunks;
-      const int64_t c0 = blk * kPackN, cols = std::min(kPackN, cout - c0);
-      for (int64_t c = 0; c < kPackN; ++c) {
-        const int64_t oc = std::min(c0 + c, cout - 1);
-        const int32_t z = c0 + c < cout ? wzp[oc] : 0;
-        mul[c] = static_cast<float>(in_scale) * wsp[oc] * inv_out;
-        add[c] = (bp[oc] - res_add) * inv_out;
-        // Sum of the codes the products meet: the stored codes, or the centred ones.
-        const int32_t sum = centred ? wsump[oc] - z * static_cast<int32_t>(taps * cp) : wsump[oc];
-        zc[c] = static_cast<int32_t>(in_zero) * sum;
-        wzv[c] = z;
-        zero_bytes[c] = static_cast<uint8_t>(z);
+      const int64_t g = t / chunks, ch = t % chunks;
+      const int64_t b0 = g * per_group, nb = std::min(per_group, blocks - b0);
+      if (g != current) {  // the group's per-column constants and (4-bit) widened, centred weights
+        current = g;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t c0 = (b0 + j) * kPackN;
+          uint8_t zero_bytes[kPackN];
+          for (int64_t c = 0; c < kPackN; ++c) {
+            const int64_t oc = std::min(c0 + c, cout - 1), i = j * kPackN + c;
+            const int32_t z = c0 + c < cout ? wzp[oc] : 0;
+            mul[i] = static_cast<float>(in_scale) * wsp[oc] * inv_out;
+            add[i] = (bp[oc] - res_add) * inv_out;
+            // Sum of the codes the products meet: the stored codes, or the centred ones.
+            const int32_t sum = centred ? wsump[oc] - z * static_cast<int32_t>(taps * cp) : wsump[oc];
+            zc[i] = static_cast<int32_t>(in_zero) * sum;
+            wzv[i] = z;
+            zero_bytes[c] = static_cast<uint8_t>(z);
+          }
+          wblk[j] = wp + (b0 + j) * block_bytes;
+          if (centred) {
+            k.widen_block(wblk[j], kp, wide.data() + j * wide_bytes, zero_bytes);
+            wblk[j] = wide.data() + j * wide_bytes;
+          }
+          const int64_t i = j * kPackN;
+          q[j] = Requant{zc.data() + i, row_sums ? wzv.data() + i : nullptr, mul.data() + i, add.data() + i,
+                         res_s * inv_out, relu ? 0.0f : -static_cast<float>(out_zero),
+                         127.0f - static_cast<float>(out_zero), static_cast<int32_t>(out_zero), relu,
+                         std::min(kPackN, cout - c0), c0};
+        }
       }
-      const uint8_t* wblk = wp + blk * block_bytes;
-      if (centred) {
-        k.widen_block(wblk, kp, wide.data(), zero_bytes);
-        wblk = wide.data();
-      }
-      const Requant q{zc, row_sums ? wzv : nullptr, mul, add, res_s * inv_out,
-                      relu ? 0.0f : -static_cast<float>(out_zero), 127.0f - static_cast<float>(out_zero),
-                      static_cast<int32_t>(out_zero), relu, cols};
-      const int64_t r_end = std::min(rows, (ch + 1) * per_chunk);
-      for (int64_t r0 = ch * per_chunk; r0 < r_end; r0 += mr) {
+      const int64_t r_begin = ch * per_chunk, r_end = std::min(rows, r_begin + per_chunk);
+      int64_t b = r_begin / (ho * wo), oy = r_begin / wo % ho, ox = r_begin % wo;  // stepped row by row below
+      for (int64_t r0 = r_begin; r0 < r_end; r0 += mr) {
         const int nr = static_cast<int>(std::min<int64_t>(mr, r_end - r0));
-        int64_t b = r0 / (ho * wo), oy = r0 / wo % ho, ox = r0 % wo;  // the tile's first output pixel, then stepped
         for (int r = 0; r < nr; ++r) {
           const int64_t m = r0 + r;
           int32_t qs = 0;
@@ -327,11 +346,11 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
             }
           }
           xsum[r] = qs;
-          if (resp != nullptr) res_rows[r] = resp + m * coutp + c0;
+          if (resp != nullptr) res_rows[r] = resp + m * coutp;
           if (output_float) {
-            out_float[r] = out_f + m * cout + c0;
+            out_float[r] = out_f + m * out_stride;
           } else {
-            out_codes[r] = out_c + m * coutp + c0;
+            out_codes[r] = out_c + m * out_stride;
           }
           if (++ox == wo) {
             ox = 0;
@@ -341,7 +360,7 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
             }
           }
         }
-        k.conv_rows(nr, taps, cp, wblk, tile, q);
+        for (int64_t j = 0; j < nb; ++j) k.conv_rows(nr, taps, cp, wblk[j], tile, q[j]);
       }
     }
   });
