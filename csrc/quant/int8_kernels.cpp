@@ -57,6 +57,11 @@ struct Ops {
     const auto b = simd::narrow4<uint8_t>(v);
     std::memcpy(p, &b, static_cast<size_t>(n));
   }
+  using F = simd::Vec<float, kBytes>;
+  static inline F clamp(F v, F lo, F hi) {
+    v = v > lo ? v : lo;
+    return v < hi ? v : hi;
+  }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
     for (int i = 0; i < 4; ++i) acc[i] = std::fmaf(s[i], static_cast<float>(d[i] - (z[i] * xs + 64 * ws[i])), acc[i]);
@@ -97,8 +102,14 @@ struct Ops {
     return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), p));
   }
   static inline void store_bytes4(uint8_t* p, V v, int n) {
-    _mm512_mask_cvtepi32_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1), v);
+    if (n == 16) {  // a narrowing store to memory is several micro-ops on some cores; a register one is one
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(v));
+    } else {
+      _mm512_mask_cvtepi32_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1), v);
+    }
   }
+  using F = simd::Vec<float, kBytes>;
+  static inline F clamp(F v, F lo, F hi) { return (F)_mm512_min_ps(_mm512_max_ps((__m512)v, (__m512)lo), (__m512)hi); }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
     const __m512i corr = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_loadu_si512(z), _mm512_set1_epi32(xs)),
@@ -144,6 +155,8 @@ struct Ops {
   static inline void store_bytes4(uint8_t* p, V v, int n) {
     _mm256_mask_cvtepi32_storeu_epi8(p, static_cast<__mmask8>((1u << n) - 1), v);
   }
+  using F = simd::Vec<float, kBytes>;
+  static inline F clamp(F v, F lo, F hi) { return (F)_mm256_min_ps(_mm256_max_ps((__m256)v, (__m256)lo), (__m256)hi); }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
     const __m256i corr = _mm256_add_epi32(_mm256_mullo_epi32(load(z), _mm256_set1_epi32(xs)), _mm256_slli_epi32(load(ws), 6));
@@ -179,6 +192,8 @@ struct Ops {
   static inline V codes4(const uint8_t* p) { return vnni512::Ops::codes4(p); }
   static inline V load_bytes4(const uint8_t* p, int n) { return vnni512::Ops::load_bytes4(p, n); }
   static inline void store_bytes4(uint8_t* p, V v, int n) { vnni512::Ops::store_bytes4(p, v, n); }
+  using F = simd::Vec<float, kBytes>;
+  static inline F clamp(F v, F lo, F hi) { return vnni512::Ops::clamp(v, lo, hi); }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
     vnni512::Ops::epilogue(d, s, z, ws, xs, acc);
@@ -239,6 +254,8 @@ struct Ops {
       std::memcpy(p, &both, static_cast<size_t>(n));
     }
   }
+  using F = simd::Vec<float, kBytes>;
+  static inline F clamp(F v, F lo, F hi) { return (F)_mm256_min_ps(_mm256_max_ps((__m256)v, (__m256)lo), (__m256)hi); }
   static inline void epilogue(const int32_t* d, const float* s, const int32_t* z, const int32_t* ws, int32_t xs,
                               float* acc) {
     const __m256i corr = _mm256_add_epi32(_mm256_mullo_epi32(load(z), _mm256_set1_epi32(xs)), _mm256_slli_epi32(load(ws), 6));

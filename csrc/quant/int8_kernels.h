@@ -30,21 +30,20 @@ inline void set_code(uint8_t* row, int64_t k, int64_t bits, int64_t code) {
 // Row pointers per tap in conv_rows: rows[t * kConvRowStride + r].
 constexpr int kConvRowStride = 8;
 
-// The requantising epilogue of quantized_conv2d, applied to each tile's int32 accumulators. Per column c of the
-// 64-column block (the per-column arrays start at the block) and row r of the tile:
-//   d = dot - zc[c] (- wzero[c] * xsum[r] when wzero is set)
-//   v = float(d) * mul[c] + add[c] (+ res_mul * res[r][c])
-//   codes: clamp(v, lo, hi) rounded to nearest even, plus the output zero point; floats: v (max(v, 0) when relu).
-// The driver folds the scales, bias, residual zero point and 1 / out_scale into mul, add and res_mul, and the
-// ReLU and the code range into lo / hi, so the epilogue is a handful of vector operations per 16 outputs.
+// The requantising epilogue of quantized_conv2d. Per column c of the 64-column block (the per-column arrays start
+// at the block) and row r of the tile, with the accumulator started at acc0[c] instead of 0:
+//   d = acc0[c] + dot (- wzero[c] * xsum[r] when wzero is set)
+//   y = float(d) * mul[c] + add[c] (+ res_mul * res[r][c])
+//   codes: clamp(y, lo, hi) rounded to the nearest integer (ties to even); floats: y (max(y, 0) when relu).
+// The driver folds the zero points, scales, bias and 1 / out_scale into acc0, mul, add and res_mul, and the ReLU and
+// the code range into lo / hi, so that the epilogue is a handful of vector operations per 16 outputs.
 struct Requant {
-  const int32_t* zc;     // per column: input zero point * sum of the column's weight codes
+  const int32_t* acc0;   // per column: -(input zero point * sum of the column's weight codes)
   const int32_t* wzero;  // per column weight zero point, or null when the weights are centred (zero points 0)
   const float* mul;      // per column
-  const float* add;      // per column
+  const float* add;      // per column (codes: including the output zero point)
   float res_mul;
-  float lo, hi;          // codes: the range of v (relu: 0, else -out_zero; 127 - out_zero)
-  int32_t out_zero;      // codes
+  float lo, hi;          // codes: the range of y (relu: out_zero, else 0; 127)
   bool relu;             // float outputs
   int64_t cols;          // valid columns of the block
   int64_t col0;          // the block's first column in an output (and residual) row

@@ -272,6 +272,7 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const int64_t per_chunk = (tiles + chunks - 1) / chunks * mr;  // whole tiles per chunk
   // The epilogue's constants (see Requant): scales, bias, residual zero point and 1 / out_scale folded per column.
   const float inv_out = output_float ? 1.0f : static_cast<float>(1.0 / out_scale);
+  const float out_z = output_float ? 0.0f : static_cast<float>(out_zero);
   const float res_s = residual.has_value() ? static_cast<float>(res_scale) : 0.0f;
   const float res_add = residual.has_value() ? res_s * static_cast<float>(res_zero) : 0.0f;
   const float* wsp = ws.const_data_ptr<float>();
@@ -288,7 +289,7 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
     std::vector<int32_t> xsum(static_cast<size_t>(mr));
     const size_t consts = static_cast<size_t>(per_group * kPackN);
     std::vector<float> mul(consts), add(consts);
-    std::vector<int32_t> zc(consts), wzv(consts);
+    std::vector<int32_t> acc0(consts), wzv(consts);
     std::vector<Requant> q(static_cast<size_t>(per_group));
     std::vector<const uint8_t*> wblk(static_cast<size_t>(per_group));
     std::vector<const uint8_t*> res_rows(static_cast<size_t>(mr));
@@ -309,10 +310,10 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
             const int64_t oc = std::min(c0 + c, cout - 1), i = j * kPackN + c;
             const int32_t z = c0 + c < cout ? wzp[oc] : 0;
             mul[i] = static_cast<float>(in_scale) * wsp[oc] * inv_out;
-            add[i] = (bp[oc] - res_add) * inv_out;
+            add[i] = (bp[oc] - res_add) * inv_out + out_z;
             // Sum of the codes the products meet: the stored codes, or the centred ones.
             const int32_t sum = centred ? wsump[oc] - z * static_cast<int32_t>(taps * cp) : wsump[oc];
-            zc[i] = static_cast<int32_t>(in_zero) * sum;
+            acc0[i] = -static_cast<int32_t>(in_zero) * sum;
             wzv[i] = z;
             zero_bytes[c] = static_cast<uint8_t>(z);
           }
@@ -322,10 +323,8 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
             wblk[j] = wide.data() + j * wide_bytes;
           }
           const int64_t i = j * kPackN;
-          q[j] = Requant{zc.data() + i, row_sums ? wzv.data() + i : nullptr, mul.data() + i, add.data() + i,
-                         res_s * inv_out, relu ? 0.0f : -static_cast<float>(out_zero),
-                         127.0f - static_cast<float>(out_zero), static_cast<int32_t>(out_zero), relu,
-                         std::min(kPackN, cout - c0), c0};
+          q[j] = Requant{acc0.data() + i, row_sums ? wzv.data() + i : nullptr, mul.data() + i, add.data() + i,
+                         res_s * inv_out, relu ? out_z : 0.0f, 127.0f, relu, std::min(kPackN, cout - c0), c0};
         }
       }
       const int64_t r_begin = ch * per_chunk, r_end = std::min(rows, r_begin + per_chunk);
