@@ -282,6 +282,7 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
   float* out_f = output_float ? out.data_ptr<float>() : nullptr;
   uint8_t* out_c = output_float ? nullptr : out.data_ptr<uint8_t>();
   const int64_t out_stride = output_float ? cout : coutp;
+  const bool pointwise = taps == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
 
   at::parallel_for(0, block_groups * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<const uint8_t*> by_tap(static_cast<size_t>(taps * kConvRowStride));
@@ -333,6 +334,17 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed, c
         const int nr = static_cast<int>(std::min<int64_t>(mr, r_end - r0));
         for (int r = 0; r < nr; ++r) {
           const int64_t m = r0 + r;
+          if (pointwise) {  // output pixel m reads input pixel m
+            by_tap[r] = xp + m * cp;
+            xsum[r] = row_sums ? pixel_q[m] : 0;
+            if (resp != nullptr) res_rows[r] = resp + m * coutp;
+            if (output_float) {
+              out_float[r] = out_f + m * out_stride;
+            } else {
+              out_codes[r] = out_c + m * out_stride;
+            }
+            continue;
+          }
           int32_t qs = 0;
           for (int64_t ty = 0; ty < kh; ++ty) {
             const int64_t iy = oy * sh - ph + ty * dh;
@@ -487,34 +499,49 @@ at::Tensor quantized_im2col_cpu(const at::Tensor& x, at::IntArrayRef kernel, at:
   at::Tensor out = at::empty({n, ho, wo, kp}, x.options());
   const uint8_t* xp = xc.const_data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  // A kernel row's taps over consecutive input pixels (dilation 1, inside the image) are one run of kw * channels
-  // bytes of the input with its channel padding dropped: one short copy instead of kw.
-  const bool runs = dw == 1 && kw * channels <= 32;
-  const at::Tensor dense = runs && cp != channels ? xc.narrow(3, 0, channels).contiguous() : xc;
-  const uint8_t* dp = dense.const_data_ptr<uint8_t>();
-  const int64_t dc = dense.size(3);
+  const uint8_t tail[8] = {static_cast<uint8_t>(zero), static_cast<uint8_t>(zero), static_cast<uint8_t>(zero),
+                           static_cast<uint8_t>(zero), static_cast<uint8_t>(zero), static_cast<uint8_t>(zero),
+                           static_cast<uint8_t>(zero), static_cast<uint8_t>(zero)};
+  if (dw == 1 && kw * channels <= 32) {
+    // A kernel row's taps over consecutive pixels are one run of kw * channels bytes of the input without its
+    // channel padding; with the spatial padding made real (zero-point codes), every run lies inside it: one short
+    // copy per kernel row, no bounds checks.
+    const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
+    at::Tensor padded = at::full({n, hp, wp, channels}, zero, xc.options());
+    padded.narrow(1, ph, h).narrow(2, pw, w).copy_(xc.narrow(3, 0, channels));
+    const uint8_t* pp = padded.const_data_ptr<uint8_t>();
+    const int64_t run = kw * channels;
+    at::parallel_for(0, n * ho * wo, 256, [&](int64_t b, int64_t e) {
+      int64_t bi = b / (ho * wo), oy = b / wo % ho, ox = b % wo;  // stepped row by row
+      for (int64_t m = b; m < e; ++m) {
+        uint8_t* row = dst + m * kp;
+        const uint8_t* src = pp + ((bi * hp + oy * sh) * wp + ox * sw) * channels;
+        for (int64_t ty = 0; ty < kh; ++ty) copy_small(row + ty * run, src + ty * dh * wp * channels, run);
+        copy_small(row + k, tail, kp - k);  // kp - k < 8
+        if (++ox == wo) {
+          ox = 0;
+          if (++oy == ho) {
+            oy = 0;
+            ++bi;
+          }
+        }
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, n * ho * wo, 64, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const int64_t bi = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
       uint8_t* row = dst + m * kp;
       for (int64_t ty = 0; ty < kh; ++ty) {
-        const int64_t iy = oy * sh - ph + ty * dh, ix0 = ox * sw - pw;
+        const int64_t iy = oy * sh - ph + ty * dh;
         uint8_t* d = row + ty * kw * channels;
-        if (iy < 0 || iy >= h) {
-          std::memset(d, static_cast<int>(zero), static_cast<size_t>(kw * channels));
-          continue;
-        }
-        if (runs && ix0 >= 0 && ix0 + kw <= w) {
-          copy_small(d, dp + ((bi * h + iy) * w + ix0) * dc, kw * channels);
-          continue;
-        }
         for (int64_t tx = 0; tx < kw; ++tx, d += channels) {
-          const int64_t ix = ix0 + tx * dw;
-          if (ix < 0 || ix >= w) {
+          const int64_t ix = ox * sw - pw + tx * dw;
+          if (iy < 0 || iy >= h || ix < 0 || ix >= w) {
             std::memset(d, static_cast<int>(zero), static_cast<size_t>(channels));
           } else {
-            copy_small(d, xp + ((bi * h + iy) * w + ix) * cp, std::min<int64_t>(channels, 32));
-            if (channels > 32) std::memcpy(d + 32, xp + ((bi * h + iy) * w + ix) * cp + 32, static_cast<size_t>(channels - 32));
+            std::memcpy(d, xp + ((bi * h + iy) * w + ix) * cp, static_cast<size_t>(channels));
           }
         }
       }
