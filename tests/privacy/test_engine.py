@@ -96,13 +96,16 @@ def test_gradient_accumulation_with_virtual_steps():
         torch.testing.assert_close(b - p.detach(), r, rtol=1e-4, atol=1e-6)
 
 
-def test_dp_step_adds_gaussian_noise_and_divides_by_the_expected_batch_size():
+@pytest.mark.parametrize("clipping", ["flat", "ghost"])  # ghost: Linear weights' noise added into their GEMM sums
+def test_dp_step_adds_gaussian_noise_and_divides_by_the_expected_batch_size(clipping):
     data = TensorDataset(torch.randn(200, 6), torch.randint(0, 3, (200,)))
     model = small_model()
     x, y = data.tensors[0][:13], data.tensors[1][:13]
     clean = reference_clipped_mean(model, x, y, C=0.5)
     gen = torch.Generator().manual_seed(7)
-    dp = DifferentialPrivacy(epsilon=50.0, delta=1e-5, noise_multiplier=0.8, max_grad_norm=0.5, generator=gen)
+    dp = DifferentialPrivacy(
+        epsilon=50.0, delta=1e-5, noise_multiplier=0.8, max_grad_norm=0.5, generator=gen, clipping=clipping
+    )
     opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0), model=model, sample_rate=0.1, dataset_size=200)
     state = gen.get_state()
     seed, offset, expected_noise = draw_seed(gen), 0, []
