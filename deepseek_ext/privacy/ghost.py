@@ -113,7 +113,10 @@ class OuterProduct:
         a, g = self.a, self.g
         if self._grads is not None:  # held since the backward
             norms = per_sample_sq_norms(self._grads)
-        elif a.shape[2] == 1:  # ||g a^T||^2 = ||a||^2 ||g||^2
+        elif a.shape[2] == 1 and a.shape[1] == 1:  # ||g a^T||^2 = ||a||^2 ||g||^2, no temporaries
+            b = a.shape[0]
+            norms = per_sample_sq_norms(a.reshape(b, -1)) * per_sample_sq_norms(g.reshape(b, -1))
+        elif a.shape[2] == 1:
             norms = (a.pow(2).sum(-1) * g.pow(2).sum(-1)).sum((1, 2))
         elif self._materialise():
             norms = per_sample_sq_norms(self.per_sample())
