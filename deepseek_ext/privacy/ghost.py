@@ -380,12 +380,12 @@ def _conv(module, activations, grad_outputs, kwargs):
             out[weight] = PerSample(g.view(batch, *weight.shape))
         else:  # the Gram identity over the unfolded input
             lead = (1,) if nd == 1 else ()  # Conv1d as a Conv2d of height 1
-            cols = F.unfold(  # (B, Cin*k, L)
+            cols = grad_sample.unfold(  # (B, Cin*k, L)
                 x.unsqueeze(2) if nd == 1 else x,
                 lead + tuple(module.kernel_size),
-                dilation=lead + tuple(module.dilation),
-                padding=(0,) * len(lead) + pad,
-                stride=lead + tuple(module.stride),
+                lead + tuple(module.dilation),
+                (0,) * len(lead) + pad,
+                lead + tuple(module.stride),
             )
             cols = cols.reshape(batch, groups, cols.shape[1] // groups, cols.shape[-1])
 
