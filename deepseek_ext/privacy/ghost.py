@@ -121,7 +121,7 @@ class OuterProduct:
         elif self._materialise():
             norms = per_sample_sq_norms(self.per_sample())
         else:
-            norms = (torch.matmul(a, a.transpose(-1, -2)) * torch.matmul(g, g.transpose(-1, -2))).sum((1, 2, 3))
+            norms = _gram_dot(a, g)
         if self._grads is not None or self.sum_fn is not None:  # the factors are no longer needed: free them
             self.a = self.g = None
         return norms
@@ -136,11 +136,15 @@ class OuterProduct:
         if self.sum_fn is not None:
             return self.sum_fn(factors)
         b, k, t, din = self.a.shape
-        gc = self.g * factors.to(self.g.dtype).view(-1, 1, 1, 1)
+        a, g, c = self.a, self.g, factors.to(self.g.dtype).view(-1, 1, 1, 1)
+        if a.shape[-1] < g.shape[-1]:  # the factors scale the narrower of the two
+            a = a * c
+        else:
+            g = g * c
         # one GEMM per block over all tokens of all samples: (d_out, B*T) @ (B*T, d_in)
-        s = torch.bmm(
-            gc.permute(1, 3, 0, 2).reshape(k, -1, b * t), self.a.transpose(0, 1).reshape(k, b * t, din)
-        ).reshape(-1, din)
+        s = torch.bmm(g.permute(1, 3, 0, 2).reshape(k, -1, b * t), a.transpose(0, 1).reshape(k, b * t, din)).reshape(
+            -1, din
+        )
         return (s.t() if self.transpose else s).reshape(self.shape)
 
     def merge(self, other) -> OuterProduct | PerSample:
@@ -158,6 +162,22 @@ class OuterProduct:
                 torch.cat([self.a, other.a], 2), torch.cat([self.g, other.g], 2), self.shape, self.transpose
             )
         return PerSample(self.per_sample() + other.per_sample())
+
+
+def _gram_dot(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``<A A^T, G G^T>`` per sample (``sum_{t,s} (a_t . a_s) (g_t . g_s)``), summed over the blocks of
+    ``a (B, K, T, d_in)`` and ``g (B, K, T, d_out)``. Both Gram matrices are symmetric, so for longer sequences the
+    tokens are split in halves and the off-diagonal product is computed once and doubled: 3/4 of the GEMM work."""
+    t = a.shape[2]
+    if t < 32:
+        return (torch.matmul(a, a.transpose(-1, -2)) * torch.matmul(g, g.transpose(-1, -2))).sum((1, 2, 3))
+    h = t // 2
+    a1, a2, g1, g2 = a[:, :, :h], a[:, :, h:], g[:, :, :h], g[:, :, h:]
+
+    def dot(x1, x2, y1, y2):
+        return (torch.matmul(x1, x2.transpose(-1, -2)) * torch.matmul(y1, y2.transpose(-1, -2))).sum((1, 2, 3))
+
+    return dot(a1, a1, g1, g1) + dot(a2, a2, g2, g2) + 2 * dot(a1, a2, g1, g2)
 
 
 def _blocks(t: torch.Tensor) -> tuple:
