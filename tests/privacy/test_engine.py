@@ -26,6 +26,11 @@ def small_model():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
+def inplace_model():  # an in-place activation right after the first layer, whose output is tapped
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+
+
 def seq_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Embedding(20, 6), nn.LayerNorm(6), nn.Linear(6, 3))
@@ -56,6 +61,7 @@ def reference_clipped_mean(model, x, y, C, per_layer=False):
     "make,inputs",
     [
         (small_model, lambda: torch.randn(9, 6)),
+        (inplace_model, lambda: torch.randn(9, 6)),
         (seq_model, lambda: torch.randint(0, 20, (9, 5))),
     ],
 )
