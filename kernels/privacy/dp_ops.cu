@@ -73,8 +73,28 @@ __global__ void clip_sum_kernel(const T* __restrict__ g, const float* __restrict
   }
 }
 
+// Philox block `block`'s normals (positions 16 apart within a 64-position tile) that fall in [offset, offset + d):
+// fn(j, std * z) for each output element j = position - offset, std applied in the accumulation type A as on the
+// CPU (in float32 for float32 accumulation).
+template <typename A, typename Fn>
+__device__ __forceinline__ void for_each_noise(uint64_t block, uint64_t seed, uint64_t offset, int64_t d, double std,
+                                               Fn&& fn) {
+  const uint64_t tile_start = block / rng::kGaussianTileBlocks * rng::kGaussianTile;
+  const int64_t i = static_cast<int64_t>(block % rng::kGaussianTileBlocks);
+  float z[4];
+  rng::gaussian_block<rng::ScalarLanes>(seed, static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), z);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t position = tile_start + static_cast<uint64_t>(rng::gaussian_position(i, k));
+    if (position < offset || position - offset >= static_cast<uint64_t>(d)) continue;
+    fn(static_cast<int64_t>(position - offset), std::is_same_v<A, float>
+                                                    ? static_cast<A>(static_cast<float>(std) * z[k])
+                                                    : static_cast<A>(std) * static_cast<A>(z[k]));
+  }
+}
+
 // Element j of the output takes the normal at stream position offset + j; thread w handles Philox block
-// first_block + w, whose four positions lie 16 apart within a 64-position tile.
+// first_block + w.
 template <typename T>
 __global__ void clip_sum_gaussian_kernel(const T* __restrict__ g, const float* __restrict__ f, int64_t n, int64_t d,
                                          double scale, uint64_t seed, uint64_t offset, double noise_std,
@@ -82,47 +102,25 @@ __global__ void clip_sum_gaussian_kernel(const T* __restrict__ g, const float* _
   using A = at::opmath_type<T>;
   for (int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; w < blocks;
        w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint64_t block = first_block + static_cast<uint64_t>(w);
-    const uint64_t tile_start = block / rng::kGaussianTileBlocks * rng::kGaussianTile;
-    const int64_t i = static_cast<int64_t>(block % rng::kGaussianTileBlocks);
-    float z[4];
-    rng::gaussian_block<rng::ScalarLanes>(seed, static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), z);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint64_t position = tile_start + static_cast<uint64_t>(rng::gaussian_position(i, k));
-      if (position < offset || position - offset >= static_cast<uint64_t>(d)) continue;
-      const int64_t j = static_cast<int64_t>(position - offset);
-      A acc = std::is_same_v<A, float> ? static_cast<A>(static_cast<float>(noise_std) * z[k])
-                                       : static_cast<A>(noise_std) * static_cast<A>(z[k]);
+    for_each_noise<A>(first_block + static_cast<uint64_t>(w), seed, offset, d, noise_std, [&](int64_t j, A acc) {
       for (int64_t s = 0; s < n; ++s) acc += static_cast<A>(f[s]) * static_cast<A>(g[s * d + j]);
       out[j] = static_cast<T>(acc * static_cast<A>(scale));
-    }
+    });
   }
 }
 
 // gaussian_noise_: thread w computes Philox block first_block + w and updates the (up to four) elements of out its
-// normals belong to: out[j] = ((out[j] if accumulate else 0) + std * z) * scale, std applied as on the CPU.
+// normals belong to: out[j] = ((out[j] if accumulate else 0) + std * z) * scale.
 template <typename T>
 __global__ void gaussian_noise_kernel(T* __restrict__ out, int64_t d, uint64_t seed, uint64_t offset, double std,
                                       double scale, bool accumulate, uint64_t first_block, int64_t blocks) {
   using A = at::opmath_type<T>;
   for (int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; w < blocks;
        w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint64_t block = first_block + static_cast<uint64_t>(w);
-    const uint64_t tile_start = block / rng::kGaussianTileBlocks * rng::kGaussianTile;
-    const int64_t i = static_cast<int64_t>(block % rng::kGaussianTileBlocks);
-    float z[4];
-    rng::gaussian_block<rng::ScalarLanes>(seed, static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), z);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint64_t position = tile_start + static_cast<uint64_t>(rng::gaussian_position(i, k));
-      if (position < offset || position - offset >= static_cast<uint64_t>(d)) continue;
-      const int64_t j = static_cast<int64_t>(position - offset);
-      A v = std::is_same_v<A, float> ? static_cast<A>(static_cast<float>(std) * z[k])
-                                     : static_cast<A>(std) * static_cast<A>(z[k]);
+    for_each_noise<A>(first_block + static_cast<uint64_t>(w), seed, offset, d, std, [&](int64_t j, A v) {
       if (accumulate) v += static_cast<A>(out[j]);
       out[j] = static_cast<T>(v * static_cast<A>(scale));
-    }
+    });
   }
 }
 
