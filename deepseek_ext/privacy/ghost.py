@@ -204,9 +204,14 @@ class Lookup:
         self.num, self.padding_idx = num, padding_idx
 
     def sq_norms(self) -> torch.Tensor:
-        # ||g_i||^2 = sum over token pairs with the same index of G_t . G_s
-        same = (self.idx.unsqueeze(2) == self.idx.unsqueeze(1)).to(self.g.dtype)
-        return (torch.bmm(self.g, self.g.transpose(1, 2)) * same).sum((1, 2))
+        # ||g_i||^2 = sum over the rows v example i looks up of ||sum_{t: idx[i, t] = v} G[i, t]||^2: the rows of all
+        # examples summed at once over their (example, row) keys, in O(B T dim) instead of O(B T^2 dim) token pairs
+        batch, dim = self.g.shape[0], self.g.shape[-1]
+        keys = (torch.arange(batch, device=self.idx.device).unsqueeze(1) * self.num + self.idx).reshape(-1)
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        rows = self.g.new_zeros(uniq.numel(), dim).index_add_(0, inverse, self.g.reshape(-1, dim))
+        sq = rows.pow(2).sum(1)
+        return sq.new_zeros(batch).index_add_(0, torch.div(uniq, self.num, rounding_mode="floor"), sq)
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         gc = (self.g * factors.to(self.g.dtype).view(-1, 1, 1)).reshape(-1, self.g.shape[-1])
