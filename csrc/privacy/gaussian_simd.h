@@ -21,16 +21,14 @@ struct SimdLanes {
   using U64 = simd::Vec<uint64_t, Bytes>;
   static constexpr int kWidth = Bytes / 4;
 
-  // hi:lo = m * c in every lane: the even lanes' products from one pmuludq, the odd lanes' from another; both
-  // halves are picked out of those two products (shifts and blends, no third multiply: the multiplies bound the
-  // rounds' throughput).
+  // hi:lo = m * c in every lane: the even lanes' products from one pmuludq, the odd lanes' from another.
   static DSX_INLINE void mulhilo(uint32_t m, U c, U* hi, U* lo) {
     const U64 c64 = rng::bit_cast<U64>(c);
     const U64 mm = U64{} + m;
     const U64 even = simd::mul_even_u32(c64, mm);
     const U64 odd = simd::mul_even_u32(c64 >> 32, mm);
     *hi = rng::bit_cast<U>((even >> 32) | (odd & 0xFFFFFFFF00000000ull));
-    *lo = rng::bit_cast<U>((even & 0xFFFFFFFFull) | (odd << 32));
+    *lo = c * m;
   }
   static DSX_INLINE F to_float(I x) { return __builtin_convertvector(x, F); }
   static DSX_INLINE F sqrt(F x) { return simd::sqrt(x); }
