@@ -1,8 +1,9 @@
 """DP-SGD step time and peak memory: ours against Opacus (same clipping mode) and against non-private training, on
 an MLP, a small CNN (CIFAR-sized inputs) and a 2-layer 128-wide transformer encoder (seq 128), batch 256, and on
 two bigger models, batch 32: a 6-layer 512-wide transformer encoder (seq 128) and a ResNet-18-style CNN with
-GroupNorm (CIFAR-sized inputs). And the noise: ``gaussian_noise`` against ``torch.normal``, and ``clip_sum_noise``
-with the noise generated inside against ``torch.normal`` followed by ``clip_sum_noise`` with that tensor.
+GroupNorm (CIFAR-sized inputs). And the noise: ``gaussian_noise`` against ``torch.normal`` (new tensors),
+``gaussian_noise_`` against ``Tensor.normal_`` (existing tensors), and ``clip_sum_noise`` with the noise generated
+inside against ``torch.normal`` followed by ``clip_sum_noise`` with that tensor.
 
 Peak memory is each configuration's peak resident set size, measured in a fresh subprocess
 (``python -m benchmarks.privacy MODEL MODE``), so the modes do not share an allocator's high-water mark; the
@@ -21,7 +22,7 @@ from torch.nn import functional as F
 
 from benchmarks import runner
 from benchmarks.runner import Case
-from deepseek_ext.ops import clip_sum_noise, draw_seed, gaussian_noise
+from deepseek_ext.ops import clip_sum_noise, draw_seed, gaussian_noise, gaussian_noise_
 
 MODELS = ["mlp", "cnn", "transformer", "transformer6", "resnet18"]
 BATCH = {"mlp": 256, "cnn": 256, "transformer": 256, "transformer6": 32, "resnet18": 32}
@@ -180,7 +181,9 @@ def _check_normal(z: torch.Tensor, std: float) -> None:
 
 
 def noise_cases(device: str, quick: bool = False) -> list[Case]:
-    """Generating Gaussian noise (into a fresh tensor, as both sides do in a DP step) and the fused reduction."""
+    """Generating Gaussian noise, like with like: into a fresh tensor (``gaussian_noise`` against ``torch.normal``)
+    and into a tensor that already exists (``gaussian_noise_`` against ``Tensor.normal_``, as a DP step adds noise
+    to the sums it holds); and the reduction with the noise fused in."""
     out = []
     threads = torch.get_num_threads()
     seed = draw_seed()
@@ -192,7 +195,7 @@ def noise_cases(device: str, quick: bool = False) -> list[Case]:
             Case(
                 family="privacy",
                 op="gaussian_noise",
-                config=f"{n:.0e} float32, {threads} threads",
+                config=f"{n:.0e} float32 new tensor, {threads} thr",
                 ours=lambda n=n: gaussian_noise((n,), 1.0, seed, device=device),
                 baseline=lambda n=n: torch.normal(0.0, 1.0, (n,), device=device),
                 baseline_name=f"torch.normal (first touch of the output: {touch * 1e3:.1f} ms)",
@@ -201,6 +204,21 @@ def noise_cases(device: str, quick: bool = False) -> list[Case]:
                     _check_normal(torch.normal(0.0, 1.0, (n,), device=device), 1.0),
                 ),
                 extra={"first_touch_ms": touch * 1e3},
+            )
+        )
+        buf = torch.zeros(n, device=device)
+        out.append(
+            Case(
+                family="privacy",
+                op="gaussian_noise_",
+                config=f"{n:.0e} float32 in place, {threads} thr",
+                ours=lambda buf=buf: gaussian_noise_(buf, 1.0, seed),
+                baseline=lambda buf=buf: buf.normal_(0.0, 1.0),
+                baseline_name="Tensor.normal_ (torch.normal(out=) takes the same path)",
+                check=lambda buf=buf: (
+                    _check_normal(gaussian_noise_(buf, 1.0, seed), 1.0),
+                    _check_normal(buf.normal_(), 1.0),
+                ),
             )
         )
     if not quick:  # a model's noise: 10^7 values as ten 10^6-value parameters, offsets apart in one stream

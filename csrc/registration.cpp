@@ -51,12 +51,15 @@ TORCH_LIBRARY(deepseek_ext, m) {
   // Differential privacy (deepseek_ext/ops/privacy.py): per-sample gradient norms, and the DP-SGD reduction
   // (sum_i factors[i] * grads[i] + noise) * scale in one read of the per-sample gradients. The noise is a tensor, or
   // noise_std times Gaussian noise generated in the same pass from the Philox stream `seed` (a one-element int64 CPU
-  // tensor) at positions offset + j (csrc/include/deepseek_ext/gaussian.h); gaussian_noise is that stream alone.
+  // tensor) at positions offset + j (csrc/include/deepseek_ext/gaussian.h); gaussian_noise is that stream alone, and
+  // gaussian_noise_ writes it into an existing tensor: self = (self if accumulate else 0) + std * z, times scale.
   m.def("per_sample_sq_norms(Tensor grads) -> Tensor");
   m.def("clip_sum_noise(Tensor grads, Tensor factors, Tensor? noise=None, float scale=1.0, float noise_std=0.0,"
         " Tensor? seed=None, int offset=0) -> Tensor");
   m.def("gaussian_noise(int[] size, float std, Tensor seed, int offset=0, *, ScalarType? dtype=None,"
         " Device? device=None) -> Tensor");
+  m.def("gaussian_noise_(Tensor(a!) self, float std, Tensor seed, int offset=0, *, float scale=1.0,"
+        " bool accumulate=False) -> ()");
 
   // Fused attention (deepseek_ext/ops/attention.py): flash-style forward returning the output and the per-row
   // log-sum-exp (float32) the recomputing backward reads. Dropout draws from Philox keyed by `seed` (a one-element

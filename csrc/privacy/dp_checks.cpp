@@ -57,5 +57,20 @@ GeneratedNoise check_clip_sum_noise(const at::Tensor& grads, const at::Tensor& f
   return gen;
 }
 
+GeneratedNoise check_gaussian_noise_(const at::Tensor& self, double std, const at::Tensor& seed, int64_t offset,
+                                     double scale) {
+  constexpr const char* op = "gaussian_noise_";
+  check_dtype(op, "self", self, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
+  TORCH_CHECK_VALUE(std::isfinite(std) && std >= 0.0, op, ": expected std to be finite and >= 0, but got ", std);
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": expected scale to be finite, but got ", scale);
+  check_seed(op, seed);
+  check_offset(op, offset, self.numel());
+  GeneratedNoise gen;
+  gen.std = std;
+  gen.seed = static_cast<uint64_t>(seed.item<int64_t>());
+  gen.offset = static_cast<uint64_t>(offset);
+  return gen;
+}
+
 }  // namespace privacy
 }  // namespace deepseek_ext

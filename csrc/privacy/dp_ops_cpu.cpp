@@ -1,7 +1,8 @@
 // CPU kernels of the DP-SGD ops. Both read the per-sample gradients exactly once; accumulation is in float (double
 // for double inputs), vectorised with `omp simd` for each instruction-set level (simd::dispatch) and split over
 // threads by sample and column blocks. Generated noise comes from gaussian_simd.h, block by block into the
-// accumulator, so it never exists as a tensor; gaussian_noise (the stream alone) is clip_sum_noise over no samples.
+// accumulator, so it never exists as a tensor; gaussian_noise_ writes the stream alone into a tensor (gaussian_noise
+// into a new one).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -40,6 +41,20 @@ template <typename T>
 DSX_INLINE void add_scaled(at::opmath_type<T>* acc, const T* x, at::opmath_type<T> factor, int64_t len) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) acc[j] += factor * static_cast<at::opmath_type<T>>(x[j]);
+}
+
+// acc[j] = the generated noise at column c + j (len <= kCols): std applied in float32 for float32 accumulation, in
+// float64 for float64, so clip_sum_noise and gaussian_noise_ round alike.
+template <int Bytes, typename A, int64_t kCols>
+DSX_INLINE void noise_block(A* acc, int64_t len, const GeneratedNoise& gen, int64_t c) {
+  const uint64_t at = gen.offset + static_cast<uint64_t>(c);
+  if constexpr (std::is_same_v<A, float>) {
+    gaussian_fill<Bytes>(acc, len, gen.seed, at, static_cast<float>(gen.std));
+  } else {
+    float unit[kCols];
+    gaussian_fill<Bytes>(unit, len, gen.seed, at, 1.0f);
+    for (int64_t j = 0; j < len; ++j) acc[j] = static_cast<A>(gen.std) * static_cast<A>(unit[j]);
+  }
 }
 
 }  // namespace
@@ -102,14 +117,7 @@ at::Tensor clip_sum_noise_cpu(const at::Tensor& grads, const at::Tensor& factors
           if (zp) {
             for (int64_t j = 0; j < len; ++j) acc[j] = zp[c0 + j];
           } else if (gen.on()) {
-            const uint64_t at = gen.offset + static_cast<uint64_t>(c0);
-            if constexpr (std::is_same_v<A, float>) {
-              gaussian_fill<Bytes>(acc, len, gen.seed, at, static_cast<float>(gen.std));
-            } else {
-              float unit[kCols];
-              gaussian_fill<Bytes>(unit, len, gen.seed, at, 1.0f);
-              for (int64_t j = 0; j < len; ++j) acc[j] = static_cast<A>(gen.std) * static_cast<A>(unit[j]);
-            }
+            noise_block<Bytes, A, kCols>(acc, len, gen, c0);
           } else {
             for (int64_t j = 0; j < len; ++j) acc[j] = A(0);
           }
@@ -123,7 +131,61 @@ at::Tensor clip_sum_noise_cpu(const at::Tensor& grads, const at::Tensor& factors
   return out;
 }
 
-// The noise stream alone: clip_sum_noise over zero samples, so both share one generator and one set of checks.
+// self = ((self if accumulate else 0) + std * z) * scale with z the normals at positions offset + j: contiguous
+// tensors in place, thread by thread over column blocks (values depend on positions alone, not on the split); a
+// float32 fill without scale goes straight into self, everything else through an L1 block of float32 normals.
+void gaussian_noise_cpu_(const at::Tensor& self, double std, const at::Tensor& seed, int64_t offset, double scale,
+                         bool accumulate) {
+  const GeneratedNoise gen = check_gaussian_noise_(self, std, seed, offset, scale);
+  const int64_t d = self.numel();
+  if (d == 0) return;
+  if (!self.is_contiguous()) {
+    at::Tensor t = accumulate ? self.contiguous() : at::empty_like(self, at::MemoryFormat::Contiguous);
+    gaussian_noise_cpu_(t, std, seed, offset, scale, accumulate);
+    self.copy_(t);
+    return;
+  }
+  if (!gen.on()) {
+    if (!accumulate) {
+      self.zero_();
+    } else if (scale != 1.0) {
+      self.mul_(scale);
+    }
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "gaussian_noise_cpu_", [&] {
+    using A = at::opmath_type<scalar_t>;
+    scalar_t* op = self.data_ptr<scalar_t>();
+    const A s = static_cast<A>(scale);
+    constexpr int64_t kCols = 2048;
+    at::parallel_for(0, (d + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+      simd::dispatch([&](auto vb) DSX_LAMBDA_INLINE {
+        constexpr int Bytes = decltype(vb)::value;
+        const int64_t first = begin * kCols, last = std::min(d, end * kCols);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (!accumulate && scale == 1.0) {
+            gaussian_fill<Bytes>(op + first, last - first, gen.seed, gen.offset + first, static_cast<float>(gen.std));
+            return;
+          }
+        }
+        // The noise as clip_sum_noise's accumulator starts, then added in a separate loop: the same roundings
+        // (no contraction into one fma).
+        A acc[kCols];
+        for (int64_t c0 = first; c0 < last; c0 += kCols) {
+          const int64_t len = std::min(kCols, last - c0);
+          noise_block<Bytes, A, kCols>(acc, len, gen, c0);
+          scalar_t* o = op + c0;
+          if (accumulate) {
+            for (int64_t j = 0; j < len; ++j) acc[j] += static_cast<A>(o[j]);
+          }
+          for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(acc[j] * s);
+        }
+      });
+    });
+  });
+}
+
+// The noise stream alone: gaussian_noise_ into a new tensor.
 at::Tensor gaussian_noise(at::IntArrayRef size, double std, const at::Tensor& seed, int64_t offset,
                           std::optional<at::ScalarType> dtype, std::optional<at::Device> device) {
   constexpr const char* op = "gaussian_noise";
@@ -138,16 +200,13 @@ at::Tensor gaussian_noise(at::IntArrayRef size, double std, const at::Tensor& se
   check_seed(op, seed);
   check_offset(op, offset, c10::multiply_integers(size));
   const at::TensorOptions options = at::TensorOptions().dtype(type).device(device.value_or(at::kCPU));
-  std::vector<int64_t> shape{0};
-  shape.insert(shape.end(), size.begin(), size.end());
-  static const auto clip_sum_noise =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("deepseek_ext::clip_sum_noise", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double,
-                            const std::optional<at::Tensor>&, int64_t)>();
   if (std == 0.0) return at::zeros(size, options);
-  return clip_sum_noise.call(at::empty(shape, options), at::empty({0}, options.dtype(at::kFloat)), std::nullopt, 1.0,
-                             std, seed, offset);
+  static const auto fill = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("deepseek_ext::gaussian_noise_", "")
+                               .typed<void(const at::Tensor&, double, const at::Tensor&, int64_t, double, bool)>();
+  at::Tensor out = at::empty(size, options);
+  fill.call(out, std, seed, offset, 1.0, false);
+  return out;
 }
 
 }  // namespace privacy
@@ -156,6 +215,7 @@ at::Tensor gaussian_noise(at::IntArrayRef size, double std, const at::Tensor& se
 TORCH_LIBRARY_IMPL(deepseek_ext, CPU, m) {
   m.impl("per_sample_sq_norms", &deepseek_ext::privacy::per_sample_sq_norms_cpu);
   m.impl("clip_sum_noise", &deepseek_ext::privacy::clip_sum_noise_cpu);
+  m.impl("gaussian_noise_", &deepseek_ext::privacy::gaussian_noise_cpu_);
 }
 
 TORCH_LIBRARY_IMPL(deepseek_ext, CompositeImplicitAutograd, m) {

@@ -13,6 +13,34 @@
 namespace deepseek_ext {
 namespace privacy {
 
+// a / b and sqrt(x) for Box-Muller. On 512-bit lanes, the 14-bit estimates vrcp14ps / vrsqrt14ps refined by one
+// Newton step (relative error near 2^-27, inside the stream's few-ulp tolerance) instead of vdivps / vsqrtps, whose
+// latency stalled every tile; narrower levels divide and take roots exactly.
+template <int Bytes>
+DSX_INLINE simd::Vec<float, Bytes> lane_div(simd::Vec<float, Bytes> a, simd::Vec<float, Bytes> b) {
+  return a / b;
+}
+template <int Bytes>
+DSX_INLINE simd::Vec<float, Bytes> lane_sqrt(simd::Vec<float, Bytes> x) {
+  return simd::sqrt(x);
+}
+#ifdef DSX_X86
+template <>
+DSX_TARGET_AVX512 inline simd::Vec<float, 64> lane_div<64>(simd::Vec<float, 64> a, simd::Vec<float, 64> b) {
+  using F = simd::Vec<float, 64>;
+  const F r = (F)_mm512_rcp14_ps((__m512)b);
+  const F e = 1.0f - b * r;  // the estimate's relative error, below 2^-14
+  return a * (r + r * e);
+}
+template <>
+DSX_TARGET_AVX512 inline simd::Vec<float, 64> lane_sqrt<64>(simd::Vec<float, 64> x) {
+  using F = simd::Vec<float, 64>;
+  const F y = (F)_mm512_rsqrt14_ps((__m512)x);  // x > 0 here: -2 ln u with u < 1
+  const F s = x * y;
+  return s * (1.5f - 0.5f * s * y);  // x y (3 - x y^2) / 2: one Newton step on 1 / sqrt(x)
+}
+#endif
+
 template <int Bytes>
 struct SimdLanes {
   using U = simd::Vec<uint32_t, Bytes>;
@@ -31,7 +59,8 @@ struct SimdLanes {
     *lo = c * m;
   }
   static DSX_INLINE F to_float(I x) { return __builtin_convertvector(x, F); }
-  static DSX_INLINE F sqrt(F x) { return simd::sqrt(x); }
+  static DSX_INLINE F sqrt(F x) { return lane_sqrt<Bytes>(x); }
+  static DSX_INLINE F div(F a, F b) { return lane_div<Bytes>(a, b); }
 };
 
 // std times the 64 normals of tile `tile` of stream `seed`, at out[0..64).

@@ -1,5 +1,6 @@
 """Differential-privacy ops: ``per_sample_sq_norms``, ``clip_sum_noise`` (the DP-SGD reduction, with the Gaussian
-noise given as a tensor or generated in the same pass) and ``gaussian_noise`` (the noise stream alone).
+noise given as a tensor or generated in the same pass), ``gaussian_noise`` (the noise stream alone) and
+``gaussian_noise_`` (the stream written into an existing tensor, or added to it).
 
 The generated noise is Philox4x32-10 (counter-based: a value depends only on the seed and its position in the
 stream, never on threads, devices or call order) with Box-Muller in float32; deepseek_ext.reference.privacy
@@ -131,6 +132,48 @@ def gaussian_noise(
     )
 
 
+def gaussian_noise_(
+    tensor: torch.Tensor,
+    std: float,
+    seed: int | torch.Tensor,
+    offset: int = 0,
+    *,
+    scale: float = 1.0,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """Writes ``gaussian_noise(tensor.shape, std, seed, offset)`` into ``tensor`` (the in-place form, like
+    ``Tensor.normal_``): ``tensor = ((tensor if accumulate else 0) + std * z) * scale``, with ``z`` the stream's
+    normals at positions ``offset``, ``offset + 1``, ... in row-major order.
+
+    No new memory: a DP step adds a parameter's noise to a sum it already holds (``accumulate=True``), or fills a
+    buffer it keeps. The values equal ``gaussian_noise``'s (bit for bit without ``scale``); with ``accumulate`` they
+    equal ``clip_sum_noise(tensor[None], ones(1), scale=scale, noise_std=std, seed=seed, offset=offset)``.
+
+    Args:
+        tensor: float32/float64/float16/bfloat16, any shape and layout (non-contiguous tensors go through a
+            contiguous copy).
+        std: standard deviation, finite and >= 0 (0: no noise, ``tensor`` is zeroed or only scaled).
+        seed: a Python int or a one-element int64 CPU tensor (``draw_seed()``).
+        offset: stream position of the first value, >= 0.
+        scale: finite multiplier of the result.
+        accumulate: add the noise to ``tensor`` instead of overwriting it.
+
+    Returns:
+        ``tensor``.
+
+    Example:
+        >>> buf = torch.empty(1000, 1000)
+        >>> gaussian_noise_(buf, 0.5, seed=1234)                   # equals gaussian_noise((1000, 1000), 0.5, 1234)
+        >>> total = torch.ones(10)
+        >>> gaussian_noise_(total, 0.5, 1234, scale=0.1, accumulate=True)   # (1 + 0.5 z) * 0.1
+    """
+    require_native("ops.gaussian_noise_")
+    torch.ops.deepseek_ext.gaussian_noise_.default(
+        tensor, std, _seed_tensor("gaussian_noise_", seed), offset, scale=scale, accumulate=accumulate
+    )
+    return tensor
+
+
 if NATIVE_AVAILABLE:
 
     @torch.library.register_fake("deepseek_ext::per_sample_sq_norms")
@@ -144,3 +187,7 @@ if NATIVE_AVAILABLE:
         torch._check(grads.dim() >= 1, lambda: "clip_sum_noise: grads needs a leading per-sample dimension")
         torch._check(factors.shape == (grads.shape[0],), lambda: "clip_sum_noise: factors must be (N,)")
         return grads.new_empty(grads.shape[1:])
+
+    @torch.library.register_fake("deepseek_ext::gaussian_noise_")
+    def _gaussian_noise__fake(tensor, std, seed, offset=0, scale=1.0, accumulate=False):
+        return None

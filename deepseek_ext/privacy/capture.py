@@ -88,6 +88,7 @@ class Capture:
         # True while per-sample gradients are computed (``paused()``): re-running a module (the torch.func
         # fallback) must not record anything.
         self._paused = False
+        self._anchor = torch.empty(0, requires_grad=True)  # what tapped outputs depend on (_Tap)
         # The model's hooks enclose the units' (hooks run in registration order; the model may be a unit itself).
         self._handles = [model.register_forward_pre_hook(self._model_pre_hook(model), with_kwargs=True)]
         for u in self.units:
@@ -138,25 +139,19 @@ class Capture:
         )
 
     def _pre_hook(self, unit: Unit):
-        """Autograd need not compute the (summed) weight gradients of a unit with floating inputs: the DP step
-        rebuilds every gradient from activations and output gradients. So the unit's parameters stop requiring
-        grad while its forward records the graph (restored right after), which skips one weight-gradient GEMM
-        per layer in backward. If nothing else requires grad, the input is made to, so the output's gradient still
-        arrives. Units with integer inputs (Embedding) are left alone."""
+        """Autograd need not compute the (summed) gradients of a unit's parameters: the DP step rebuilds every
+        gradient from activations and output gradients. So the unit's parameters stop requiring grad while its
+        forward records the graph (restored right after), which skips one weight-gradient GEMM per layer in
+        backward. If then nothing the output depends on requires grad (a model's first layer, an embedding), the
+        forward hook taps the output instead (``_Tap``), so its gradient still arrives and no gradient of the
+        input is computed."""
 
         def pre(module, args, kwargs):
             if self._paused or not (module.training and torch.is_grad_enabled()):
                 return None
-            floats = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-            if not floats:
-                return None
             unit.frozen = [p for p in unit.params if p.requires_grad]
             for p in unit.frozen:
                 p.requires_grad_(False)
-            if not any(args[i].requires_grad for i in floats):
-                args = list(args)
-                args[floats[0]] = args[floats[0]].detach().requires_grad_()
-                return tuple(args), kwargs
             return None
 
         return pre
@@ -174,11 +169,12 @@ class Capture:
             tensors = [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
             replaced = None
             if was_frozen and tensors and not any(o.requires_grad for o in tensors):
-                # The output does not depend on the floating input (BART's positions come from its shape only),
-                # so with the parameters frozen no gradient would reach it: run the forward again, parameters live.
-                output = replaced = module.forward(*args, **kwargs)
-                outs = output if isinstance(output, tuple) else (output,)
-                tensors = [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+                # Nothing the output depends on requires grad now the parameters are frozen (the input needs no
+                # gradient, or is integer, or the output comes from its shape alone as BART's positions): tap it.
+                tapped = {id(o): _Tap.apply(o, self._anchor) for o in tensors}
+                tensors = [tapped[id(o)] for o in tensors]
+                outs = tuple(tapped.get(id(o), o) if isinstance(o, torch.Tensor) else o for o in outs)
+                output = replaced = outs if isinstance(output, tuple) else outs[0]
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
             batch_size = 0 if first is None or first.dim() <= bd else first.shape[bd]
             activations = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -242,6 +238,20 @@ class Capture:
             h.remove()
         self._handles.clear()
         self.clear()
+
+
+class _Tap(torch.autograd.Function):
+    """The identity on ``x``, made to require grad through ``anchor`` (an empty leaf): the gradient of the output
+    arrives at the hooks on it and goes no further (nothing upstream needs it). The output is an alias of ``x``
+    that is not a view, so in-place layers after it (``ReLU(inplace=True)``) work."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
 
 
 def _has(t, dim: int, size: int) -> bool:

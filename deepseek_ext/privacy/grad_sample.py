@@ -158,6 +158,20 @@ def _embedding(module: nn.Embedding, activations, grad_outputs):
 
 
 # ------------------------------------------------------------------------------------------------------ Conv
+def unfold(x: torch.Tensor, kernel_size, dilation, padding, stride) -> torch.Tensor:
+    """``F.unfold`` of a ``(B, C, H, W)`` input: ``(B, C * kh * kw, L)`` columns, from one strided view of the
+    zero-padded input copied once: somewhat faster than ``F.unfold``'s CPU kernel for small images in big batches,
+    and far steadier when another process holds a core (that kernel then took seconds instead of tens of ms)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel_size, dilation, padding, stride
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    b, c, h, w = x.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s = x.stride()
+    view = x.as_strided((b, c, kh, kw, oh, ow), (s[0], s[1], dh * s[2], dw * s[3], sh * s[2], sw * s[3]))
+    return view.reshape(b, c * kh * kw, oh * ow)
+
+
 @register_grad_sampler(nn.Conv1d, nn.Conv2d)
 def _conv(module, activations, grad_outputs):
     if module.padding_mode != "zeros":
@@ -172,7 +186,7 @@ def _conv(module, activations, grad_outputs):
     if isinstance(pad, str):  # 'same' / 'valid': the padding torch applied is not in the module
         return _functional(module, activations, grad_outputs)
     batch, groups = x.shape[0], module.groups
-    cols = F.unfold(x, ks, dilation=dil, padding=pad, stride=stride)  # (B, Cin*k, L)
+    cols = unfold(x, ks, dil, pad, stride)  # (B, Cin*k, L)
     b = b.reshape(batch, groups, b.shape[1] // groups, b.shape[2] * b.shape[3])  # (B, G, Cout/G, L)
     cols = cols.reshape(batch, groups, cols.shape[1] // groups, cols.shape[-1])  # (B, G, Cin/G * k, L)
     out = {}

@@ -9,7 +9,7 @@ import os
 import torch
 from torch import nn
 
-from ..ops.privacy import clip_sum_noise, draw_seed
+from ..ops.privacy import clip_sum_noise, draw_seed, gaussian_noise_
 
 
 def secure_uniform(n: int) -> torch.Tensor:
@@ -80,10 +80,22 @@ def noisy_clip_sum(
     return clip_sum_noise(grads, factors, scale=scale, **({} if noise is None else noise.op_args(p)))
 
 
+@torch.no_grad()
 def with_noise(total: torch.Tensor | None, p: torch.Tensor, noise: GaussianNoise | None, scale: float) -> torch.Tensor:
-    """``(total + noise of p) * scale`` for a gradient already summed over the examples (``total`` None: no example
-    reached ``p``, so its gradient is the noise alone, or zeros without noise)."""
+    """``(total + noise of p) * scale`` for a gradient already summed over the examples, written into ``total`` (the
+    caller's own tensor: a clipped sum it formed) by ``gaussian_noise_``, with no new memory and one pass. ``total``
+    None: no example reached ``p``, so its gradient is the noise alone (or zeros without noise), in a new tensor."""
     if total is None:
-        total = p.detach().new_zeros((0, *p.shape))
-        return noisy_clip_sum(total, torch.empty(0, device=total.device), noise, p, scale)
-    return noisy_clip_sum(total.unsqueeze(0), torch.ones(1, device=total.device), noise, p, scale)
+        total = torch.empty_like(p, memory_format=torch.contiguous_format).detach()
+        if noise is None or noise.std == 0:
+            return total.zero_()
+        args = noise.op_args(p)
+        if "noise" in args:  # secure_rng: the noise is a tensor
+            return total.copy_(args["noise"]).mul_(scale)
+        return gaussian_noise_(total, args["noise_std"], args["seed"], args["offset"], scale=scale)
+    args = {} if noise is None else noise.op_args(p)
+    if "noise" in args:  # secure_rng: the noise is a tensor
+        return total.add_(args["noise"]).mul_(scale)
+    if not args:
+        return total.mul_(scale) if scale != 1.0 else total
+    return gaussian_noise_(total, args["noise_std"], args["seed"], args["offset"], scale=scale, accumulate=True)

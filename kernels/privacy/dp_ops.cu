@@ -4,7 +4,8 @@
 // gradient element, walking the samples; consecutive threads read consecutive addresses of each sample's row; the
 // scale is applied in the accumulation type (float64 for float64 gradients), as on the CPU. With generated noise, one
 // thread per Philox block instead: it computes the block's four normals (deepseek_ext/gaussian.h, the CPU's stream)
-// and accumulates the four gradient elements they belong to, so the noise never exists as a tensor.
+// and accumulates the four gradient elements they belong to, so the noise never exists as a tensor; gaussian_noise_
+// writes the same normals into a tensor.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,6 +14,7 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <utility>
 
 #include "deepseek_ext/gaussian.h"
 #include "deepseek_ext/privacy.h"
@@ -71,8 +73,28 @@ __global__ void clip_sum_kernel(const T* __restrict__ g, const float* __restrict
   }
 }
 
+// Philox block `block`'s normals (positions 16 apart within a 64-position tile) that fall in [offset, offset + d):
+// fn(j, std * z) for each output element j = position - offset, std applied in the accumulation type A as on the
+// CPU (in float32 for float32 accumulation).
+template <typename A, typename Fn>
+__device__ __forceinline__ void for_each_noise(uint64_t block, uint64_t seed, uint64_t offset, int64_t d, double std,
+                                               Fn&& fn) {
+  const uint64_t tile_start = block / rng::kGaussianTileBlocks * rng::kGaussianTile;
+  const int64_t i = static_cast<int64_t>(block % rng::kGaussianTileBlocks);
+  float z[4];
+  rng::gaussian_block<rng::ScalarLanes>(seed, static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), z);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t position = tile_start + static_cast<uint64_t>(rng::gaussian_position(i, k));
+    if (position < offset || position - offset >= static_cast<uint64_t>(d)) continue;
+    fn(static_cast<int64_t>(position - offset), std::is_same_v<A, float>
+                                                    ? static_cast<A>(static_cast<float>(std) * z[k])
+                                                    : static_cast<A>(std) * static_cast<A>(z[k]));
+  }
+}
+
 // Element j of the output takes the normal at stream position offset + j; thread w handles Philox block
-// first_block + w, whose four positions lie 16 apart within a 64-position tile.
+// first_block + w.
 template <typename T>
 __global__ void clip_sum_gaussian_kernel(const T* __restrict__ g, const float* __restrict__ f, int64_t n, int64_t d,
                                          double scale, uint64_t seed, uint64_t offset, double noise_std,
@@ -80,22 +102,34 @@ __global__ void clip_sum_gaussian_kernel(const T* __restrict__ g, const float* _
   using A = at::opmath_type<T>;
   for (int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; w < blocks;
        w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint64_t block = first_block + static_cast<uint64_t>(w);
-    const uint64_t tile_start = block / rng::kGaussianTileBlocks * rng::kGaussianTile;
-    const int64_t i = static_cast<int64_t>(block % rng::kGaussianTileBlocks);
-    float z[4];
-    rng::gaussian_block<rng::ScalarLanes>(seed, static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), z);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint64_t position = tile_start + static_cast<uint64_t>(rng::gaussian_position(i, k));
-      if (position < offset || position - offset >= static_cast<uint64_t>(d)) continue;
-      const int64_t j = static_cast<int64_t>(position - offset);
-      A acc = std::is_same_v<A, float> ? static_cast<A>(static_cast<float>(noise_std) * z[k])
-                                       : static_cast<A>(noise_std) * static_cast<A>(z[k]);
+    for_each_noise<A>(first_block + static_cast<uint64_t>(w), seed, offset, d, noise_std, [&](int64_t j, A acc) {
       for (int64_t s = 0; s < n; ++s) acc += static_cast<A>(f[s]) * static_cast<A>(g[s * d + j]);
       out[j] = static_cast<T>(acc * static_cast<A>(scale));
-    }
+    });
   }
+}
+
+// gaussian_noise_: thread w computes Philox block first_block + w and updates the (up to four) elements of out its
+// normals belong to: out[j] = ((out[j] if accumulate else 0) + std * z) * scale.
+template <typename T>
+__global__ void gaussian_noise_kernel(T* __restrict__ out, int64_t d, uint64_t seed, uint64_t offset, double std,
+                                      double scale, bool accumulate, uint64_t first_block, int64_t blocks) {
+  using A = at::opmath_type<T>;
+  for (int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; w < blocks;
+       w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for_each_noise<A>(first_block + static_cast<uint64_t>(w), seed, offset, d, std, [&](int64_t j, A v) {
+      if (accumulate) v += static_cast<A>(out[j]);
+      out[j] = static_cast<T>(v * static_cast<A>(scale));
+    });
+  }
+}
+
+// The Philox blocks covering stream positions [offset, offset + d), d > 0: (first block, count).
+std::pair<uint64_t, int64_t> covering_blocks(uint64_t offset, int64_t d) {
+  const uint64_t first = offset / rng::kGaussianTile * rng::kGaussianTileBlocks;
+  const uint64_t last = (offset + static_cast<uint64_t>(d) - 1) / rng::kGaussianTile * rng::kGaussianTileBlocks +
+                        rng::kGaussianTileBlocks;
+  return {first, static_cast<int64_t>(last - first)};
 }
 
 }  // namespace
@@ -139,11 +173,7 @@ at::Tensor clip_sum_noise_cuda(const at::Tensor& grads, const at::Tensor& factor
   if (d == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (gen.on()) {
-    // The Philox blocks covering positions [offset, offset + d).
-    const uint64_t first = gen.offset / rng::kGaussianTile * rng::kGaussianTileBlocks;
-    const uint64_t last = (gen.offset + static_cast<uint64_t>(d) - 1) / rng::kGaussianTile * rng::kGaussianTileBlocks +
-                          rng::kGaussianTileBlocks;
-    const int64_t blocks = static_cast<int64_t>(last - first);
+    const auto [first, blocks] = covering_blocks(gen.offset, d);
     const int64_t grid = std::min<int64_t>((blocks + kThreads - 1) / kThreads, 65535);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "clip_sum_noise_cuda", [&] {
       clip_sum_gaussian_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
@@ -165,10 +195,33 @@ at::Tensor clip_sum_noise_cuda(const at::Tensor& grads, const at::Tensor& factor
   return out;
 }
 
+void gaussian_noise_cuda_(const at::Tensor& self, double std, const at::Tensor& seed, int64_t offset, double scale,
+                          bool accumulate) {
+  const GeneratedNoise gen = check_gaussian_noise_(self, std, seed, offset, scale);
+  const int64_t d = self.numel();
+  if (d == 0) return;
+  const c10::cuda::CUDAGuard guard(self.device());
+  if (!self.is_contiguous()) {
+    at::Tensor t = accumulate ? self.contiguous() : at::empty_like(self, at::MemoryFormat::Contiguous);
+    gaussian_noise_cuda_(t, std, seed, offset, scale, accumulate);
+    self.copy_(t);
+    return;
+  }
+  const auto [first, blocks] = covering_blocks(gen.offset, d);
+  const int64_t grid = std::min<int64_t>((blocks + kThreads - 1) / kThreads, 65535);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "gaussian_noise_cuda_", [&] {
+    gaussian_noise_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+        self.data_ptr<scalar_t>(), d, gen.seed, gen.offset, gen.std, scale, accumulate, first, blocks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace privacy
 }  // namespace deepseek_ext
 
 TORCH_LIBRARY_IMPL(deepseek_ext, CUDA, m) {
   m.impl("per_sample_sq_norms", &deepseek_ext::privacy::per_sample_sq_norms_cuda);
   m.impl("clip_sum_noise", &deepseek_ext::privacy::clip_sum_noise_cuda);
+  m.impl("gaussian_noise_", &deepseek_ext::privacy::gaussian_noise_cuda_);
 }

@@ -1,5 +1,5 @@
-"""per_sample_sq_norms, clip_sum_noise and gaussian_noise (deepseek_ext/ops/privacy.py) against plain PyTorch and the
-reference noise stream (deepseek_ext/reference/privacy.py), plus the stream's statistics."""
+"""per_sample_sq_norms, clip_sum_noise, gaussian_noise and gaussian_noise_ (deepseek_ext/ops/privacy.py) against
+plain PyTorch and the reference noise stream (deepseek_ext/reference/privacy.py), plus the stream's statistics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from deepseek_ext.ops import clip_sum_noise, draw_seed, gaussian_noise, per_sample_sq_norms
+from deepseek_ext.ops import clip_sum_noise, draw_seed, gaussian_noise, gaussian_noise_, per_sample_sq_norms
 from deepseek_ext.reference import privacy as ref_privacy
 from tests.helpers import DEVICES
 
@@ -86,6 +86,35 @@ def test_fused_noise_equals_clip_sum_plus_the_same_generated_noise(device, dtype
     torch.testing.assert_close(fused.double().cpu(), ref, rtol=TOL[dtype], atol=max(TOL[dtype], 1e-5))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,offset", [((0,), 0), ((1,), 3), ((5, 17), 37), ((3, 2048 * 3 + 5), 64)], ids=str)
+def test_in_place_noise_is_the_same_stream(device, dtype, shape, offset):
+    seed = draw_seed()
+    want = gaussian_noise(shape, 0.7, seed, offset, dtype=dtype, device=device)
+    buf = torch.full(shape, float("nan"), dtype=dtype, device=device)  # every element is overwritten
+    assert gaussian_noise_(buf, 0.7, seed, offset) is buf
+    assert torch.equal(buf, want)
+    # a transposed (non-contiguous) tensor gets the values in its own row-major order
+    t = torch.full(shape[::-1], float("nan"), dtype=dtype, device=device).t() if len(shape) == 2 else buf.clone()
+    gaussian_noise_(t, 0.7, seed, offset)
+    assert not t.isnan().any() and torch.equal(t, want)
+    # accumulate: (tensor + std z) * scale, the bits of clip_sum_noise over that tensor as the only sample
+    base = torch.randn(shape, dtype=torch.float64).to(dtype=dtype, device=device)
+    acc = gaussian_noise_(base.clone(), 0.7, seed, offset, scale=0.25, accumulate=True)
+    fused = clip_sum_noise(
+        base[None], torch.ones(1, device=device), None, 0.25, noise_std=0.7, seed=seed, offset=offset
+    )
+    assert torch.equal(acc, fused)
+    ref = (base.double().cpu() + ref_privacy.gaussian_noise(shape, 0.7, int(seed), offset, torch.float64)) * 0.25
+    torch.testing.assert_close(acc.double().cpu(), ref, rtol=TOL[dtype], atol=max(TOL[dtype], 1e-5))
+    # scale without accumulate; std 0 zeroes, or only scales what is there
+    scaled = gaussian_noise_(torch.empty(shape, dtype=dtype, device=device), 0.7, seed, offset, scale=-2.0)
+    torch.testing.assert_close(scaled.double(), want.double() * -2.0, rtol=TOL[dtype], atol=TOL[dtype])
+    assert torch.equal(gaussian_noise_(base.clone(), 0.0, seed, offset), torch.zeros_like(base))
+    assert torch.equal(gaussian_noise_(base.clone(), 0.0, seed, offset, scale=3.0, accumulate=True), base * 3.0)
+
+
 def test_noise_is_deterministic_and_offsets_and_seeds_give_other_streams():
     z = gaussian_noise((4, 1000), 1.0, 42)
     assert torch.equal(z, gaussian_noise((4, 1000), 1.0, torch.tensor([42])))
@@ -113,11 +142,12 @@ def test_noise_does_not_depend_on_the_thread_count():
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             fused = clip_sum_noise(g, f, None, 0.5, noise_std=1.0, seed=7, offset=5)
-            results.append((gaussian_noise((300_001,), 1.0, 7, 5), fused))
+            added = gaussian_noise_(torch.ones(300_001, dtype=torch.float64), 1.0, 7, 5, scale=0.5, accumulate=True)
+            results.append((gaussian_noise((300_001,), 1.0, 7, 5), fused, added))
     finally:
         torch.set_num_threads(threads)
-    for z, s in results[1:]:
-        assert torch.equal(z, results[0][0]) and torch.equal(s, results[0][1])
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
 
 
 @pytest.mark.any_isa
@@ -277,6 +307,33 @@ def test_the_statistical_bounds_reject_a_wrong_std_a_bias_and_a_bad_shape():
         (lambda: gaussian_noise((2,), 1.0, "1"), TypeError, "gaussian_noise: expected seed to be an int or a one"),
         (lambda: gaussian_noise((2,), 1.0, 2**64), ValueError, r"gaussian_noise: expected seed in \[-2\^63, 2\^64\)"),
         (lambda: gaussian_noise((2,), 1.0, 1, -3), ValueError, "gaussian_noise: expected offset >= 0"),
+        (
+            lambda: gaussian_noise_(torch.ones(2, dtype=torch.int32), 1.0, 1),
+            TypeError,
+            "gaussian_noise_: expected self to have dtype .* but got torch.int32",
+        ),
+        (
+            lambda: gaussian_noise_(torch.ones(2), float("inf"), 1),
+            ValueError,
+            "gaussian_noise_: expected std to be finite and >= 0, but got inf",
+        ),
+        (
+            lambda: gaussian_noise_(torch.ones(2), 1.0, 1, scale=float("nan")),
+            ValueError,
+            "gaussian_noise_: expected scale to be finite, but got nan",
+        ),
+        (
+            lambda: gaussian_noise_(torch.ones(2), 1.0, torch.tensor([1.0])),
+            ValueError,
+            r"gaussian_noise_: expected seed to be a one-element int64 CPU tensor, but got a tensor of 1 element\(s\) "
+            "of dtype torch.float32",
+        ),
+        (lambda: gaussian_noise_(torch.ones(2), 1.0, 1.5), TypeError, "gaussian_noise_: expected seed to be an int"),
+        (
+            lambda: gaussian_noise_(torch.ones(3), 1.0, 1, 2**63 - 2),
+            ValueError,
+            r"gaussian_noise_: expected offset >= 0 with offset \+ the number of noise values \(3\) at most 2\^63",
+        ),
     ],
 )
 @pytest.mark.any_isa
@@ -304,6 +361,10 @@ def test_opcheck(device):
         ([3, 70], 1.5, seed, 9),
         {"dtype": torch.float64, "device": torch.device(device)},
     )
+    for kwargs in ({}, {"scale": 0.5, "accumulate": True}):
+        torch.library.opcheck(
+            torch.ops.deepseek_ext.gaussian_noise_.default, (torch.randn(3, 70, device=device), 1.5, seed, 9), kwargs
+        )
 
 
 @pytest.mark.any_isa
@@ -318,13 +379,18 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.any_isa
 def test_torch_compile_fullgraph_with_generated_noise():
-    def noisy_reduce(g, seed):
-        f = (1.0 / (per_sample_sq_norms(g).sqrt() + 1e-6)).clamp(max=1.0)
+    def noisy_reduce(g, f, total, seed):  # f, total from outside: inductor may round its own differently
         fused = clip_sum_noise(g, f, None, 1.0 / g.shape[0], noise_std=0.5, seed=seed, offset=64)
-        return fused, gaussian_noise((g.shape[1],), 0.5, seed, 64)
+        total = total * 2  # a new tensor, noised in place
+        return (
+            fused,
+            gaussian_noise((g.shape[1],), 0.5, seed, 64),
+            gaussian_noise_(total, 0.5, seed, 128, scale=0.1, accumulate=True),
+        )
 
     compiled = torch.compile(noisy_reduce, fullgraph=True)
     g = torch.randn(8, 33)
+    f = (1.0 / (per_sample_sq_norms(g).sqrt() + 1e-6)).clamp(max=1.0)
     for seed in (torch.tensor([1]), torch.tensor([2])):  # a new seed is a new input, not a new graph
-        for got, want in zip(compiled(g, seed), noisy_reduce(g, seed)):
+        for got, want in zip(compiled(g, f, g.sum(0), seed), noisy_reduce(g, f, g.sum(0), seed)):
             assert torch.equal(got, want)

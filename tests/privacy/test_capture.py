@@ -181,3 +181,34 @@ def test_batch_of_one_and_empty_batches_are_plain():
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
         else:
             assert all(torch.count_nonzero(g) == 0 for g in got)
+
+
+def _graph(out: torch.Tensor) -> list:
+    nodes, todo = [], [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in nodes:
+            nodes.append(node)
+            todo.extend(f for f, _ in node.next_functions)
+    return nodes
+
+
+@pytest.mark.parametrize("clipping", ["flat", "ghost"])
+@pytest.mark.parametrize("first", ["embedding", "linear"])
+def test_the_backward_computes_no_parameter_gradient_and_no_gradient_of_the_input(clipping, first):
+    """Every gradient comes from the records: autograd's graph holds no parameter, and the first layer's output is
+    tapped, so neither its weight gradient nor the model input's gradient is computed."""
+    torch.manual_seed(0)
+    if first == "embedding":
+        head, x = nn.Embedding(VOCAB, DIM), torch.randint(0, VOCAB, (4, SEQ))
+    else:
+        head, x = nn.Linear(5, DIM), torch.randn(4, 5)
+    model = nn.Sequential(head, nn.Linear(DIM, DIM), nn.ReLU(inplace=True), nn.Linear(DIM, 3))
+    DifferentialPrivacy.clip_only(torch.optim.SGD(model.parameters(), lr=1.0), model, 1.0, clipping=clipping)
+    nodes = _graph(model(x))
+    names = [type(n).__name__ for n in nodes]
+    params = {id(p) for p in model.parameters()}
+    assert not any(id(getattr(n, "variable", None)) in params for n in nodes)
+    assert names.count("_TapBackward") == 1  # the first layer's output; the others' inputs need grad
+    assert not any("Embedding" in n for n in names)
+    assert sum(n in ("AddmmBackward0", "MmBackward0") for n in names) == 2  # the two later Linear's input gradients

@@ -26,6 +26,11 @@ def small_model():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
+def inplace_model():  # an in-place activation right after the first layer, whose output is tapped
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+
+
 def seq_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Embedding(20, 6), nn.LayerNorm(6), nn.Linear(6, 3))
@@ -56,6 +61,7 @@ def reference_clipped_mean(model, x, y, C, per_layer=False):
     "make,inputs",
     [
         (small_model, lambda: torch.randn(9, 6)),
+        (inplace_model, lambda: torch.randn(9, 6)),
         (seq_model, lambda: torch.randint(0, 20, (9, 5))),
     ],
 )
@@ -96,13 +102,16 @@ def test_gradient_accumulation_with_virtual_steps():
         torch.testing.assert_close(b - p.detach(), r, rtol=1e-4, atol=1e-6)
 
 
-def test_dp_step_adds_gaussian_noise_and_divides_by_the_expected_batch_size():
+@pytest.mark.parametrize("clipping", ["flat", "ghost"])  # ghost: Linear weights' noise added into their GEMM sums
+def test_dp_step_adds_gaussian_noise_and_divides_by_the_expected_batch_size(clipping):
     data = TensorDataset(torch.randn(200, 6), torch.randint(0, 3, (200,)))
     model = small_model()
     x, y = data.tensors[0][:13], data.tensors[1][:13]
     clean = reference_clipped_mean(model, x, y, C=0.5)
     gen = torch.Generator().manual_seed(7)
-    dp = DifferentialPrivacy(epsilon=50.0, delta=1e-5, noise_multiplier=0.8, max_grad_norm=0.5, generator=gen)
+    dp = DifferentialPrivacy(
+        epsilon=50.0, delta=1e-5, noise_multiplier=0.8, max_grad_norm=0.5, generator=gen, clipping=clipping
+    )
     opt = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0), model=model, sample_rate=0.1, dataset_size=200)
     state = gen.get_state()
     seed, offset, expected_noise = draw_seed(gen), 0, []

@@ -70,6 +70,9 @@ def cases():
             (torch.randn(2, 4, 8), torch.randn(2, 6, 5), torch.randn(2, 6, 3)),
         ),
     )
+    # T >= 32: the Gram matrices' halves, the off-diagonal block counted twice
+    yield "linear-gram-long", Call(nn.Linear(96, 80), (torch.randn(3, 33, 96),))
+    yield "conv2d-gram-long", Call(nn.Conv2d(32, 64, 3), (torch.randn(2, 32, 8, 8),))  # L = 36
     try:  # transformers' Conv1D (GPT-2's transposed Linear)
         from transformers.pytorch_utils import Conv1D
     except ImportError:

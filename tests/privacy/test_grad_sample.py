@@ -124,3 +124,13 @@ def test_register_grad_sampler_for_a_custom_layer():
     (record,) = capture.units[0].records
     got = grad_sample.per_sample_grads(m, record.activations, tuple(record.grad_outputs))
     assert calls and torch.equal(got[m.weight], x)
+
+
+@pytest.mark.parametrize(
+    "kernel,dilation,padding,stride",
+    [((3, 3), (1, 1), (1, 1), (1, 1)), ((1, 1), (1, 1), (0, 0), (2, 2)), ((2, 3), (2, 1), (0, 2), (1, 3))],
+)
+def test_unfold_equals_torch_unfold(kernel, dilation, padding, stride):
+    x = torch.randn(5, 3, 9, 11)[:, :, :, 1:]  # non-contiguous: the view starts from the strides given
+    want = nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    assert torch.equal(grad_sample.unfold(x, kernel, dilation, padding, stride), want)

@@ -14,7 +14,8 @@
 //
 // The arithmetic is float32: ln by the exponent and atanh series of the mantissa, sin/cos by Taylor polynomials on
 // [-pi/4, pi/4] after an exact integer reduction of the angle to a quadrant; every step is within a few float32
-// ulps of the exact value, and backends or instruction sets may differ in those last bits (FMA contraction).
+// ulps of the exact value, and backends or instruction sets may differ in those last bits (FMA contraction;
+// AVX-512 divides and takes the root by refined estimates).
 #pragma once
 
 #include <cmath>
@@ -40,12 +41,13 @@ DSX_HOST_DEVICE_INLINE To bit_cast(From x) {
 }
 
 // One lane per value: the CUDA kernel and the host. Lanes types provide U / I / F (uint32, int32 and float lanes),
-// mulhilo (for philox4x32_10_rounds), to_float(I) and sqrt(F).
+// mulhilo (for philox4x32_10_rounds), to_float(I), sqrt(F) and div(F, F).
 struct ScalarLanes : ScalarWords {
   using I = int32_t;
   using F = float;
   DSX_HOST_DEVICE static F to_float(I x) { return static_cast<float>(x); }
   DSX_HOST_DEVICE static F sqrt(F x) { return sqrtf(x); }
+  DSX_HOST_DEVICE static F div(F a, F b) { return a / b; }
 };
 
 // The normal pair (r cos a, r sin a) of the words (xu, xa) (see above).
@@ -60,7 +62,7 @@ DSX_HOST_DEVICE_INLINE void box_muller(typename L::U xu, typename L::U xa, typen
   const U ub = bit_cast<U>(u);
   const I e = bit_cast<I>(ub - 0x3F3504F3u) >> 23;  // 0x3F3504F3: the bits of sqrt(1/2)
   const F m = bit_cast<F>(ub - (bit_cast<U>(e) << 23));
-  const F s = (m - 1.0f) / (m + 1.0f);
+  const F s = L::div(m - 1.0f, m + 1.0f);
   const F s2 = s * s;
   F p = s2 * (1.0f / 9.0f) + (1.0f / 7.0f);
   p = p * s2 + (1.0f / 5.0f);

@@ -32,5 +32,10 @@ GeneratedNoise check_clip_sum_noise(const at::Tensor& grads, const at::Tensor& f
                                     const std::optional<at::Tensor>& noise, double noise_std,
                                     const std::optional<at::Tensor>& seed, int64_t offset);
 
+// gaussian_noise_: self a float32/float64/float16/bfloat16 tensor, std and scale finite (std >= 0), seed and offset
+// as above for self.numel() values. Returns the noise's parameters (off when std is 0).
+GeneratedNoise check_gaussian_noise_(const at::Tensor& self, double std, const at::Tensor& seed, int64_t offset,
+                                     double scale);
+
 }  // namespace privacy
 }  // namespace deepseek_ext
