@@ -37,6 +37,17 @@ uint8_t quantize_value(float x, float inv_scale, int32_t zero) {
   return static_cast<uint8_t>(std::clamp(code, 0, 127));
 }
 
+// quantize_value on vector lanes of y = x * inv_scale (rounding to nearest even by adding and subtracting 1.5 * 2^23).
+template <typename VF>
+DSX_INLINE auto quantize_lanes(VF y, int32_t zero) {
+  using VI = simd::Vec<int32_t, static_cast<int>(sizeof(VF))>;
+  y = y > -256.0f ? y : VF{} - 256.0f;
+  y = y < 256.0f ? y : VF{} + 256.0f;
+  VI code = __builtin_convertvector((y + 12582912.0f) - 12582912.0f, VI) + zero;
+  code = code > 0 ? code : VI{};
+  return code < 127 ? code : VI{} + 127;
+}
+
 void check_codes_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
   check_dtype(op, name, t, {at::kByte});
   TORCH_CHECK_VALUE(t.dim() == dims, op, ": expected ", name, " to be a ", dims,
@@ -137,12 +148,7 @@ at::Tensor quantize_activation_cpu(const at::Tensor& x, double scale, int64_t ze
             VI bits;
             std::memcpy(&bits, &v, sizeof(bits));
             nonfinite |= VI((bits & 0x7F800000) == 0x7F800000);
-            VF y = v * inv;
-            y = y > -256.0f ? y : VF{} - 256.0f;
-            y = y < 256.0f ? y : VF{} + 256.0f;
-            VI code = __builtin_convertvector((y + 12582912.0f) - 12582912.0f, VI) + zero;
-            code = code > 0 ? code : VI{};
-            code = code < 127 ? code : VI{} + 127;
+            const VI code = quantize_lanes(v * inv, zero);
 #pragma GCC unroll 16
             for (int64_t i = 0; i < L; ++i) d[(p + i) * cp] = static_cast<uint8_t>(code[i]);
           }
@@ -461,13 +467,7 @@ at::Tensor quantized_depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor&
           VF y = __builtin_convertvector(simd::load<VI>(acc.data() + c), VF) * simd::load<VF>(scale.data() + c) +
                  simd::load<VF>(biasv.data() + c);
           if (relu) y = y > 0.0f ? y : VF{};
-          y = y * inv_out;
-          y = y < -256.0f ? VF{} - 256.0f : y;
-          y = y > 256.0f ? VF{} + 256.0f : y;
-          VI code = __builtin_convertvector((y + 12582912.0f) - 12582912.0f, VI) + static_cast<int32_t>(out_zero);
-          code = code < 0 ? VI{} : code;
-          code = code > 127 ? VI{} + 127 : code;
-          simd::store(dst + c, simd::narrow4<uint8_t>(code));
+          simd::store(dst + c, simd::narrow4<uint8_t>(quantize_lanes(y * inv_out, static_cast<int32_t>(out_zero))));
         }
         for (int64_t c = cp / L * L; c < cp; ++c) {
           float y = static_cast<float>(acc[c]) * scale[c] + biasv[c];
@@ -499,9 +499,6 @@ at::Tensor quantized_im2col_cpu(const at::Tensor& x, at::IntArrayRef kernel, at:
   at::Tensor out = at::empty({n, ho, wo, kp}, x.options());
   const uint8_t* xp = xc.const_data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  const uint8_t tail[8] = {static_cast<uint8_t>(zero), static_cast<uint8_t>(zero), static_cast<uint8_t>(zero),
-                           static_cast<uint8_t>(zero), static_cast<uint8_t>(zero), static_cast<uint8_t>(zero),
-                           static_cast<uint8_t>(zero), static_cast<uint8_t>(zero)};
   if (dw == 1 && kw * channels <= 32) {
     // A kernel row's taps over consecutive pixels are one run of kw * channels bytes of the input without its
     // channel padding; with the spatial padding made real (zero-point codes), every run lies inside it: one short
@@ -511,6 +508,8 @@ at::Tensor quantized_im2col_cpu(const at::Tensor& x, at::IntArrayRef kernel, at:
     padded.narrow(1, ph, h).narrow(2, pw, w).copy_(xc.narrow(3, 0, channels));
     const uint8_t* pp = padded.const_data_ptr<uint8_t>();
     const int64_t run = kw * channels;
+    uint8_t tail[8];
+    std::memset(tail, static_cast<int>(zero), sizeof(tail));
     at::parallel_for(0, n * ho * wo, 256, [&](int64_t b, int64_t e) {
       int64_t bi = b / (ho * wo), oy = b / wo % ho, ox = b % wo;  // stepped row by row
       for (int64_t m = b; m < e; ++m) {

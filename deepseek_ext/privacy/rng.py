@@ -85,17 +85,13 @@ def with_noise(total: torch.Tensor | None, p: torch.Tensor, noise: GaussianNoise
     """``(total + noise of p) * scale`` for a gradient already summed over the examples, written into ``total`` (the
     caller's own tensor: a clipped sum it formed) by ``gaussian_noise_``, with no new memory and one pass. ``total``
     None: no example reached ``p``, so its gradient is the noise alone (or zeros without noise), in a new tensor."""
+    accumulate = total is not None
     if total is None:
         total = torch.empty_like(p, memory_format=torch.contiguous_format).detach()
-        if noise is None or noise.std == 0:
-            return total.zero_()
-        args = noise.op_args(p)
-        if "noise" in args:  # secure_rng: the noise is a tensor
-            return total.copy_(args["noise"]).mul_(scale)
-        return gaussian_noise_(total, args["noise_std"], args["seed"], args["offset"], scale=scale)
     args = {} if noise is None else noise.op_args(p)
     if "noise" in args:  # secure_rng: the noise is a tensor
-        return total.add_(args["noise"]).mul_(scale)
-    if not args:
-        return total.mul_(scale) if scale != 1.0 else total
-    return gaussian_noise_(total, args["noise_std"], args["seed"], args["offset"], scale=scale, accumulate=True)
+        return (total.add_(args["noise"]) if accumulate else total.copy_(args["noise"])).mul_(scale)
+    if not args:  # no noise: the sum scaled, or zeros
+        return total.zero_() if not accumulate else total.mul_(scale) if scale != 1.0 else total
+    return gaussian_noise_(total, args["noise_std"], args["seed"], args["offset"], scale=scale, accumulate=accumulate)
+
